@@ -1,0 +1,39 @@
+# Everything starts from a machine with only python3: uv (pinned) comes from PyPI into .tools/, then the project's
+# environment .venv/ is built from uv.lock, so every machine runs the same versions.
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: install demo test bench clean help
+
+help:
+	@echo "make demo   - install, then run the whole pipeline on the embedded defaults"
+	@echo "make test   - install, then run the test suite"
+	@echo "make bench  - install, then run the benchmarks in bench/ (quick mode: make bench QUICK=--quick)"
+	@echo "make clean  - remove the environment and everything the demo wrote"
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) uv.lock pyproject.toml
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/personalize demo
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+bench: install
+	$(VENV)/bin/python bench/features.py $(QUICK)
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .personalize .pytest_cache .hypothesis

@@ -1,0 +1,276 @@
+"""Validate a raw table against its contract and split it into valid rows and quarantined rows.
+
+The core is :func:`validate_table`: a frame whose columns already carry the contract names (values still as read:
+strings from CSV, typed from Parquet) goes in; typed valid rows and quarantined rows come out. A row is quarantined
+for the first of these that applies, and every reason that applies is kept in ``detail``:
+
+1. parsing: a missing id, a timestamp or number that does not parse, a non-integer quantity;
+2. duplicates: a repeat of an earlier row (same key for customers, every contract column otherwise); the first
+   occurrence stays valid;
+3. the pandera contract (:mod:`features.contracts`), checked lazily so that every failing row is found at once:
+   negative quantity or amount that is not a return, future timestamps, unknown event types, ...
+
+``valid + quarantined == input`` always holds; :class:`ValidationResult` checks it on construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from features.contracts import KEY_COLUMNS, OPTIONAL_COLUMNS, RAW_SCHEMAS, REQUIRED_COLUMNS, TIME_COLUMNS
+from personalize.errors import ContractError
+
+SOURCE_ROW = "_source_row"
+_TRUE = {"true", "t", "yes", "y", "1", "1.0"}
+_FALSE = {"false", "f", "no", "n", "0", "0.0", ""}
+
+
+@dataclass(frozen=True)
+class ParseOptions:
+    """How to read the values of a mapped table (set by the column-mapping config)."""
+
+    timestamp_format: str | None = None  # strftime format; None lets pandas infer an ISO-like format
+    return_prefix: str | None = None  # order ids that start with it are returns (Online Retail: "C")
+    strip_float_ids: bool = False  # "17850.0" -> "17850" (ids written as floats by a spreadsheet export)
+    defaults: dict[str, Any] = field(default_factory=dict)  # contract column -> value when the column is absent
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    table: str
+    valid: pd.DataFrame
+    quarantined: pd.DataFrame  # source values as text, SOURCE_ROW, reason, detail
+
+    def __post_init__(self) -> None:
+        rows_in = self.valid_source_rows | set(self.quarantined[SOURCE_ROW])
+        if len(rows_in) != len(self.valid) + len(self.quarantined):
+            raise AssertionError(f"{self.table}: a row is both valid and quarantined, or counted twice")
+
+    @property
+    def valid_source_rows(self) -> set[int]:
+        return set(self.valid.index)
+
+    @property
+    def rows_in(self) -> int:
+        return len(self.valid) + len(self.quarantined)
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        counts = self.quarantined["reason"].value_counts()
+        return {str(k): int(v) for k, v in counts.items()}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "rows_in": self.rows_in,
+            "valid": len(self.valid),
+            "quarantined": len(self.quarantined),
+            "reasons": self.reasons,
+        }
+
+
+class RowReasons:
+    """Collects reasons per row (by index label), keeping their order."""
+
+    def __init__(self, index: pd.Index) -> None:
+        self.index = index
+        self.by_row: dict[Any, list[str]] = {}
+
+    def add(self, mask: pd.Series | np.ndarray, reason: str) -> None:
+        for row in self.index[np.asarray(mask, dtype=bool)]:
+            self.by_row.setdefault(row, []).append(reason)
+
+    def add_rows(self, rows: pd.Index | list[Any], reason: str) -> None:
+        for row in rows:
+            reasons = self.by_row.setdefault(row, [])
+            if reason not in reasons:
+                reasons.append(reason)
+
+    @property
+    def rows(self) -> pd.Index:
+        return pd.Index(list(self.by_row), dtype=self.index.dtype)
+
+    def add_schema_failures(self, err: pa.errors.SchemaErrors) -> pd.DataFrame:
+        """Record pandera's row-level failures; return the frame-level ones (a broken column, not a row)."""
+        cases = err.failure_cases
+        for (column, check), group in cases[cases["index"].notna()].groupby(["column", "check"], dropna=False):
+            self.add_rows(pd.Index(group["index"].unique()), reason_for_check(column, check))
+        return cases[cases["index"].isna()]
+
+    def quarantine(self, source: pd.DataFrame) -> pd.DataFrame:
+        """The rejected rows as read (text), with their row number, first reason and every reason."""
+        bad = self.rows
+        out = source.loc[bad].astype(object).astype(str)
+        out.insert(0, SOURCE_ROW, bad.to_numpy())
+        out["reason"] = [self.by_row[r][0] for r in bad]
+        out["detail"] = ["; ".join(self.by_row[r]) for r in bad]
+        return out.reset_index(drop=True)
+
+
+def is_blank(s: pd.Series) -> pd.Series:
+    if s.dtype == object or pd.api.types.is_string_dtype(s):
+        return s.isna() | (s.astype(str).str.strip() == "")
+    return s.isna()
+
+
+def _parse_id(s: pd.Series, strip_float: bool) -> pd.Series:
+    out = s.astype(object).where(s.notna(), None)
+    out = out.map(lambda v: None if v is None else (str(v).strip() or None))
+    if strip_float:
+        out = out.map(lambda v: v[:-2] if isinstance(v, str) and v.endswith(".0") and v[:-2].isdigit() else v)
+    return out
+
+
+def parse_timestamp(s: pd.Series, fmt: str | None) -> pd.Series:
+    if pd.api.types.is_datetime64_any_dtype(s):
+        parsed = s
+    else:
+        text = s.astype(object).where(~is_blank(s), None)
+        parsed = pd.to_datetime(text, errors="coerce", format=fmt if fmt else "mixed", utc=True)
+    if getattr(parsed.dt, "tz", None) is not None:
+        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
+    return parsed.astype("datetime64[ns]")
+
+
+def _parse_number(s: pd.Series) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        return s.astype(float)
+    return pd.to_numeric(s.astype(object).where(~is_blank(s), None), errors="coerce").astype(float)
+
+
+def _parse_bool(s: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Returns (values, unparseable mask). Blank counts as False (e.g. no recorded consent = no consent)."""
+    if pd.api.types.is_bool_dtype(s):
+        return s.astype(bool), pd.Series(False, index=s.index)
+    text = s.astype(object).map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    text = text.str.strip().str.lower()
+    bad = ~text.isin(_TRUE | _FALSE)
+    return text.isin(_TRUE), bad
+
+
+def reason_for_check(column: Any, check: Any) -> str:
+    check = str(check)
+    column = None if column is None or (isinstance(column, float) and math.isnan(column)) else str(column)
+    if check == "not_nullable":
+        return f"missing_{column}"
+    if check.startswith(("negative_", "future_", "unknown_", "implausible_")):
+        return check.split("(")[0]
+    if column and column != "None":
+        return f"invalid_{column}"
+    return f"invalid_{check.split('(')[0]}"
+
+
+def validate_table(
+    frame: pd.DataFrame,
+    table: str,
+    now: pd.Timestamp | None = None,
+    options: ParseOptions | None = None,
+    source: pd.DataFrame | None = None,
+) -> ValidationResult:
+    """Split ``frame`` (contract column names, index = source row number) into valid and quarantined rows.
+
+    ``source`` holds the rows as read, to be kept verbatim in quarantine; by default ``frame`` itself.
+    ``now`` is the ingestion clock: a timestamp after it is a future timestamp.
+    """
+    if table not in RAW_SCHEMAS:
+        raise ContractError(f"unknown table {table!r}; expected one of {sorted(RAW_SCHEMAS)}")
+    options = options or ParseOptions()
+    provided = set(frame.columns) | set(options.defaults)
+    if table == "transactions" and "unit_price" in provided:
+        provided.add("amount")  # amount = quantity x unit price
+    missing = [c for c in REQUIRED_COLUMNS[table] if c not in provided]
+    if missing:
+        raise ContractError(f"{table}: required column(s) {missing} are not mapped")
+    source = frame if source is None else source
+    reasons = RowReasons(frame.index)
+    out = pd.DataFrame(index=frame.index)
+
+    def col(name: str) -> pd.Series:
+        if name in frame.columns:
+            return frame[name]
+        return pd.Series([options.defaults.get(name)] * len(frame), index=frame.index, dtype=object)
+
+    # 1. parse
+    for name in ("customer_id", "order_id", "session_id"):
+        if name in REQUIRED_COLUMNS[table]:
+            out[name] = _parse_id(col(name), options.strip_float_ids)
+            reasons.add(out[name].isna(), f"missing_{name}")
+    time_col = TIME_COLUMNS[table]
+    raw_time = col(time_col)
+    out[time_col] = parse_timestamp(raw_time, options.timestamp_format)
+    reasons.add(is_blank(raw_time), f"missing_{time_col}")
+    reasons.add(~is_blank(raw_time) & out[time_col].isna(), f"unparseable_{time_col}")
+
+    if table == "transactions":
+        qty = _parse_number(col("quantity"))
+        reasons.add(is_blank(col("quantity")), "missing_quantity")
+        reasons.add(~is_blank(col("quantity")) & qty.isna(), "unparseable_quantity")
+        reasons.add(qty.notna() & ~np.isfinite(qty.fillna(0)), "non_finite_quantity")
+        reasons.add(np.isfinite(qty.fillna(0)) & (qty.fillna(0) % 1 != 0), "non_integer_quantity")
+        if "amount" in frame.columns or "amount" in options.defaults:
+            amount_raw = col("amount")
+        else:  # amount = quantity x unit price
+            amount_raw = col("unit_price")
+        amount = _parse_number(amount_raw)
+        reasons.add(is_blank(amount_raw), "missing_amount")
+        reasons.add(~is_blank(amount_raw) & amount.isna(), "unparseable_amount")
+        reasons.add(amount.notna() & ~np.isfinite(amount.fillna(0)), "non_finite_amount")
+        if "amount" not in frame.columns and "amount" not in options.defaults:
+            amount = amount * qty
+        out["amount"] = amount.astype(float)
+        out["quantity"] = qty.where(np.isfinite(qty.fillna(0)), 0).fillna(0).round().astype("int64")
+        if "is_return" in frame.columns:
+            is_return, bad = _parse_bool(col("is_return"))
+            reasons.add(bad, "unparseable_is_return")
+        elif options.return_prefix:
+            is_return = out["order_id"].fillna("").str.startswith(options.return_prefix)
+        else:
+            is_return = pd.Series(False, index=frame.index)
+        out["is_return"] = is_return.astype(bool)
+    elif table == "customers":
+        consent, bad = _parse_bool(col("consent"))
+        reasons.add(bad, "unparseable_consent")
+        out["consent"] = consent.astype(bool)
+    elif table == "events":
+        out["event_type"] = col("event_type").astype(object).map(
+            lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip().lower())
+        reasons.add(out["event_type"].isna(), "missing_event_type")
+        if "duration_s" in frame.columns:
+            duration = _parse_number(col("duration_s"))
+            reasons.add(~is_blank(col("duration_s")) & duration.isna(), "unparseable_duration_s")
+            out["duration_s"] = duration
+    for name in OPTIONAL_COLUMNS[table]:
+        if name in ("item", "category") and name in frame.columns:
+            out[name] = _parse_id(col(name), strip_float=False)
+    # Attributes beyond the contract (customers' country, age band, ...) pass through as read.
+    if table == "customers":
+        for name in frame.columns:
+            if name not in out.columns and name not in REQUIRED_COLUMNS[table] + OPTIONAL_COLUMNS[table]:
+                out[name] = frame[name]
+
+    # 2. duplicates among the rows that parsed
+    parsed = out.drop(index=reasons.rows)
+    key = KEY_COLUMNS[table] or [c for c in parsed.columns]
+    dup = parsed.duplicated(subset=list(key), keep="first")
+    reasons.add_rows(parsed.index[dup.to_numpy()], "duplicate")
+
+    # 3. the contract
+    candidates = out.drop(index=reasons.rows)
+    schema = RAW_SCHEMAS[table](now)
+    try:
+        schema.validate(candidates, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        frame_level = reasons.add_schema_failures(err)
+        if len(frame_level):  # a wrong dtype or a missing column: the table, not a row, is broken
+            first = frame_level.iloc[0]
+            raise ContractError(
+                f"{table}: column {first['column']!r} breaks the contract ({first['check']}: {first['failure_case']})"
+            ) from None
+
+    return ValidationResult(table=table, valid=out.drop(index=reasons.rows), quarantined=reasons.quarantine(source))

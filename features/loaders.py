@@ -1,0 +1,157 @@
+"""Read CSV or Parquet files into the raw tables through a column-mapping config.
+
+A mapping names, for one raw table, which source column feeds each contract column::
+
+    table: transactions
+    path: exports/orders.csv
+    columns: {customer_id: CustomerID, order_id: InvoiceNo, timestamp: InvoiceDate,
+              quantity: Quantity, unit_price: UnitPrice, item: StockCode}
+    return_prefix: "C"
+
+A file that cannot be read as that table (missing, empty, wrong encoding, a mapped column absent) is a
+:class:`~personalize.errors.DataFileError` naming the file and the column; a row that cannot be read is quarantined
+by :func:`features.ingest.validate_table` instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from features.ingest import ParseOptions, ValidationResult, validate_table
+from personalize.errors import DataFileError
+
+TableName = Literal["customers", "transactions", "events"]
+
+
+class CsvOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sep: str = ","
+    encoding: str = "utf-8"
+    header: bool = True
+    names: list[str] | None = None  # column names when the file has no header
+
+
+class TableMapping(BaseModel):
+    """How one file maps to one raw table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table: TableName
+    path: Path
+    format: Literal["csv", "parquet"] | None = None  # inferred from the file name when not set
+    csv: CsvOptions = CsvOptions()
+    columns: dict[str, str] = Field(description="contract column -> source column")
+    timestamp_format: str | None = None
+    return_prefix: str | None = None
+    strip_float_ids: bool = False
+    defaults: dict[str, Any] = Field(default_factory=dict, description="contract column -> constant value")
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> TableMapping:
+        known = set(REQUIRED_COLUMNS[self.table]) | set(OPTIONAL_COLUMNS[self.table])
+        if self.table == "transactions":
+            known.add("unit_price")
+        if self.table == "customers":
+            known = None  # any attribute may be mapped
+        if known is not None:
+            unknown = sorted(set(self.columns) - known)
+            if unknown:
+                raise ValueError(f"unknown contract column(s) {unknown} for table {self.table}; known: {sorted(known)}")
+        provided = set(self.columns) | set(self.defaults)
+        if self.table == "transactions" and "amount" not in provided and "unit_price" in provided:
+            provided.add("amount")
+        missing = [c for c in REQUIRED_COLUMNS[self.table] if c not in provided]
+        if missing:
+            raise ValueError(f"table {self.table} needs a mapping for {missing}")
+        return self
+
+    @property
+    def file_format(self) -> str:
+        if self.format:
+            return self.format
+        suffixes = [s.lower() for s in self.path.suffixes]
+        return "parquet" if ".parquet" in suffixes or ".pq" in suffixes else "csv"
+
+    @property
+    def parse_options(self) -> ParseOptions:
+        return ParseOptions(
+            timestamp_format=self.timestamp_format,
+            return_prefix=self.return_prefix,
+            strip_float_ids=self.strip_float_ids,
+            defaults=dict(self.defaults),
+        )
+
+
+def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = None) -> pd.DataFrame:
+    """Read a file as it is: CSV values stay text, so that a bad value is quarantined rather than guessed.
+
+    The index is the row's 1-based position among the data rows (what quarantine reports as ``_source_row``).
+    """
+    csv = csv or CsvOptions()
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(path, "no such file")
+    if path.is_dir():
+        raise DataFileError(path, "is a directory, expected a file")
+    if path.stat().st_size == 0:
+        raise DataFileError(path, "the file is empty")
+    if file_format == "parquet":
+        try:
+            frame = pq.read_table(path).to_pandas()
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+            raise DataFileError(path, f"not a readable Parquet file ({exc})") from None
+    else:
+        try:
+            frame = pd.read_csv(
+                path,
+                sep=csv.sep,
+                encoding=csv.encoding,
+                header=0 if csv.header else None,
+                names=csv.names,
+                dtype=str,
+                keep_default_na=False,
+                engine="python" if len(csv.sep) > 1 else "c",
+            )
+        except UnicodeDecodeError as exc:
+            raise DataFileError(
+                path, f"is not {csv.encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                f"{exc.start}); set csv.encoding in the mapping (e.g. latin-1)") from None
+        except pd.errors.EmptyDataError:
+            raise DataFileError(path, "the file has no columns (empty or only blank lines)") from None
+        except pd.errors.ParserError as exc:
+            raise DataFileError(path, f"is not valid CSV with separator {csv.sep!r}: {exc}") from None
+    if frame.empty:
+        raise DataFileError(path, "the file has a header but no rows")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    frame.index = pd.RangeIndex(1, len(frame) + 1)
+    return frame
+
+
+def map_columns(raw: pd.DataFrame, mapping: TableMapping) -> pd.DataFrame:
+    """Rename the mapped source columns to their contract names, or say which one is missing."""
+    absent = [src for src in mapping.columns.values() if src not in raw.columns]
+    if absent:
+        src = absent[0]
+        close = difflib.get_close_matches(src, raw.columns, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        contract = next(k for k, v in mapping.columns.items() if v == src)
+        raise DataFileError(
+            mapping.path,
+            f"mapped column is missing (for {mapping.table}.{contract}); the file has {list(raw.columns)}{hint}",
+            column=src,
+        )
+    return raw[list(mapping.columns.values())].set_axis(list(mapping.columns), axis=1)
+
+
+def load_table(mapping: TableMapping, now: pd.Timestamp | None = None) -> ValidationResult:
+    """Read, map and validate one file: the loader's whole job."""
+    raw = read_source(mapping.path, mapping.file_format, mapping.csv)
+    return validate_table(map_columns(raw, mapping), mapping.table, now, mapping.parse_options, source=raw)

@@ -1,0 +1,205 @@
+"""The data-layer jobs the CLI runs: ingest a data set, build its training frame.
+
+Each job reads its inputs, calls the pure cores (:mod:`features.ingest`, :mod:`features.definitions`,
+:mod:`features.labels`) and writes its outputs under the settings' home:
+
+- ``data/<dataset>/{customers,transactions,events}.parquet``: the valid rows (or ``table.parquet`` for a
+  labeled table), plus ``ingest_report.json``;
+- ``quarantine/<dataset>/<table>.parquet``: every rejected row as read, with ``_source_row``, ``reason`` and
+  ``detail``;
+- ``features/<dataset>/training_frame.parquet``: features and labels per (customer, cutoff), with provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from features.datasets import (DEFAULT_DATA_ROOT, derive_customers, labeled_sources, load_labeled_source,
+                               load_transactions, transaction_sources)
+from features.definitions import FeatureSpec
+from features.ingest import ValidationResult, validate_table
+from features.labeled import LabeledTableSpec, load_labeled
+from features.loaders import TableMapping, load_table
+from features.store import FeatureStore, default_cutoffs, write_frame, write_raw
+from features.synthetic import SyntheticData
+from personalize.errors import ConfigError
+from personalize.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    dataset: str
+    kind: str  # "raw" or "labeled"
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_in(self) -> int:
+        """Rows read from the inputs (a customers table derived from the transactions is not an input)."""
+        return sum(t["rows_in"] for t in self.tables.values() if not t.get("derived"))
+
+    @property
+    def quarantined(self) -> int:
+        return sum(t["quarantined"] for t in self.tables.values() if not t.get("derived"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "kind": self.kind, "rows_in": self.rows_in,
+                "quarantined": self.quarantined, "tables": self.tables, **self.extra}
+
+
+def _write_quarantine(settings: Settings, dataset: str, table: str, result: ValidationResult) -> Path | None:
+    path = settings.quarantine_dir(dataset) / f"{table}.parquet"
+    if len(result.quarantined) == 0:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.quarantined.to_parquet(path, index=False)
+    return path
+
+
+def _finish(settings: Settings, report: IngestReport, results: dict[str, ValidationResult],
+            derived: tuple[str, ...] = ()) -> IngestReport:
+    for table, result in results.items():
+        quarantine = _write_quarantine(settings, report.dataset, table, result)
+        report.tables[table] = {**result.summary(), "quarantine_file": str(quarantine) if quarantine else None,
+                                "derived": table in derived}
+        if result.quarantined.shape[0]:
+            log.info("%s.%s: quarantined %d of %d rows: %s", report.dataset, table, len(result.quarantined),
+                     result.rows_in, result.reasons)
+    out = settings.dataset_dir(report.dataset) / "ingest_report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    return report
+
+
+def ingest_raw(settings: Settings, dataset: str, results: dict[str, ValidationResult],
+               now: pd.Timestamp | None, attributes: pd.DataFrame | None = None) -> IngestReport:
+    """Write validated raw tables; derive the customers table from the transactions when there is none."""
+    derived: tuple[str, ...] = ()
+    if "customers" not in results:
+        results["customers"] = validate_table(derive_customers(results["transactions"].valid, attributes),
+                                              "customers", now)
+        derived = ("customers",)
+    write_raw(settings.dataset_dir(dataset), {t: r.valid for t, r in results.items()})
+    customers = len(results["customers"].valid)
+    return _finish(settings, IngestReport(dataset, "raw", extra={"customers": customers}), results, derived)
+
+
+def ingest_builtin(settings: Settings, name: str, now: pd.Timestamp | None,
+                   root: Path = DEFAULT_DATA_ROOT) -> IngestReport:
+    """Ingest one of the shared data sets by name (see :mod:`features.datasets`)."""
+    if name in transaction_sources(root):
+        result, attributes = load_transactions(transaction_sources(root)[name], now)
+        return ingest_raw(settings, name, {"transactions": result}, now, attributes)
+    if name in labeled_sources(root):
+        return ingest_labeled(settings, name, load_labeled_source(name, root))
+    raise ConfigError(f"unknown data set {name!r}; built-in: {', '.join(builtin_names())}, or a YAML mapping file")
+
+
+def builtin_names() -> list[str]:
+    return [*transaction_sources(DEFAULT_DATA_ROOT), *labeled_sources(DEFAULT_DATA_ROOT)]
+
+
+def ingest_labeled(settings: Settings, name: str, table) -> IngestReport:
+    out = settings.dataset_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    table.frame.to_parquet(out / "table.parquet", index=False)
+    report = IngestReport(name, "labeled", extra={
+        "label": table.spec.label_column, "label_rate": table.label_rate, "numeric": table.numeric,
+        "categorical": table.categorical, "boolean": table.boolean, "id_column": table.spec.id_column})
+    return _finish(settings, report, {"table": table.result})
+
+
+def ingest_synthetic(settings: Settings, dataset: str, data: SyntheticData) -> IngestReport:
+    """Store a generated data set through the same contracts as real data, with its ground truth beside it."""
+    results = {t: validate_table(getattr(data, t).set_axis(range(1, len(getattr(data, t)) + 1)), t, None)
+               for t in ("customers", "transactions", "events")}
+    report = ingest_raw(settings, dataset, results, None)
+    data.truth.to_parquet(settings.dataset_dir(dataset) / "truth.parquet", index=False)
+    return report
+
+
+class IngestConfig(BaseModel):
+    """A bring-your-own-data ingest config (YAML): raw table mappings or one labeled table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str
+    tables: list[TableMapping] = []
+    labeled: LabeledTableSpec | None = None
+
+
+def load_ingest_config(path: Path) -> IngestConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with `dataset:` and `tables:` or `labeled:`")
+    base = Path(path).parent
+    for table in raw.get("tables") or []:  # paths in the config are relative to the config file
+        if isinstance(table, dict) and "path" in table and not Path(table["path"]).is_absolute():
+            table["path"] = str(base / table["path"])
+    labeled = raw.get("labeled")
+    if isinstance(labeled, dict) and "path" in labeled and not Path(labeled["path"]).is_absolute():
+        labeled["path"] = str(base / labeled["path"])
+    try:
+        config = IngestConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+    if not config.tables and config.labeled is None:
+        raise ConfigError(f"{path}: nothing to ingest; give `tables:` (raw tables) or `labeled:` (a labeled table)")
+    if config.tables and not any(t.table == "transactions" for t in config.tables):
+        raise ConfigError(f"{path}: the raw tables need a `transactions` table")
+    return config
+
+
+def ingest_config(settings: Settings, config: IngestConfig, now: pd.Timestamp | None) -> IngestReport:
+    if config.labeled is not None:
+        return ingest_labeled(settings, config.dataset, load_labeled(config.labeled))
+    results = {m.table: load_table(m, now) for m in config.tables}
+    return ingest_raw(settings, config.dataset, results, now)
+
+
+@dataclass(frozen=True)
+class FrameSummary:
+    dataset: str
+    path: Path
+    rows: int
+    customers: int
+    cutoffs: list[str]
+    feature_columns: int
+    label_rates: dict[str, float]
+    feature_version: str
+
+
+def build_training_frame(settings: Settings, dataset: str, horizon_days: int = 90, cutoffs: int = 3,
+                         step_days: int = 30, top_categories: int = 8,
+                         as_of: list[pd.Timestamp] | None = None) -> FrameSummary:
+    """Build and write a data set's training frame; cutoffs end where the latest full horizon does."""
+    store = FeatureStore(settings.dataset_dir(dataset))
+    observed_until = store.observed_until()
+    cuts = sorted(as_of) if as_of else default_cutoffs(observed_until, horizon_days, cutoffs, step_days)
+    spec = FeatureSpec(categories=store.top_categories(cuts[0], top_categories))
+    frame = store.training_frame(cuts, horizon_days, spec, observed_until)
+    path = write_frame(frame, settings.features_dir(dataset) / "training_frame.parquet", frame.attrs)
+    rates = {c: float(frame[c].mean()) for c in ("churn", "propensity", "next_purchase_event") if len(frame)}
+    rates["purchases_in_h"] = float(frame["purchases_in_h"].mean()) if len(frame) else float("nan")
+    log.info("%s: %d rows, %d customers, cutoffs %s -> %s", dataset, len(frame), frame["customer_id"].nunique(),
+             [str(c.date()) for c in cuts], path)
+    return FrameSummary(dataset, path, len(frame), int(frame["customer_id"].nunique()),
+                        [str(c) for c in cuts], len(spec.columns), rates, spec.version)

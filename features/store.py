@@ -1,0 +1,193 @@
+"""The offline store: validated raw tables as Parquet, feature and label frames built from them by Ibis.
+
+Layout under a data set's directory (``<home>/data/<dataset>/``): ``customers.parquet``, ``transactions.parquet``,
+``events.parquet`` (always present, possibly empty, with the contract's Arrow schema). Frames are written with
+their provenance in the Parquet metadata (feature version, cutoffs, horizon, categories, data fingerprint), so the
+version travels with every training frame; :func:`read_frame` gives it back in ``frame.attrs``.
+
+:class:`FeatureStore` binds those files to an Ibis backend (DuckDB in memory by default; any Ibis connection that
+can ``read_parquet`` works) and runs the same definitions for a training frame (:meth:`FeatureStore.offline`) and
+for one customer (:meth:`FeatureStore.features_for`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import ibis
+import ibis.expr.types as ir
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.contracts import RAW_TABLES
+from features.definitions import KEYS, FeatureSpec, attach, customer_features
+from features.labels import LABEL_COLUMNS, category_label_columns, check_horizon, customer_labels
+from personalize.errors import PersonalizeError
+
+ARROW_SCHEMAS: dict[str, pa.Schema] = {
+    "customers": pa.schema([("customer_id", pa.string()), ("signup_at", pa.timestamp("ns")),
+                            ("consent", pa.bool_())]),
+    "transactions": pa.schema([("customer_id", pa.string()), ("order_id", pa.string()),
+                               ("timestamp", pa.timestamp("ns")), ("amount", pa.float64()),
+                               ("quantity", pa.int64()), ("is_return", pa.bool_()), ("category", pa.string()),
+                               ("item", pa.string())]),
+    "events": pa.schema([("customer_id", pa.string()), ("session_id", pa.string()),
+                         ("timestamp", pa.timestamp("ns")), ("event_type", pa.string()), ("item", pa.string()),
+                         ("category", pa.string()), ("duration_s", pa.float64())]),
+}
+META_KEY = b"personalize"
+
+
+def to_arrow(table: str, frame: pd.DataFrame) -> pa.Table:
+    """The frame in the contract's Arrow schema (optional contract columns filled with nulls, extras kept)."""
+    schema = ARROW_SCHEMAS[table]
+    frame = frame.reset_index(drop=True)
+    arrays, fields = [], []
+    for f in schema:
+        values = frame[f.name] if f.name in frame.columns else pd.Series([None] * len(frame), dtype=object)
+        arrays.append(pa.array(values, type=f.type, from_pandas=True))
+        fields.append(f)
+    for name in frame.columns:
+        if name not in schema.names:
+            arrays.append(pa.array(frame[name], from_pandas=True))
+            fields.append(pa.field(name, arrays[-1].type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_raw(dataset_dir: Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    """Write the raw tables, sorted by customer and time so a lookup by customer reads few row groups."""
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for table in RAW_TABLES:
+        frame = tables.get(table)
+        if frame is None:
+            frame = pd.DataFrame(columns=ARROW_SCHEMAS[table].names)
+        order = [c for c in ("customer_id", "timestamp", "signup_at") if c in frame.columns]
+        if len(frame):
+            frame = frame.sort_values(order, kind="stable")
+        path = dataset_dir / f"{table}.parquet"
+        pq.write_table(to_arrow(table, frame), path, row_group_size=256_000)
+        paths[table] = path
+    return paths
+
+
+def data_fingerprint(paths: list[Path]) -> str:
+    """sha256 over the files' bytes: the data snapshot a frame (and later a model) was built from."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def write_frame(frame: pd.DataFrame, path: Path, metadata: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    existing = table.schema.metadata or {}
+    table = table.replace_schema_metadata({**existing, META_KEY: json.dumps(metadata, default=str).encode()})
+    pq.write_table(table, path)
+    return path
+
+
+def read_frame(path: Path) -> pd.DataFrame:
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    frame.attrs.update(json.loads(raw) if raw else {})
+    return frame
+
+
+def default_cutoffs(observed_until: pd.Timestamp, horizon_days: int, count: int, step_days: int) -> list[pd.Timestamp]:
+    """``count`` cutoffs at midnight, ``step_days`` apart, the latest one whose horizon ends within the data."""
+    last = (observed_until - timedelta(days=horizon_days)).floor("D")
+    return sorted(last - timedelta(days=step_days * k) for k in range(count))
+
+
+class FeatureStore:
+    """A data set's raw tables on an Ibis backend, and the feature/label definitions over them."""
+
+    def __init__(self, dataset_dir: Path, con: ibis.BaseBackend | None = None) -> None:
+        self.dataset_dir = Path(dataset_dir)
+        missing = [t for t in RAW_TABLES if not (self.dataset_dir / f"{t}.parquet").exists()]
+        if missing:
+            raise PersonalizeError(
+                f"{self.dataset_dir}: no {', '.join(missing)} table; run `personalize ingest` for this data set first")
+        self.con = con if con is not None else ibis.duckdb.connect()
+        self.customers = self.con.read_parquet(self.dataset_dir / "customers.parquet")
+        self.transactions = self.con.read_parquet(self.dataset_dir / "transactions.parquet")
+        self.events = self.con.read_parquet(self.dataset_dir / "events.parquet")
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.dataset_dir / f"{t}.parquet" for t in RAW_TABLES]
+
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.paths)
+
+    def observed_until(self) -> pd.Timestamp:
+        """The end of the observed data: the latest transaction or event time."""
+        ends = [self.transactions.timestamp.max().execute(), self.events.timestamp.max().execute()]
+        ends = [pd.Timestamp(e) for e in ends if e is not None and not pd.isna(e)]
+        if not ends:
+            raise PersonalizeError(f"{self.dataset_dir}: no transactions or events")
+        return max(ends)
+
+    def top_categories(self, before: pd.Timestamp, k: int = 8) -> tuple[str, ...]:
+        """The k categories with the most spend before ``before`` (so the choice itself is point-in-time)."""
+        t = self.transactions
+        t = t.filter((t.timestamp < before) & ~t.is_return & t.category.notnull())
+        top = t.group_by("category").aggregate(spend=t.amount.sum()).order_by(ibis.desc("spend")).limit(k)
+        return tuple(str(c) for c in top.execute()["category"])
+
+    def entities(self, cutoffs: list[pd.Timestamp]) -> ir.Table:
+        """Every customer who had signed up before a cutoff, at that cutoff."""
+        cuts = ibis.memtable(pd.DataFrame({"cutoff": pd.to_datetime(list(cutoffs)).astype("datetime64[ns]")}))
+        c = self.customers
+        pairs = c.select("customer_id", "signup_at").cross_join(cuts)
+        return pairs.filter(pairs.signup_at < pairs.cutoff).select(*KEYS)
+
+    def features(self, entities: ir.Table, spec: FeatureSpec) -> ir.Table:
+        return customer_features(entities, self.customers, self.transactions, self.events, spec)
+
+    def offline(self, cutoffs: list[pd.Timestamp], spec: FeatureSpec) -> pd.DataFrame:
+        return self.features(self.entities(cutoffs), spec).to_pandas()
+
+    def features_for(self, customer_id: str, as_of: pd.Timestamp, spec: FeatureSpec) -> dict[str, Any]:
+        """The online path: one customer's features at ``as_of`` from the same definitions."""
+        entity = ibis.memtable(pd.DataFrame({"customer_id": [str(customer_id)],
+                                             "cutoff": pd.to_datetime([as_of]).astype("datetime64[ns]")}))
+        row = self.features(entity, spec).to_pandas()
+        return {k: (None if pd.isna(v) else v) for k, v in row.iloc[0].items()}
+
+    def training_frame(self, cutoffs: list[pd.Timestamp], horizon_days: int, spec: FeatureSpec,
+                       observed_until: pd.Timestamp | None = None) -> pd.DataFrame:
+        """Features joined with labels, one row per (customer, cutoff), provenance in ``frame.attrs``."""
+        observed_until = observed_until if observed_until is not None else self.observed_until()
+        check_horizon(list(cutoffs), horizon_days, observed_until)
+        entities = self.entities(cutoffs)
+        features = self.features(entities, spec)
+        labels = customer_labels(entities, self.transactions, horizon_days, spec)
+        frame = attach(features, labels).order_by(KEYS).to_pandas()
+        frame.attrs.update(self.provenance(cutoffs, horizon_days, spec, observed_until))
+        return frame
+
+    def provenance(self, cutoffs: list[pd.Timestamp], horizon_days: int | None, spec: FeatureSpec,
+                   observed_until: pd.Timestamp | None) -> dict[str, Any]:
+        return {
+            "feature_version": spec.version,
+            "feature_columns": spec.columns,
+            "label_columns": [*LABEL_COLUMNS, *category_label_columns(spec).values()] if horizon_days else [],
+            "categories": list(spec.categories),
+            "cutoffs": [str(pd.Timestamp(c)) for c in cutoffs],
+            "horizon_days": horizon_days,
+            "observed_until": str(observed_until) if observed_until is not None else None,
+            "data_fingerprint": self.fingerprint(),
+            "dataset": self.dataset_dir.name,
+        }

@@ -1,0 +1,64 @@
+"""One place for paths, names and URIs.
+
+Everything the platform writes lives under one home directory (``PERSONALIZE_HOME``, default ``.personalize`` in
+the working directory): raw tables, quarantine, feature frames, the MLflow store and the Optuna store. Each store
+can be pointed elsewhere (a PostgreSQL URI, a remote MLflow server) by environment variable, without code changes.
+Nothing here touches the disk or a global: callers build a :class:`Settings` once at the entry point.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+DEFAULT_HOME = ".personalize"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    home: Path = Path(DEFAULT_HOME)
+    mlflow_tracking_uri: str | None = None
+    optuna_storage: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            home=Path(env.get("PERSONALIZE_HOME", DEFAULT_HOME)),
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+            optuna_storage=env.get("PERSONALIZE_OPTUNA_STORAGE") or None,
+        )
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def dataset_dir(self, dataset: str) -> Path:
+        """Validated raw tables of one data set (customers/transactions/events or a labeled table)."""
+        return self.home / "data" / dataset
+
+    def quarantine_dir(self, dataset: str) -> Path:
+        return self.home / "quarantine" / dataset
+
+    def features_dir(self, dataset: str) -> Path:
+        return self.home / "features" / dataset
+
+    # --- tracking and tuning ------------------------------------------------------------------------------------
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI: SQLite under home unless configured (``MLFLOW_TRACKING_URI``)."""
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.home / "mlartifacts").resolve().as_uri()
+
+    @property
+    def optuna_storage_url(self) -> str:
+        """Optuna RDB storage: SQLite under home unless configured (any SQLAlchemy URL)."""
+        return self.optuna_storage or f"sqlite:///{(self.home / 'optuna.db').resolve()}"
+
+
+def model_uri(name: str, alias: str) -> str:
+    """The registry URI a model is served and promoted by: ``models:/name@alias``."""
+    return f"models:/{name}@{alias}"

@@ -1,0 +1,105 @@
+"""Reading files through a column mapping: a broken file is one clear error naming the file and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from features.labeled import LABEL, LabeledTableSpec, load_labeled
+from features.loaders import CsvOptions, TableMapping, load_table
+from personalize.errors import DataFileError
+
+ORDERS_CSV = """cust,invoice,when,qty,price,sku
+1,A1,2024-01-02 10:00:00,2,3.50,X
+1,A2,2024-01-05 11:00:00,1,10.00,Y
+,A3,2024-01-06 11:00:00,1,10.00,Y
+2,CA4,2024-01-07 09:00:00,-1,3.50,X
+"""
+MAPPING = {"customer_id": "cust", "order_id": "invoice", "timestamp": "when", "quantity": "qty",
+           "unit_price": "price", "item": "sku"}
+
+
+def mapping(path: Path, **kw) -> TableMapping:
+    return TableMapping(table="transactions", path=path, columns=kw.pop("columns", MAPPING), return_prefix="CA", **kw)
+
+
+def test_csv_and_parquet_give_the_same_valid_rows(tmp_path: Path) -> None:
+    csv = tmp_path / "orders.csv"
+    csv.write_text(ORDERS_CSV)
+    parquet = tmp_path / "orders.parquet"
+    pd.read_csv(csv, dtype=str, keep_default_na=False).to_parquet(parquet)
+    from_csv, from_parquet = load_table(mapping(csv)), load_table(mapping(parquet))
+    pd.testing.assert_frame_equal(from_csv.valid, from_parquet.valid)
+    assert from_csv.valid["amount"].tolist() == [7.0, 10.0, -3.5]
+    assert from_csv.valid["is_return"].tolist() == [False, False, True]
+    assert from_csv.reasons == {"missing_customer_id": 1}
+
+
+def test_a_missing_mapped_column_names_the_file_and_the_column(tmp_path: Path) -> None:
+    csv = tmp_path / "orders.csv"
+    csv.write_text(ORDERS_CSV.replace("qty", "quantity_sold"))
+    with pytest.raises(DataFileError) as err:
+        load_table(mapping(csv))
+    assert str(csv) in str(err.value) and "'qty'" in str(err.value)
+    assert err.value.column == "qty"
+
+
+def test_a_wrong_encoding_is_a_clear_error(tmp_path: Path) -> None:
+    csv = tmp_path / "orders.csv"
+    csv.write_bytes(ORDERS_CSV.replace("sku\n", "sku\n3,Ä1,2024-01-02 10:00:00,1,1,Z\n").encode("latin-1"))
+    with pytest.raises(DataFileError, match="not utf-8 text.*csv.encoding"):
+        load_table(mapping(csv))
+    assert load_table(mapping(csv, csv=CsvOptions(encoding="latin-1"))).rows_in == 5
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "the file is empty"),
+    ("\n\n", "no columns"),
+    ("cust,invoice,when,qty,price,sku\n", "header but no rows"),
+])
+def test_an_empty_file_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    csv = tmp_path / "orders.csv"
+    csv.write_text(content)
+    with pytest.raises(DataFileError, match=message):
+        load_table(mapping(csv))
+
+
+def test_a_missing_file_and_a_non_parquet_file_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataFileError, match="no such file"):
+        load_table(mapping(tmp_path / "nope.csv"))
+    fake = tmp_path / "orders.parquet"
+    fake.write_text(ORDERS_CSV)
+    with pytest.raises(DataFileError, match="not a readable Parquet file"):
+        load_table(mapping(fake))
+
+
+def test_a_mapping_must_cover_the_contract() -> None:
+    with pytest.raises(ValueError, match="needs a mapping for"):
+        TableMapping(table="transactions", path=Path("x.csv"), columns={"customer_id": "a"})
+    with pytest.raises(ValueError, match="unknown contract column"):
+        TableMapping(table="events", path=Path("x.csv"),
+                     columns={"customer_id": "a", "session_id": "b", "timestamp": "c", "event_type": "d", "colour": "e"})
+
+
+def test_a_labeled_table_infers_types_and_quarantines_bad_rows(tmp_path: Path) -> None:
+    csv = tmp_path / "churn.csv"
+    csv.write_text("id,plan,spend,active,left\n"
+                   "a,gold,10.5,TRUE,yes\nb,silver,,FALSE,no\nb,gold,3,TRUE,no\nc,gold,1,TRUE,\nd,free,0,FALSE,No\n")
+    table = load_labeled(LabeledTableSpec(path=csv, id_column="id", label_column="left", positive="Yes"))
+    assert table.numeric == ["spend"] and table.categorical == ["plan"] and table.boolean == ["active"]
+    assert table.frame["id"].tolist() == ["a", "b", "d"]
+    assert table.frame[LABEL].tolist() == [1, 0, 0]
+    assert table.result.reasons == {"duplicate": 1, "missing_label": 1}
+
+
+def test_a_labeled_table_needs_its_positive_value_and_two_classes(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text("id,y\na,1\nb,2\nc,3\n")
+    with pytest.raises(DataFileError, match="never occurs"):
+        load_labeled(LabeledTableSpec(path=csv, label_column="y", positive="yes"))
+    with pytest.raises(DataFileError, match="two values"):
+        load_labeled(LabeledTableSpec(path=csv, label_column="y", positive="1"))
+    with pytest.raises(DataFileError, match="'target'"):
+        load_labeled(LabeledTableSpec(path=csv, label_column="target", positive="1"))
