@@ -71,16 +71,6 @@ def customers_schema(now: pd.Timestamp | None = None) -> pa.DataFrameSchema:
     )
 
 
-def _sign_matches_return_flag(df: pd.DataFrame) -> pd.Series:
-    purchase_ok = ~df["is_return"] & (df["quantity"] > 0)
-    return_ok = df["is_return"] & (df["quantity"] < 0)
-    return purchase_ok | return_ok
-
-
-def _amount_sign_matches(df: pd.DataFrame) -> pd.Series:
-    return (~df["is_return"] & (df["amount"] >= 0)) | (df["is_return"] & (df["amount"] <= 0))
-
-
 def transactions_schema(now: pd.Timestamp | None = None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
@@ -88,15 +78,17 @@ def transactions_schema(now: pd.Timestamp | None = None) -> pa.DataFrameSchema:
             "order_id": _id("order_id"),
             "timestamp": pa.Column("datetime64[ns]", _not_in_future(now), nullable=False),
             "amount": pa.Column(float, pa.Check(lambda s: pd.Series(s).abs() < 1e9, name="implausible_amount")),
-            "quantity": pa.Column("int64"),
+            "quantity": pa.Column("int64", pa.Check(lambda s: s != 0, name="zero_quantity")),
             "is_return": pa.Column(bool),
             "category": pa.Column(str, nullable=True, required=False),
             "item": pa.Column(str, nullable=True, required=False),
         },
         checks=[
-            # quantity > 0 for a purchase and < 0 for a return; amount >= 0 and <= 0 likewise
-            pa.Check(_sign_matches_return_flag, name="negative_quantity_not_return"),
-            pa.Check(_amount_sign_matches, name="negative_amount_not_return"),
+            # purchases have quantity > 0 and amount >= 0, returns quantity < 0 and amount <= 0
+            pa.Check(lambda df: df["is_return"] | (df["quantity"] >= 0), name="negative_quantity_not_return"),
+            pa.Check(lambda df: df["is_return"] | (df["amount"] >= 0), name="negative_amount_not_return"),
+            pa.Check(lambda df: ~df["is_return"] | (df["quantity"] <= 0), name="positive_quantity_on_return"),
+            pa.Check(lambda df: ~df["is_return"] | (df["amount"] <= 0), name="positive_amount_on_return"),
         ],
         strict=False,
         name="transactions",

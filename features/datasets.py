@@ -128,7 +128,8 @@ def load_transactions(source: TransactionSource, now: pd.Timestamp | None) -> tu
     """Validated transactions plus, per customer, the attributes named by the source (latest value)."""
     raw = source.prepare(read_source(source.mapping.path, source.mapping.file_format, source.mapping.csv))
     result = validate_table(map_columns(raw, source.mapping), "transactions", now, source.mapping.parse_options,
-                            source=raw.drop(columns=[c for c in raw.columns if c.startswith("_")]))
+                            source=raw.drop(columns=[c for c in raw.columns if c.startswith("_")]),
+                            source_file=str(source.mapping.path))
     attributes = pd.DataFrame(index=pd.Index([], name="customer_id"))
     if source.attributes:
         valid = result.valid

@@ -10,7 +10,8 @@ for the first of these that applies, and every reason that applies is kept in ``
 3. the pandera contract (:mod:`features.contracts`), checked lazily so that every failing row is found at once:
    negative quantity or amount that is not a return, future timestamps, unknown event types, ...
 
-``valid + quarantined == input`` always holds; :class:`ValidationResult` checks it on construction.
+``valid + quarantined == input`` always holds; :class:`ValidationResult` checks it against the input's row count
+on construction.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from features.contracts import KEY_COLUMNS, OPTIONAL_COLUMNS, RAW_SCHEMAS, REQUI
 from personalize.errors import ContractError
 
 SOURCE_ROW = "_source_row"
+REASON = "_reason"
+DETAIL = "_detail"
+SOURCE_FILE = "_source_file"
+BOOKKEEPING = (SOURCE_FILE, SOURCE_ROW, REASON, DETAIL)
 _TRUE = {"true", "t", "yes", "y", "1", "1.0"}
 _FALSE = {"false", "f", "no", "n", "0", "0.0", ""}
 
@@ -35,7 +40,7 @@ _FALSE = {"false", "f", "no", "n", "0", "0.0", ""}
 class ParseOptions:
     """How to read the values of a mapped table (set by the column-mapping config)."""
 
-    timestamp_format: str | None = None  # strftime format; None lets pandas infer an ISO-like format
+    timestamp_format: str | None = None  # strftime format; None accepts ISO 8601 only (never guesses day/month)
     return_prefix: str | None = None  # order ids that start with it are returns (Online Retail: "C")
     strip_float_ids: bool = False  # "17850.0" -> "17850" (ids written as floats by a spreadsheet export)
     defaults: dict[str, Any] = field(default_factory=dict)  # contract column -> value when the column is absent
@@ -45,24 +50,23 @@ class ParseOptions:
 class ValidationResult:
     table: str
     valid: pd.DataFrame
-    quarantined: pd.DataFrame  # source values as text, SOURCE_ROW, reason, detail
+    quarantined: pd.DataFrame  # the rows as read, with SOURCE_ROW, REASON and DETAIL (and SOURCE_FILE)
+    rows_in: int
 
     def __post_init__(self) -> None:
-        rows_in = self.valid_source_rows | set(self.quarantined[SOURCE_ROW])
-        if len(rows_in) != len(self.valid) + len(self.quarantined):
-            raise AssertionError(f"{self.table}: a row is both valid and quarantined, or counted twice")
+        if self.rows_in != len(self.valid) + len(self.quarantined):
+            raise AssertionError(f"{self.table}: {self.rows_in} rows in, but {len(self.valid)} valid + "
+                                 f"{len(self.quarantined)} quarantined")
 
-    @property
-    def valid_source_rows(self) -> set[int]:
-        return set(self.valid.index)
-
-    @property
-    def rows_in(self) -> int:
-        return len(self.valid) + len(self.quarantined)
+    @classmethod
+    def combine(cls, results: list[ValidationResult]) -> ValidationResult:
+        """Several files of one table as one result (each quarantined row keeps its file and row)."""
+        return cls(results[0].table, pd.concat([r.valid for r in results], ignore_index=True),
+                   pd.concat([r.quarantined for r in results], ignore_index=True), sum(r.rows_in for r in results))
 
     @property
     def reasons(self) -> dict[str, int]:
-        counts = self.quarantined["reason"].value_counts()
+        counts = self.quarantined[REASON].value_counts()
         return {str(k): int(v) for k, v in counts.items()}
 
     def summary(self) -> dict[str, Any]:
@@ -103,13 +107,17 @@ class RowReasons:
             self.add_rows(pd.Index(group["index"].unique()), reason_for_check(column, check))
         return cases[cases["index"].isna()]
 
-    def quarantine(self, source: pd.DataFrame) -> pd.DataFrame:
-        """The rejected rows as read (text), with their row number, first reason and every reason."""
+    def quarantine(self, source: pd.DataFrame, source_file: str | None = None) -> pd.DataFrame:
+        """The rejected rows as read (as text, nulls kept), with their file, row, first reason and every reason."""
+        clash = [c for c in BOOKKEEPING if c in source.columns]
+        if clash:
+            raise ContractError(f"the input has a column named {clash[0]!r}, which quarantine uses; rename it")
         bad = self.rows
-        out = source.loc[bad].astype(object).astype(str)
+        out = source.loc[bad].astype("string")
         out.insert(0, SOURCE_ROW, bad.to_numpy())
-        out["reason"] = [self.by_row[r][0] for r in bad]
-        out["detail"] = ["; ".join(self.by_row[r]) for r in bad]
+        out.insert(0, SOURCE_FILE, source_file)
+        out[REASON] = [self.by_row[r][0] for r in bad]
+        out[DETAIL] = ["; ".join(self.by_row[r]) for r in bad]
         return out.reset_index(drop=True)
 
 
@@ -120,6 +128,8 @@ def is_blank(s: pd.Series) -> pd.Series:
 
 
 def _parse_id(s: pd.Series, strip_float: bool) -> pd.Series:
+    if pd.api.types.is_float_dtype(s) and (s.dropna() % 1 == 0).all():
+        s = s.astype("Int64")  # integer ids read as floats because of a null (Parquet, pandas): 1.0 means "1"
     out = s.astype(object).where(s.notna(), None)
     out = out.map(lambda v: None if v is None else (str(v).strip() or None))
     if strip_float:
@@ -132,7 +142,7 @@ def parse_timestamp(s: pd.Series, fmt: str | None) -> pd.Series:
         parsed = s
     else:
         text = s.astype(object).where(~is_blank(s), None)
-        parsed = pd.to_datetime(text, errors="coerce", format=fmt if fmt else "mixed", utc=True)
+        parsed = pd.to_datetime(text, errors="coerce", format=fmt if fmt else "ISO8601", utc=True)
     if getattr(parsed.dt, "tz", None) is not None:
         parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
     return parsed.astype("datetime64[ns]")
@@ -159,7 +169,7 @@ def reason_for_check(column: Any, check: Any) -> str:
     column = None if column is None or (isinstance(column, float) and math.isnan(column)) else str(column)
     if check == "not_nullable":
         return f"missing_{column}"
-    if check.startswith(("negative_", "future_", "unknown_", "implausible_")):
+    if check.startswith(("negative_", "positive_", "future_", "unknown_", "implausible_", "zero_")):
         return check.split("(")[0]
     if column and column != "None":
         return f"invalid_{column}"
@@ -172,14 +182,19 @@ def validate_table(
     now: pd.Timestamp | None = None,
     options: ParseOptions | None = None,
     source: pd.DataFrame | None = None,
+    known_customers: pd.Series | None = None,
+    source_file: str | None = None,
 ) -> ValidationResult:
     """Split ``frame`` (contract column names, index = source row number) into valid and quarantined rows.
 
     ``source`` holds the rows as read, to be kept verbatim in quarantine; by default ``frame`` itself.
-    ``now`` is the ingestion clock: a timestamp after it is a future timestamp.
+    ``now`` is the ingestion clock: a timestamp after it is a future timestamp. ``known_customers``, when
+    given, are the valid customer ids: a transaction or event of anyone else is an ``unknown_customer``.
     """
     if table not in RAW_SCHEMAS:
         raise ContractError(f"unknown table {table!r}; expected one of {sorted(RAW_SCHEMAS)}")
+    if not frame.index.is_unique:
+        raise ContractError(f"{table}: the row index must be unique (it names each row in quarantine)")
     options = options or ParseOptions()
     provided = set(frame.columns) | set(options.defaults)
     if table == "transactions" and "unit_price" in provided:
@@ -254,6 +269,10 @@ def validate_table(
             if name not in out.columns and name not in REQUIRED_COLUMNS[table] + OPTIONAL_COLUMNS[table]:
                 out[name] = frame[name]
 
+    if known_customers is not None and table != "customers":
+        known = out["customer_id"].isin(known_customers)
+        reasons.add(out["customer_id"].notna() & ~known, "unknown_customer")
+
     # 2. duplicates among the rows that parsed
     parsed = out.drop(index=reasons.rows)
     key = KEY_COLUMNS[table] or [c for c in parsed.columns]
@@ -273,4 +292,4 @@ def validate_table(
                 f"{table}: column {first['column']!r} breaks the contract ({first['check']}: {first['failure_case']})"
             ) from None
 
-    return ValidationResult(table=table, valid=out.drop(index=reasons.rows), quarantined=reasons.quarantine(source))
+    return ValidationResult(table, out.drop(index=reasons.rows), reasons.quarantine(source, source_file), len(frame))

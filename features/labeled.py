@@ -152,5 +152,6 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
                 raise DataFileError(spec.path, f"breaks the contract ({first['check']}: {first['failure_case']})",
                                     column=str(first["column"])) from None
     typed[LABEL] = (label_text == spec.positive.strip().lower()).astype("int64")
-    result = ValidationResult("labeled", typed.drop(index=reasons.rows), reasons.quarantine(raw))
+    result = ValidationResult("labeled", typed.drop(index=reasons.rows), reasons.quarantine(raw, str(spec.path)),
+                              len(raw))
     return LabeledTable(spec, result, numeric, categorical, boolean)

@@ -15,7 +15,10 @@ by :func:`features.ingest.validate_table` instead.
 
 from __future__ import annotations
 
+import csv as csvlib
 import difflib
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +27,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
-from features.ingest import ParseOptions, ValidationResult, validate_table
-from personalize.errors import DataFileError
+from features.ingest import SOURCE_FILE, SOURCE_ROW, ParseOptions, ValidationResult, validate_table
+from personalize.errors import ConfigError, DataFileError
 
 TableName = Literal["customers", "transactions", "events"]
 
@@ -65,6 +68,10 @@ class TableMapping(BaseModel):
             unknown = sorted(set(self.columns) - known)
             if unknown:
                 raise ValueError(f"unknown contract column(s) {unknown} for table {self.table}; known: {sorted(known)}")
+        sources = list(self.columns.values())
+        twice = sorted({c for c in sources if sources.count(c) > 1})
+        if twice:
+            raise ValueError(f"source column(s) {twice} are mapped to more than one contract column")
         provided = set(self.columns) | set(self.defaults)
         if self.table == "transactions" and "amount" not in provided and "unit_price" in provided:
             provided.add("amount")
@@ -110,16 +117,24 @@ def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = N
             raise DataFileError(path, f"not a readable Parquet file ({exc})") from None
     else:
         try:
-            frame = pd.read_csv(
-                path,
-                sep=csv.sep,
-                encoding=csv.encoding,
-                header=0 if csv.header else None,
-                names=csv.names,
-                dtype=str,
-                keep_default_na=False,
-                engine="python" if len(csv.sep) > 1 else "c",
-            )
+            if csv.header:
+                _check_header(path, csv)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(
+                    path,
+                    sep=csv.sep,
+                    encoding=csv.encoding,
+                    header=0 if csv.header else None,
+                    names=csv.names,
+                    dtype=str,
+                    keep_default_na=False,
+                    index_col=False,  # never take a column as the index, even when rows are wider than the header
+                    engine="python" if len(csv.sep) > 1 else "c",
+                )
+        except pd.errors.ParserWarning:
+            raise DataFileError(path, "rows have more fields than the header; fix the header or the separator"
+                                ) from None
         except UnicodeDecodeError as exc:
             raise DataFileError(
                 path, f"is not {csv.encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
@@ -133,6 +148,23 @@ def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = N
     frame.columns = [str(c).strip() for c in frame.columns]
     frame.index = pd.RangeIndex(1, len(frame) + 1)
     return frame
+
+
+def _check_header(path: Path, csv: CsvOptions) -> None:
+    """Duplicate column names (pandas would silently rename the second to ``name.1``) are an error."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding=csv.encoding, newline="") as fh:
+        line = fh.readline().lstrip("\ufeff")
+    if len(csv.sep) == 1:
+        names = next(csvlib.reader([line], delimiter=csv.sep), [])
+    else:
+        names = re.split(csv.sep, line.strip())
+    names = [n.strip() for n in names]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataFileError(path, "the header names this column more than once", column=twice[0])
 
 
 def map_columns(raw: pd.DataFrame, mapping: TableMapping) -> pd.DataFrame:
@@ -151,7 +183,36 @@ def map_columns(raw: pd.DataFrame, mapping: TableMapping) -> pd.DataFrame:
     return raw[list(mapping.columns.values())].set_axis(list(mapping.columns), axis=1)
 
 
-def load_table(mapping: TableMapping, now: pd.Timestamp | None = None) -> ValidationResult:
+def load_table(mapping: TableMapping, now: pd.Timestamp | None = None,
+               known_customers: pd.Series | None = None) -> ValidationResult:
     """Read, map and validate one file: the loader's whole job."""
     raw = read_source(mapping.path, mapping.file_format, mapping.csv)
-    return validate_table(map_columns(raw, mapping), mapping.table, now, mapping.parse_options, source=raw)
+    return validate_table(map_columns(raw, mapping), mapping.table, now, mapping.parse_options, source=raw,
+                          known_customers=known_customers, source_file=str(mapping.path))
+
+
+def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
+                known_customers: pd.Series | None = None) -> ValidationResult:
+    """Several files of one table (monthly exports, say), validated as one table so that a row repeated in two
+    files is a duplicate; each quarantined row names its own file and line."""
+    if len(mappings) == 1:
+        return load_table(mappings[0], now, known_customers)
+    if any(m.table != mappings[0].table or m.parse_options != mappings[0].parse_options for m in mappings):
+        raise ConfigError(f"files of one table must share their table and parse options "
+                          f"(timestamp_format, return_prefix, ...): {[str(m.path) for m in mappings]}")
+    raws, mapped, files, rows = [], [], [], []
+    for mapping in mappings:
+        raw = read_source(mapping.path, mapping.file_format, mapping.csv)
+        raws.append(raw)
+        mapped.append(map_columns(raw, mapping))
+        files += [str(mapping.path)] * len(raw)
+        rows += list(raw.index)
+    index = pd.RangeIndex(1, len(files) + 1)
+    source = pd.concat(raws, ignore_index=True).set_axis(index)
+    frame = pd.concat(mapped, ignore_index=True).set_axis(index)
+    result = validate_table(frame, mappings[0].table, now, mappings[0].parse_options, source=source,
+                            known_customers=known_customers)
+    at = result.quarantined[SOURCE_ROW].to_numpy(dtype="int64") - 1
+    result.quarantined[SOURCE_FILE] = pd.Series(files, dtype="string").to_numpy()[at]
+    result.quarantined[SOURCE_ROW] = pd.Series(rows).to_numpy()[at]
+    return result

@@ -5,8 +5,8 @@ Each job reads its inputs, calls the pure cores (:mod:`features.ingest`, :mod:`f
 
 - ``data/<dataset>/{customers,transactions,events}.parquet``: the valid rows (or ``table.parquet`` for a
   labeled table), plus ``ingest_report.json``;
-- ``quarantine/<dataset>/<table>.parquet``: every rejected row as read, with ``_source_row``, ``reason`` and
-  ``detail``;
+- ``quarantine/<dataset>/<table>.parquet``: every rejected row as read, with ``_source_file``, ``_source_row``,
+  ``_reason`` and ``_detail``;
 - ``features/<dataset>/training_frame.parquet``: features and labels per (customer, cutoff), with provenance.
 """
 
@@ -27,7 +27,7 @@ from features.datasets import (DEFAULT_DATA_ROOT, derive_customers, labeled_sour
 from features.definitions import FeatureSpec
 from features.ingest import ValidationResult, validate_table
 from features.labeled import LabeledTableSpec, load_labeled
-from features.loaders import TableMapping, load_table
+from features.loaders import TableMapping, load_tables
 from features.store import FeatureStore, default_cutoffs, write_frame, write_raw
 from features.synthetic import SyntheticData
 from personalize.errors import ConfigError
@@ -122,8 +122,14 @@ def ingest_labeled(settings: Settings, name: str, table) -> IngestReport:
 
 def ingest_synthetic(settings: Settings, dataset: str, data: SyntheticData) -> IngestReport:
     """Store a generated data set through the same contracts as real data, with its ground truth beside it."""
-    results = {t: validate_table(getattr(data, t).set_axis(range(1, len(getattr(data, t)) + 1)), t, None)
-               for t in ("customers", "transactions", "events")}
+    def numbered(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.set_axis(pd.RangeIndex(1, len(frame) + 1))
+
+    customers = validate_table(numbered(data.customers), "customers")
+    known = customers.valid["customer_id"]
+    results = {"customers": customers,
+               **{t: validate_table(numbered(getattr(data, t)), t, known_customers=known)
+                  for t in ("transactions", "events")}}
     report = ingest_raw(settings, dataset, results, None)
     data.truth.to_parquet(settings.dataset_dir(dataset) / "truth.parquet", index=False)
     return report
@@ -171,7 +177,17 @@ def load_ingest_config(path: Path) -> IngestConfig:
 def ingest_config(settings: Settings, config: IngestConfig, now: pd.Timestamp | None) -> IngestReport:
     if config.labeled is not None:
         return ingest_labeled(settings, config.dataset, load_labeled(config.labeled))
-    results = {m.table: load_table(m, now) for m in config.tables}
+    by_table: dict[str, list[TableMapping]] = {}
+    for mapping in config.tables:
+        by_table.setdefault(mapping.table, []).append(mapping)
+    results: dict[str, ValidationResult] = {}
+    known = None
+    if "customers" in by_table:  # first, so that activity of customers nobody knows is caught
+        results["customers"] = load_tables(by_table["customers"], now)
+        known = results["customers"].valid["customer_id"]
+    for table in ("transactions", "events"):
+        if table in by_table:
+            results[table] = load_tables(by_table[table], now, known)
     return ingest_raw(settings, config.dataset, results, now)
 
 

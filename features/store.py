@@ -29,6 +29,10 @@ from features.definitions import KEYS, FeatureSpec, attach, customer_features
 from features.labels import LABEL_COLUMNS, category_label_columns, check_horizon, customer_labels
 from personalize.errors import PersonalizeError
 
+
+class UnknownCustomer(PersonalizeError):
+    """The customer is not in the customers table, or had not signed up yet at the requested time."""
+
 ARROW_SCHEMAS: dict[str, pa.Schema] = {
     "customers": pa.schema([("customer_id", pa.string()), ("signup_at", pa.timestamp("ns")),
                             ("consent", pa.bool_())]),
@@ -67,11 +71,10 @@ def write_raw(dataset_dir: Path, tables: dict[str, pd.DataFrame]) -> dict[str, P
         frame = tables.get(table)
         if frame is None:
             frame = pd.DataFrame(columns=ARROW_SCHEMAS[table].names)
-        order = [c for c in ("customer_id", "timestamp", "signup_at") if c in frame.columns]
-        if len(frame):
-            frame = frame.sort_values(order, kind="stable")
+        arrow = to_arrow(table, frame)
+        order = [(c, "ascending") for c in ("customer_id", "timestamp", "signup_at") if c in arrow.column_names]
         path = dataset_dir / f"{table}.parquet"
-        pq.write_table(to_arrow(table, frame), path, row_group_size=256_000)
+        pq.write_table(arrow.sort_by(order), path, row_group_size=256_000)
         paths[table] = path
     return paths
 
@@ -104,6 +107,17 @@ def read_frame(path: Path) -> pd.DataFrame:
     return frame
 
 
+def definition_fingerprint(spec: FeatureSpec) -> str:
+    """A hash of the compiled feature expression: two frames with the same version but different definitions
+    (a change that forgot to bump the version) still tell apart."""
+    def empty(name: str) -> ir.Table:
+        return ibis.table(ibis.schema({f.name: ibis.dtype(f.type) for f in ARROW_SCHEMAS[name]}), name=name)
+
+    entities = ibis.table(ibis.schema({"customer_id": "string", "cutoff": "timestamp"}), name="entities")
+    expr = customer_features(entities, empty("customers"), empty("transactions"), empty("events"), spec)
+    return hashlib.sha256(str(ibis.to_sql(expr, dialect="duckdb")).encode()).hexdigest()[:16]
+
+
 def default_cutoffs(observed_until: pd.Timestamp, horizon_days: int, count: int, step_days: int) -> list[pd.Timestamp]:
     """``count`` cutoffs at midnight, ``step_days`` apart, the latest one whose horizon ends within the data."""
     last = (observed_until - timedelta(days=horizon_days)).floor("D")
@@ -115,6 +129,9 @@ class FeatureStore:
 
     def __init__(self, dataset_dir: Path, con: ibis.BaseBackend | None = None) -> None:
         self.dataset_dir = Path(dataset_dir)
+        if (self.dataset_dir / "table.parquet").exists():
+            raise PersonalizeError(f"{self.dataset_dir.name} is a labeled table: it is trained on as it is, there "
+                                   "are no transactions to build point-in-time features from")
         missing = [t for t in RAW_TABLES if not (self.dataset_dir / f"{t}.parquet").exists()]
         if missing:
             raise PersonalizeError(
@@ -132,12 +149,16 @@ class FeatureStore:
         return data_fingerprint(self.paths)
 
     def observed_until(self) -> pd.Timestamp:
-        """The end of the observed data: the latest transaction or event time."""
-        ends = [self.transactions.timestamp.max().execute(), self.events.timestamp.max().execute()]
-        ends = [pd.Timestamp(e) for e in ends if e is not None and not pd.isna(e)]
-        if not ends:
-            raise PersonalizeError(f"{self.dataset_dir}: no transactions or events")
-        return max(ends)
+        """How far the labels can see: the latest transaction (labels come from transactions only, so a longer
+        event log must not stretch a horizon over time with no purchase data)."""
+        end = self.transactions.timestamp.max().execute()
+        if end is None or pd.isna(end):
+            raise PersonalizeError(f"{self.dataset_dir}: no transactions")
+        return pd.Timestamp(end)
+
+    def events_until(self) -> pd.Timestamp | None:
+        end = self.events.timestamp.max().execute()
+        return None if end is None or pd.isna(end) else pd.Timestamp(end)
 
     def top_categories(self, before: pd.Timestamp, k: int = 8) -> tuple[str, ...]:
         """The k categories with the most spend before ``before`` (so the choice itself is point-in-time)."""
@@ -160,10 +181,15 @@ class FeatureStore:
         return self.features(self.entities(cutoffs), spec).to_pandas()
 
     def features_for(self, customer_id: str, as_of: pd.Timestamp, spec: FeatureSpec) -> dict[str, Any]:
-        """The online path: one customer's features at ``as_of`` from the same definitions."""
-        entity = ibis.memtable(pd.DataFrame({"customer_id": [str(customer_id)],
-                                             "cutoff": pd.to_datetime([as_of]).astype("datetime64[ns]")}))
+        """The online path: one customer's features at ``as_of`` from the same definitions and the same entity
+        rule as a training frame (a known customer who had signed up before ``as_of``)."""
+        cut = ibis.memtable(pd.DataFrame({"cutoff": pd.to_datetime([as_of]).astype("datetime64[ns]")}))
+        c = self.customers.filter(self.customers.customer_id == str(customer_id))
+        pairs = c.select("customer_id", "signup_at").cross_join(cut)
+        entity = pairs.filter(pairs.signup_at < pairs.cutoff).select(*KEYS)
         row = self.features(entity, spec).to_pandas()
+        if row.empty:
+            raise UnknownCustomer(f"customer {customer_id!r} is not known in {self.dataset_dir.name} before {as_of}")
         return {k: (None if pd.isna(v) else v) for k, v in row.iloc[0].items()}
 
     def training_frame(self, cutoffs: list[pd.Timestamp], horizon_days: int, spec: FeatureSpec,
@@ -188,6 +214,8 @@ class FeatureStore:
             "cutoffs": [str(pd.Timestamp(c)) for c in cutoffs],
             "horizon_days": horizon_days,
             "observed_until": str(observed_until) if observed_until is not None else None,
+            "events_until": str(self.events_until()),
+            "definition_fingerprint": definition_fingerprint(spec),
             "data_fingerprint": self.fingerprint(),
             "dataset": self.dataset_dir.name,
         }

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from features.definitions import FEATURE_VERSION, FeatureSpec, customer_features
-from features.store import ARROW_SCHEMAS, FeatureStore, default_cutoffs, read_frame, write_frame, write_raw
-from personalize.errors import ContractError
+from features.store import (ARROW_SCHEMAS, FeatureStore, UnknownCustomer, default_cutoffs, read_frame, write_frame,
+                            write_raw)
+from personalize.errors import ConfigError, ContractError, PersonalizeError
 
 CUTOFF = pd.Timestamp("2024-03-01")
 SPEC = FeatureSpec(categories=("x", "y"))
@@ -22,9 +23,9 @@ T = pd.Timestamp
 
 def customers() -> pd.DataFrame:
     return pd.DataFrame({
-        "customer_id": ["A", "B", "C", "D"],
-        "signup_at": [T("2024-01-01"), T("2024-01-01"), T("2024-03-02"), T("2024-01-01")],
-        "consent": [True, True, True, False],
+        "customer_id": ["A", "B", "C", "D", "E"],
+        "signup_at": [T("2024-01-01"), T("2024-01-01"), T("2024-03-02"), T("2024-01-01"), T("2024-01-01")],
+        "consent": [True, True, True, False, True],
     })
 
 
@@ -38,6 +39,8 @@ def transactions() -> pd.DataFrame:
         ("A", "o4", "2024-03-05 10:00", 40.0, 2, False, "y"),  # in the horizon
         ("D", "o5", "2024-02-01 00:00", 7.0, 1, False, "x"),
         ("D", "o6", "2024-03-01 00:00", 8.0, 1, False, "x"),  # exactly at the cutoff: a label, not a feature
+        ("E", "o7", "2024-02-11 16:00", 5.0, 1, False, "y"),  # 30 h after E's cart: too late to count as bought
+        ("E", "o8", "2024-03-01 05:00", 5.0, 1, False, "y"),  # after the cutoff, inside E's open cart window
     ]
     frame = pd.DataFrame(rows, columns=["customer_id", "order_id", "timestamp", "amount", "quantity", "is_return",
                                         "category"])
@@ -56,6 +59,8 @@ def events() -> pd.DataFrame:
         ("A", "s2", "2024-02-20 10:00", "add_to_cart", None),  # abandoned
         ("A", "s3", "2024-02-29 20:00", "add_to_cart", None),  # its 24 h run past the cutoff: not counted yet
         ("D", "s4", "2024-02-29 00:00", "add_to_cart", None),  # window closes at the cutoff, bought at the cutoff
+        ("E", "s5", "2024-02-10 10:00", "add_to_cart", None),  # abandoned: the purchase came 30 h later
+        ("E", "s6", "2024-02-29 20:00", "add_to_cart", None),  # window still open at the cutoff: not counted
     ]
     frame = pd.DataFrame(rows, columns=["customer_id", "session_id", "timestamp", "event_type", "duration_s"])
     return frame.assign(timestamp=pd.to_datetime(frame["timestamp"]), item=None, category=None)
@@ -77,7 +82,7 @@ def row(frame: pd.DataFrame, customer: str) -> pd.Series:
 
 
 def test_only_customers_signed_up_before_the_cutoff_are_in_the_frame(frame: pd.DataFrame) -> None:
-    assert frame["customer_id"].tolist() == ["A", "B", "D"]
+    assert frame["customer_id"].tolist() == ["A", "B", "D", "E"]
 
 
 def test_rfm_and_purchase_cycle_match_a_hand_computation(frame: pd.DataFrame) -> None:
@@ -117,8 +122,42 @@ def test_labels_cover_the_horizon_from_the_cutoff_inclusive(frame: pd.DataFrame)
     assert d["recency_days"] == 29 and d["frequency"] == 1  # the order at the cutoff is not a feature ...
     assert d["days_to_next_purchase"] == 0 and d["propensity"] == 1  # ... it is a label
     assert d["cart_adds_28d"] == 0  # its 24 h window ends at the cutoff: the outcome is not known before it
+    e = row(frame, "E")
+    assert (e["cart_adds_28d"], e["cart_abandonments_28d"]) == (1, 1)
     assert b["propensity"] == 0 and pd.isna(b["churn"])  # never bought: nothing to churn from
     assert b["days_to_next_purchase"] == 30 and b["next_purchase_event"] == 0  # censored at H
+
+
+def test_labels_end_where_the_transactions_end_not_the_events(tmp_path: Path) -> None:
+    # given an event log that runs months past the last transaction
+    late = pd.DataFrame({"customer_id": ["A"], "session_id": ["late"], "timestamp": [T("2024-12-31")],
+                         "event_type": ["page_view"], "item": None, "category": None, "duration_s": [1.0]})
+    write_raw(tmp_path / "shop", {"customers": customers(), "transactions": transactions(),
+                                  "events": pd.concat([events(), late])})
+    store = FeatureStore(tmp_path / "shop")
+    # then a horizon is only as long as the purchase data
+    assert store.observed_until() == T("2024-03-05 10:00") and store.events_until() == T("2024-12-31")
+    with pytest.raises(ContractError, match="ends after the data does"):
+        store.training_frame([CUTOFF], horizon_days=30, spec=SPEC)
+
+
+def test_the_online_path_refuses_customers_the_offline_path_would_not_have(store: FeatureStore) -> None:
+    with pytest.raises(UnknownCustomer, match="'NOPE'"):
+        store.features_for("NOPE", CUTOFF, SPEC)
+    with pytest.raises(UnknownCustomer, match="'C'"):  # signs up the day after
+        store.features_for("C", CUTOFF, SPEC)
+
+
+def test_categories_that_would_share_a_column_name_are_refused() -> None:
+    with pytest.raises(ConfigError, match="cat_share_home_garden"):
+        FeatureSpec(categories=("Home & Garden", "home-garden"))
+
+
+def test_a_labeled_table_is_not_a_feature_source(tmp_path: Path) -> None:
+    (tmp_path / "telco").mkdir()
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "telco" / "table.parquet")
+    with pytest.raises(PersonalizeError, match="is a labeled table"):
+        FeatureStore(tmp_path / "telco")
 
 
 def test_a_horizon_past_the_data_is_refused(store: FeatureStore) -> None:
@@ -131,7 +170,9 @@ def test_the_version_and_provenance_travel_with_the_frame(frame: pd.DataFrame, t
     back = read_frame(path)
     assert back.attrs["feature_version"] == FEATURE_VERSION
     assert back.attrs["cutoffs"] == [str(CUTOFF)] and back.attrs["horizon_days"] == 30
-    assert len(back.attrs["data_fingerprint"]) == 16
+    assert len(back.attrs["data_fingerprint"]) == 16 and len(back.attrs["definition_fingerprint"]) == 16
+    assert back.attrs["definition_fingerprint"] != __import__("features.store").store.definition_fingerprint(
+        FeatureSpec(categories=("x",)))
     assert back.attrs["feature_columns"] == SPEC.columns
     pd.testing.assert_frame_equal(back, frame, check_like=False)
 
@@ -150,7 +191,8 @@ def test_default_cutoffs_end_where_the_last_full_horizon_does() -> None:
 
 
 # --- the point-in-time law -------------------------------------------------------------------------------------
-HOURS = st.integers(min_value=-24 * 40, max_value=24 * 40)  # around the cutoff
+# around the cutoff: mostly within two days of it, where windows (24 h carts, 30-day spend) straddle it
+HOURS = st.one_of(st.integers(min_value=-48, max_value=48), st.integers(min_value=-24 * 40, max_value=24 * 40))
 
 
 def _tx(hours: list[int], amounts: list[float], who: list[int]) -> pd.DataFrame:

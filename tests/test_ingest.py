@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.ingest import SOURCE_ROW, ParseOptions, validate_table
+from features.ingest import DETAIL, REASON, SOURCE_ROW, ParseOptions, validate_table
+from personalize.errors import ContractError
 
 NOW = pd.Timestamp("2025-01-01")
 
@@ -33,6 +34,8 @@ def tx(**overrides) -> dict:
         (tx(timestamp="2031-01-01 00:00:00"), "future_timestamp"),
         (tx(quantity="-3", amount="-10"), "negative_amount_not_return"),
         (tx(quantity="-3"), "negative_quantity_not_return"),
+        (tx(quantity="0"), "zero_quantity"),
+        (tx(timestamp="03/04/2024 10:00"), "unparseable_timestamp"),  # day or month first? never guessed
         (tx(quantity="two"), "unparseable_quantity"),
         (tx(quantity="1.5"), "non_integer_quantity"),
         (tx(amount="abc"), "unparseable_amount"),
@@ -47,7 +50,7 @@ def test_a_bad_transaction_is_quarantined_with_its_reason(row: dict, reason: str
     # then the bad row, and only it, is quarantined for that reason
     assert list(result.valid["order_id"]) == ["ok"]
     assert len(result.quarantined) == 1
-    assert reason in result.quarantined.loc[0, "detail"].split("; ")
+    assert reason in result.quarantined.loc[0, DETAIL].split("; ")
     assert result.quarantined.loc[0, SOURCE_ROW] == 2
 
 
@@ -58,10 +61,45 @@ def test_returns_are_valid_when_flagged_by_prefix() -> None:
     assert list(result.valid["is_return"]) == [True, False]
 
 
-def test_a_negative_quantity_without_the_return_flag_is_quarantined() -> None:
-    rows = frame([tx(order_id="100", quantity="-1", amount="-5")])
+def test_signs_must_match_the_return_flag() -> None:
+    rows = frame([tx(order_id="100", quantity="-1", amount="-5"), tx(order_id="C1", quantity="2", amount="5")])
     result = validate_table(rows, "transactions", NOW, ParseOptions(return_prefix="C"))
-    assert result.quarantined.loc[0, "reason"] in {"negative_quantity_not_return", "negative_amount_not_return"}
+    details = [set(d.split("; ")) for d in result.quarantined[DETAIL]]
+    assert details == [{"negative_quantity_not_return", "negative_amount_not_return"},
+                       {"positive_quantity_on_return", "positive_amount_on_return"}]
+
+
+def test_an_explicit_timestamp_format_reads_day_first_dates() -> None:
+    rows = frame([tx(timestamp="03/04/2024 10:00"), tx(order_id="o2", timestamp="13/04/2024 10:00")])
+    result = validate_table(rows, "transactions", NOW, ParseOptions(timestamp_format="%d/%m/%Y %H:%M"))
+    assert result.valid["timestamp"].tolist() == [pd.Timestamp("2024-04-03 10:00"), pd.Timestamp("2024-04-13 10:00")]
+
+
+def test_integer_ids_read_as_floats_stay_integers() -> None:
+    # a Parquet integer column with a null arrives in pandas as float64: 1.0 must still mean customer "1"
+    rows = frame([tx(), tx(order_id="o2")]).assign(customer_id=[1.0, None])
+    result = validate_table(rows, "transactions", NOW)
+    assert result.valid["customer_id"].tolist() == ["1"]
+    assert result.quarantined.loc[0, REASON] == "missing_customer_id"
+
+
+def test_activity_of_an_unknown_customer_is_quarantined() -> None:
+    rows = frame([tx(customer_id="c1"), tx(customer_id="ghost", order_id="o2")])
+    result = validate_table(rows, "transactions", NOW, known_customers=pd.Series(["c1", "c2"]))
+    assert result.valid["customer_id"].tolist() == ["c1"] and result.reasons == {"unknown_customer": 1}
+
+
+def test_quarantine_keeps_nulls_and_refuses_to_overwrite_a_source_column() -> None:
+    rows = frame([tx(customer_id=None, category=None)])
+    result = validate_table(rows, "transactions", NOW)
+    assert pd.isna(result.quarantined.loc[0, "customer_id"]) and pd.isna(result.quarantined.loc[0, "category"])
+    with pytest.raises(ContractError, match="'_reason'"):
+        validate_table(rows, "transactions", NOW, source=rows.assign(_reason="damaged"))
+
+
+def test_a_non_unique_row_index_is_refused() -> None:
+    with pytest.raises(ContractError, match="unique"):
+        validate_table(pd.DataFrame([tx(), tx()], index=[1, 1]), "transactions", NOW)
 
 
 def test_duplicates_keep_the_first_occurrence() -> None:
@@ -69,7 +107,7 @@ def test_duplicates_keep_the_first_occurrence() -> None:
     result = validate_table(rows, "transactions", NOW)
     assert list(result.valid.index) == [1, 3]
     assert list(result.quarantined[SOURCE_ROW]) == [2, 4]
-    assert set(result.quarantined["reason"]) == {"duplicate"}
+    assert set(result.quarantined[REASON]) == {"duplicate"}
 
 
 def test_amount_is_quantity_times_unit_price_when_only_the_price_is_mapped() -> None:
@@ -95,7 +133,7 @@ def test_customers_are_unique_and_blank_consent_means_no_consent() -> None:
     result = validate_table(rows, "customers", NOW)
     assert result.valid["consent"].tolist() == [True, False]
     assert result.valid["country"].tolist()[0] == "FR"
-    assert dict(zip(result.quarantined[SOURCE_ROW], result.quarantined["reason"])) == {
+    assert dict(zip(result.quarantined[SOURCE_ROW], result.quarantined[REASON])) == {
         3: "duplicate", 4: "unparseable_consent"}
 
 
@@ -108,7 +146,7 @@ def test_unknown_event_types_and_negative_durations_are_quarantined() -> None:
     ])
     result = validate_table(rows, "events", NOW)
     assert result.valid["event_type"].tolist() == ["page_view"]
-    assert sorted(result.quarantined["reason"]) == ["negative_duration", "unknown_event_type"]
+    assert sorted(result.quarantined[REASON]) == ["negative_duration", "unknown_event_type"]
 
 
 MESSY = st.fixed_dictionaries({

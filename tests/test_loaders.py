@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from features.ingest import REASON, SOURCE_FILE, SOURCE_ROW
 from features.labeled import LABEL, LabeledTableSpec, load_labeled
-from features.loaders import CsvOptions, TableMapping, load_table
+from features.loaders import CsvOptions, TableMapping, load_table, load_tables
 from personalize.errors import DataFileError
 
 ORDERS_CSV = """cust,invoice,when,qty,price,sku
@@ -35,6 +36,55 @@ def test_csv_and_parquet_give_the_same_valid_rows(tmp_path: Path) -> None:
     assert from_csv.valid["amount"].tolist() == [7.0, 10.0, -3.5]
     assert from_csv.valid["is_return"].tolist() == [False, False, True]
     assert from_csv.reasons == {"missing_customer_id": 1}
+
+
+def test_typed_parquet_with_null_integer_ids_matches_csv(tmp_path: Path) -> None:
+    typed = pd.DataFrame({"cust": [1, 1, None], "invoice": ["A1", "A2", "A3"],
+                          "when": pd.to_datetime(["2024-01-02", "2024-01-05", "2024-01-06"]),
+                          "qty": [2, 1, 1], "price": [3.5, 10.0, 10.0], "sku": ["X", "Y", "Y"]})
+    typed.to_parquet(tmp_path / "orders.parquet")  # pyarrow: int column with a null -> float64 in pandas
+    result = load_table(mapping(tmp_path / "orders.parquet"))
+    assert result.valid["customer_id"].tolist() == ["1", "1"] and result.reasons == {"missing_customer_id": 1}
+
+
+def test_several_files_of_one_table_are_one_table(tmp_path: Path) -> None:
+    (tmp_path / "jan.csv").write_text(ORDERS_CSV)
+    (tmp_path / "feb.csv").write_text("cust,invoice,when,qty,price,sku\n"
+                                      "1,A1,2024-01-02 10:00:00,2,3.50,X\n3,B1,2024-02-02 10:00:00,1,1,Z\n")
+    result = load_tables([mapping(tmp_path / "jan.csv"), mapping(tmp_path / "feb.csv")])
+    assert result.rows_in == 6 and len(result.valid) == 4
+    quarantine = result.quarantined.sort_values(REASON)
+    assert quarantine[REASON].tolist() == ["duplicate", "missing_customer_id"]  # A1 repeats across the files
+    assert quarantine[SOURCE_FILE].tolist() == [str(tmp_path / "feb.csv"), str(tmp_path / "jan.csv")]
+    assert quarantine[SOURCE_ROW].tolist() == [1, 3]
+
+
+def test_a_trailing_separator_is_read_without_shifting_columns(tmp_path: Path) -> None:
+    csv = tmp_path / "orders.csv"
+    csv.write_text("".join(line + ",\n" if i else line + "\n" for i, line in enumerate(ORDERS_CSV.splitlines())))
+    result = load_table(mapping(csv))
+    assert result.valid["customer_id"].tolist() == ["1", "1", "2"] and result.reasons == {"missing_customer_id": 1}
+
+
+def test_rows_with_more_values_than_the_header_are_a_clear_error(tmp_path: Path) -> None:
+    csv = tmp_path / "orders.csv"
+    csv.write_text("".join(line + ",extra\n" if i else line + "\n" for i, line in enumerate(ORDERS_CSV.splitlines())))
+    with pytest.raises(DataFileError, match="more fields than the header"):
+        load_table(mapping(csv))
+
+
+@pytest.mark.parametrize("header", ["cust,invoice,when,qty,price,cust", "cust,invoice,when,qty,price,cust "])
+def test_a_header_naming_a_column_twice_is_a_clear_error(tmp_path: Path, header: str) -> None:
+    csv = tmp_path / "orders.csv"
+    csv.write_text(header + "\n1,A1,2024-01-02 10:00:00,2,3.50,X\n")
+    with pytest.raises(DataFileError, match="more than once") as err:
+        load_table(mapping(csv))
+    assert err.value.column == "cust"
+
+
+def test_a_source_column_mapped_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="more than one contract column"):
+        TableMapping(table="transactions", path=Path("x.csv"), columns={**MAPPING, "order_id": "cust"})
 
 
 def test_a_missing_mapped_column_names_the_file_and_the_column(tmp_path: Path) -> None:
