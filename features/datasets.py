@@ -126,10 +126,11 @@ def labeled_sources(root: Path = DEFAULT_DATA_ROOT) -> dict[str, tuple[LabeledTa
 
 def load_transactions(source: TransactionSource, now: pd.Timestamp | None) -> tuple[ValidationResult, pd.DataFrame]:
     """Validated transactions plus, per customer, the attributes named by the source (latest value)."""
-    raw = source.prepare(read_source(source.mapping.path, source.mapping.file_format, source.mapping.csv))
+    raw, unreadable = read_source(source.mapping.path, source.mapping.file_format, source.mapping.csv)
+    raw = source.prepare(raw)
     result = validate_table(map_columns(raw, source.mapping), "transactions", now, source.mapping.parse_options,
                             source=raw.drop(columns=[c for c in raw.columns if c.startswith("_")]),
-                            source_file=str(source.mapping.path))
+                            source_file=str(source.mapping.path)).with_unreadable(unreadable)
     attributes = pd.DataFrame(index=pd.Index([], name="customer_id"))
     if source.attributes:
         valid = result.valid

@@ -31,7 +31,8 @@ SOURCE_ROW = "_source_row"
 REASON = "_reason"
 DETAIL = "_detail"
 SOURCE_FILE = "_source_file"
-BOOKKEEPING = (SOURCE_FILE, SOURCE_ROW, REASON, DETAIL)
+RAW_LINE = "_raw_line"  # the text of a line that could not be split into the file's columns
+BOOKKEEPING = (SOURCE_FILE, SOURCE_ROW, RAW_LINE, REASON, DETAIL)
 _TRUE = {"true", "t", "yes", "y", "1", "1.0"}
 _FALSE = {"false", "f", "no", "n", "0", "0.0", ""}
 
@@ -63,6 +64,13 @@ class ValidationResult:
         """Several files of one table as one result (each quarantined row keeps its file and row)."""
         return cls(results[0].table, pd.concat([r.valid for r in results], ignore_index=True),
                    pd.concat([r.quarantined for r in results], ignore_index=True), sum(r.rows_in for r in results))
+
+    def with_unreadable(self, unreadable: pd.DataFrame) -> ValidationResult:
+        """Add rows the reader could not split into columns (they were never in ``valid`` nor the input frame)."""
+        if unreadable.empty:
+            return self
+        quarantined = pd.concat([self.quarantined, unreadable], ignore_index=True)
+        return ValidationResult(self.table, self.valid, quarantined, self.rows_in + len(unreadable))
 
     @property
     def reasons(self) -> dict[str, int]:

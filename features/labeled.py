@@ -111,7 +111,7 @@ def infer_types(frame: pd.DataFrame, skip: set[str]) -> tuple[pd.DataFrame, list
 
 
 def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = None) -> LabeledTable:
-    raw = read_source(spec.path, spec.file_format, spec.csv)
+    raw, unreadable = read_source(spec.path, spec.file_format, spec.csv)
     for column in [spec.label_column, spec.id_column, spec.time_column, *spec.drop_columns]:
         if column and column not in raw.columns:
             raise DataFileError(spec.path, f"configured column is missing; the file has {list(raw.columns)}",
@@ -153,5 +153,5 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
                                     column=str(first["column"])) from None
     typed[LABEL] = (label_text == spec.positive.strip().lower()).astype("int64")
     result = ValidationResult("labeled", typed.drop(index=reasons.rows), reasons.quarantine(raw, str(spec.path)),
-                              len(raw))
+                              len(raw)).with_unreadable(unreadable)
     return LabeledTable(spec, result, numeric, categorical, boolean)

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
-from features.ingest import SOURCE_FILE, SOURCE_ROW, ParseOptions, ValidationResult, validate_table
+from features.ingest import (DETAIL, RAW_LINE, REASON, SOURCE_FILE, SOURCE_ROW, ParseOptions, ValidationResult,
+                             validate_table)
 from personalize.errors import ConfigError, DataFileError
 
 TableName = Literal["customers", "transactions", "events"]
@@ -97,10 +98,15 @@ class TableMapping(BaseModel):
         )
 
 
-def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = None) -> pd.DataFrame:
+def read_source(path: Path, file_format: str = "csv",
+                csv: CsvOptions | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read a file as it is: CSV values stay text, so that a bad value is quarantined rather than guessed.
 
-    The index is the row's 1-based position among the data rows (what quarantine reports as ``_source_row``).
+    Returns the rows and the *unreadable* rows: CSV lines with more fields than the header, which no column
+    mapping can place. Those are quarantined with their raw text as ``wrong_field_count`` (see
+    :meth:`ValidationResult.with_unreadable`). The index of the rows is each row's 1-based position among the
+    file's data rows, what quarantine reports as ``_source_row``. (A quoted field spanning lines shifts the line
+    numbers pandas reports; such files should be read as Parquet.)
     """
     csv = csv or CsvOptions()
     path = Path(path)
@@ -110,6 +116,7 @@ def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = N
         raise DataFileError(path, "is a directory, expected a file")
     if path.stat().st_size == 0:
         raise DataFileError(path, "the file is empty")
+    skipped: list[tuple[int, str]] = []
     if file_format == "parquet":
         try:
             frame = pq.read_table(path).to_pandas()
@@ -119,8 +126,8 @@ def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = N
         try:
             if csv.header:
                 _check_header(path, csv)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", pd.errors.ParserWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", pd.errors.ParserWarning)
                 frame = pd.read_csv(
                     path,
                     sep=csv.sep,
@@ -130,11 +137,15 @@ def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = N
                     dtype=str,
                     keep_default_na=False,
                     index_col=False,  # never take a column as the index, even when rows are wider than the header
+                    on_bad_lines="warn",  # a line with too many fields is skipped with a warning naming it
                     engine="python" if len(csv.sep) > 1 else "c",
                 )
-        except pd.errors.ParserWarning:
-            raise DataFileError(path, "rows have more fields than the header; fix the header or the separator"
-                                ) from None
+            for warning in caught:
+                for match in _SKIPPED.finditer(str(warning.message)):
+                    skipped.append((int(match.group(1)), match.group(0)))
+                if "Length of header or names does not match" in str(warning.message):
+                    raise DataFileError(path, "rows have more fields than the header; fix the header or the "
+                                              "separator")
         except UnicodeDecodeError as exc:
             raise DataFileError(
                 path, f"is not {csv.encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
@@ -143,12 +154,38 @@ def read_source(path: Path, file_format: str = "csv", csv: CsvOptions | None = N
             raise DataFileError(path, "the file has no columns (empty or only blank lines)") from None
         except pd.errors.ParserError as exc:
             raise DataFileError(path, f"is not valid CSV with separator {csv.sep!r}: {exc}") from None
+    if frame.empty and skipped:
+        raise DataFileError(path, "every row has more fields than the header; fix the header or the separator")
     if frame.empty:
         raise DataFileError(path, "the file has a header but no rows")
     frame.columns = [str(c).strip() for c in frame.columns]
-    frame.index = pd.RangeIndex(1, len(frame) + 1)
-    return frame
+    offset = 1 if csv.header and file_format != "parquet" else 0
+    bad_rows = {line - offset for line, _ in skipped}
+    total = len(frame) + len(bad_rows)
+    frame.index = pd.Index([r for r in range(1, total + 1) if r not in bad_rows], dtype="int64")
+    return frame, _unreadable(path, csv, skipped, offset)
 
+
+_SKIPPED = re.compile(r"Skipping line (\d+): expected \d+ fields?, saw \d+")
+
+
+def _unreadable(path: Path, csv: CsvOptions, skipped: list[tuple[int, str]], offset: int) -> pd.DataFrame:
+    """The skipped lines, with their raw text, in quarantine's layout."""
+    columns = [SOURCE_FILE, SOURCE_ROW, RAW_LINE, REASON, DETAIL]
+    if not skipped:
+        return pd.DataFrame(columns=columns)
+    import gzip
+
+    wanted = dict(skipped)
+    text: dict[int, str] = {}
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding=csv.encoding, newline="") as fh:
+        for number, line in enumerate(fh, start=1):
+            if number in wanted:
+                text[number] = line.rstrip("\r\n")
+    rows = [(str(path), line - offset, text.get(line), "wrong_field_count", message)
+            for line, message in sorted(wanted.items())]
+    return pd.DataFrame(rows, columns=columns).astype({SOURCE_FILE: "string", RAW_LINE: "string"})
 
 def _check_header(path: Path, csv: CsvOptions) -> None:
     """Duplicate column names (pandas would silently rename the second to ``name.1``) are an error."""
@@ -186,9 +223,10 @@ def map_columns(raw: pd.DataFrame, mapping: TableMapping) -> pd.DataFrame:
 def load_table(mapping: TableMapping, now: pd.Timestamp | None = None,
                known_customers: pd.Series | None = None) -> ValidationResult:
     """Read, map and validate one file: the loader's whole job."""
-    raw = read_source(mapping.path, mapping.file_format, mapping.csv)
-    return validate_table(map_columns(raw, mapping), mapping.table, now, mapping.parse_options, source=raw,
-                          known_customers=known_customers, source_file=str(mapping.path))
+    raw, unreadable = read_source(mapping.path, mapping.file_format, mapping.csv)
+    result = validate_table(map_columns(raw, mapping), mapping.table, now, mapping.parse_options, source=raw,
+                            known_customers=known_customers, source_file=str(mapping.path))
+    return result.with_unreadable(unreadable)
 
 
 def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
@@ -200,9 +238,10 @@ def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
     if any(m.table != mappings[0].table or m.parse_options != mappings[0].parse_options for m in mappings):
         raise ConfigError(f"files of one table must share their table and parse options "
                           f"(timestamp_format, return_prefix, ...): {[str(m.path) for m in mappings]}")
-    raws, mapped, files, rows = [], [], [], []
+    raws, mapped, files, rows, unreadable = [], [], [], [], []
     for mapping in mappings:
-        raw = read_source(mapping.path, mapping.file_format, mapping.csv)
+        raw, bad = read_source(mapping.path, mapping.file_format, mapping.csv)
+        unreadable.append(bad)
         raws.append(raw)
         mapped.append(map_columns(raw, mapping))
         files += [str(mapping.path)] * len(raw)
@@ -215,4 +254,4 @@ def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
     at = result.quarantined[SOURCE_ROW].to_numpy(dtype="int64") - 1
     result.quarantined[SOURCE_FILE] = pd.Series(files, dtype="string").to_numpy()[at]
     result.quarantined[SOURCE_ROW] = pd.Series(rows).to_numpy()[at]
-    return result
+    return result.with_unreadable(pd.concat(unreadable, ignore_index=True))

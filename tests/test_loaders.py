@@ -66,6 +66,19 @@ def test_a_trailing_separator_is_read_without_shifting_columns(tmp_path: Path) -
     assert result.valid["customer_id"].tolist() == ["1", "1", "2"] and result.reasons == {"missing_customer_id": 1}
 
 
+def test_a_row_with_too_many_fields_is_quarantined_with_its_raw_text(tmp_path: Path) -> None:
+    csv = tmp_path / "orders.csv"
+    lines = ORDERS_CSV.splitlines()
+    lines[2] += ",surprise"  # the second data row
+    csv.write_text("\n".join(lines) + "\n")
+    result = load_table(mapping(csv))
+    assert result.rows_in == 4 and len(result.valid) + len(result.quarantined) == 4
+    assert result.valid["order_id"].tolist() == ["A1", "CA4"]  # the rows around it keep their values
+    bad = result.quarantined.set_index(SOURCE_ROW)
+    assert bad.loc[2, REASON] == "wrong_field_count" and bad.loc[2, "_raw_line"].endswith(",surprise")
+    assert bad.loc[3, REASON] == "missing_customer_id"  # row numbers are the file's, not shifted
+
+
 def test_rows_with_more_values_than_the_header_are_a_clear_error(tmp_path: Path) -> None:
     csv = tmp_path / "orders.csv"
     csv.write_text("".join(line + ",extra\n" if i else line + "\n" for i, line in enumerate(ORDERS_CSV.splitlines())))
