@@ -1,0 +1,1 @@
+"""Training: evaluation and decision thresholds today; tuning, training, registry and promotion to come."""
