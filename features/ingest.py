@@ -59,12 +59,6 @@ class ValidationResult:
             raise AssertionError(f"{self.table}: {self.rows_in} rows in, but {len(self.valid)} valid + "
                                  f"{len(self.quarantined)} quarantined")
 
-    @classmethod
-    def combine(cls, results: list[ValidationResult]) -> ValidationResult:
-        """Several files of one table as one result (each quarantined row keeps its file and row)."""
-        return cls(results[0].table, pd.concat([r.valid for r in results], ignore_index=True),
-                   pd.concat([r.quarantined for r in results], ignore_index=True), sum(r.rows_in for r in results))
-
     def with_unreadable(self, unreadable: pd.DataFrame) -> ValidationResult:
         """Add rows the reader could not split into columns (they were never in ``valid`` nor the input frame)."""
         if unreadable.empty:

@@ -26,7 +26,7 @@ from features.datasets import (DEFAULT_DATA_ROOT, derive_customers, labeled_sour
                                load_transactions, transaction_sources)
 from features.definitions import FeatureSpec
 from features.ingest import ValidationResult, validate_table
-from features.labeled import LabeledTableSpec, load_labeled
+from features.labeled import LabeledTable, LabeledTableSpec, load_labeled
 from features.loaders import TableMapping, load_tables
 from features.store import FeatureStore, default_cutoffs, write_frame, write_raw
 from features.synthetic import SyntheticData
@@ -110,7 +110,7 @@ def builtin_names() -> list[str]:
     return [*transaction_sources(DEFAULT_DATA_ROOT), *labeled_sources(DEFAULT_DATA_ROOT)]
 
 
-def ingest_labeled(settings: Settings, name: str, table) -> IngestReport:
+def ingest_labeled(settings: Settings, name: str, table: LabeledTable) -> IngestReport:
     out = settings.dataset_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     table.frame.to_parquet(out / "table.parquet", index=False)

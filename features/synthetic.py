@@ -468,7 +468,6 @@ def _draw_purchases(
     )
     order = np.argsort(time_s, kind="stable")
     customer, time_s = customer[order], time_s[order]
-    del order
     drifted = time_s >= drift_s
 
     cum_affinity_t = np.ascontiguousarray(np.cumsum(pop.affinity, axis=1).T)
@@ -515,7 +514,6 @@ def _transactions_frame(
     item = both(purchases.item, 1)
     quantity = both(purchases.quantity, -1)
     amount = both(purchases.amount, -1)
-    del order
 
     prefixes = _object_take(("o", "r"), is_return.view(np.int8))
     order_id = _ids(prefixes, order_number, _id_width(9, n_purchases))

@@ -74,7 +74,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _now():
+def _now() -> "pd.Timestamp":  # noqa: F821  pandas is imported lazily to keep --help fast
+    """The ingestion clock (naive UTC): a timestamp after it is a future timestamp."""
     import pandas as pd
 
     return pd.Timestamp.now(tz="UTC").tz_localize(None)
