@@ -209,6 +209,64 @@ def features_get(
     console.print_json(json.dumps(values, default=str))
 
 
+# --- tune ------------------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def tune(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="An ingested labeled table (e.g. telco_churn).")],
+    trials: Annotated[int | None, typer.Option(min=1, help="Trials to run (with --timeout: whichever ends first).")] = 30,
+    timeout: Annotated[float | None, typer.Option(min=1, help="Wall-time budget in seconds.")] = None,
+    family: Annotated[list[str] | None, typer.Option(help="Model families: lightgbm, xgboost (default both).")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name: processes giving the same name share the study.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler, the split and the boosters.")] = 42,
+    valid_fraction: Annotated[float, typer.Option(min=0.05, max=0.5, help="Share held out for validation.")] = 0.2,
+) -> None:
+    """Tune LightGBM/XGBoost on a labeled table with Optuna (pruning, early stopping, persistent study)."""
+    import json as _json
+
+    import pandas as pd
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from training.tune import TuneConfig, model_matrix, stratified_split, tune as run_tune
+
+    settings: Settings = ctx.obj
+    folder = settings.dataset_dir(dataset)
+    if not (folder / "table.parquet").exists():
+        raise PersonalizeError(f"{dataset}: no labeled table; ingest one first (`personalize ingest`), "
+                               "transaction data sets train from their training frame")
+    report = _json.loads((folder / "ingest_report.json").read_text())
+    frame = pd.read_parquet(folder / "table.parquet")
+    x, _ = model_matrix(frame, report["numeric"], report["categorical"], report["boolean"])
+    split = stratified_split(x, frame["label"].to_numpy(), valid_fraction, seed)
+    try:
+        config = TuneConfig(trials=trials, timeout_s=timeout, seed=seed,
+                            **({"families": tuple(family)} if family else {}))
+    except ValueError as exc:
+        raise PersonalizeError(str(exc).splitlines()[-1]) from None
+    name = study or f"{dataset}-seed{seed}"
+    storage = settings.optuna_storage_url
+    settings.home.mkdir(parents=True, exist_ok=True)
+    progress = Progress(TextColumn("trial {task.completed}/{task.total}"), BarColumn(),
+                        TextColumn("best valid AUC {task.fields[best]}"), TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task("tune", total=trials, best="-")
+
+        def on_trial(st, trial) -> None:
+            best = f"{st.best_value:.4f}" if any(t.value is not None for t in st.trials) else "-"
+            progress.update(task, advance=1, best=best)
+
+        result = run_tune(split, config, storage, name, on_trial)
+    table = Table(title=f"study {name}")
+    for col in ("best family", "valid ROC-AUC", "baseline ROC-AUC", "boosting rounds", "trials (pruned)"):
+        table.add_column(col, justify="right")
+    pruned = sum(t.state.name == "PRUNED" for t in result.study.trials)
+    table.add_row(result.family, f"{result.valid_auc:.4f}", f"{result.baseline_auc:.4f}", str(result.rounds),
+                  f"{len(result.study.trials)} ({pruned})")
+    console.print(table)
+    console.print(f"study stored in {storage}")
+
+
 # --- demo ------------------------------------------------------------------------------------------------------
 @app.command()
 @user_errors

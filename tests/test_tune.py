@@ -1,0 +1,86 @@
+"""Tuning: reproducible, pruned, resumable by name, better than the prior, clear about bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from personalize.cli import app
+from personalize.errors import PersonalizeError
+from training.tune import TuneConfig, model_matrix, stratified_split, tune
+
+
+def labeled(n: int = 800, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    plan = rng.choice(["basic", "plus", "pro"], n)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    logit = 1.5 * x1 - 0.5 * x2 + np.select([plan == "pro", plan == "plus"], [1.0, 0.3], -0.8) - 1.0
+    return pd.DataFrame({"x1": x1, "x2": x2, "plan": plan, "active": rng.random(n) < 0.5,
+                         "label": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)})
+
+
+def split_of(frame: pd.DataFrame, seed: int = 42):
+    x, _ = model_matrix(frame, ["x1", "x2"], ["plan"], ["active"])
+    return stratified_split(x, frame["label"].to_numpy(), 0.25, seed)
+
+
+FAST = dict(trials=6, max_rounds=200, early_stopping_rounds=20)
+
+
+def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
+    split, storage = split_of(labeled()), f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = tune(split, TuneConfig(**FAST), storage, "a")
+    second = tune(split, TuneConfig(**FAST), storage, "b")
+    assert first.params == second.params and first.valid_auc == second.valid_auc
+    assert [t.params for t in first.study.trials] == [t.params for t in second.study.trials]
+
+
+@pytest.mark.parametrize("family", ["lightgbm", "xgboost"])
+def test_each_family_reports_every_round_to_the_pruner_and_beats_the_prior(tmp_path: Path, family: str) -> None:
+    result = tune(split_of(labeled()), TuneConfig(families=(family,), **FAST), f"sqlite:///{tmp_path / 'o.db'}",
+                  "s")
+    assert result.family == family
+    assert all(len(t.intermediate_values) > 0 for t in result.study.trials)
+    assert result.baseline_auc == 0.5 and result.valid_auc > 0.75
+
+
+def test_a_study_is_joined_by_name_across_runs(tmp_path: Path) -> None:
+    split, storage = split_of(labeled()), f"sqlite:///{tmp_path / 'optuna.db'}"
+    tune(split, TuneConfig(**FAST), storage, "shared")
+    tune(split, TuneConfig(**{**FAST, "seed": 7}), storage, "shared")  # another worker, its own seed
+    assert len(optuna.load_study(study_name="shared", storage=storage).trials) == 12
+
+
+def test_a_category_unseen_in_training_becomes_missing() -> None:
+    train, vocabulary = model_matrix(pd.DataFrame({"plan": ["a", "b"]}), [], ["plan"], [])
+    later, _ = model_matrix(pd.DataFrame({"plan": ["b", "zzz"]}), [], ["plan"], [], vocabulary)
+    assert list(later["plan"].cat.categories) == ["a", "b"] and later["plan"].isna().tolist() == [False, True]
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    frame = labeled(200)
+    x, _ = model_matrix(frame, ["x1"], [], [])
+    with pytest.raises(PersonalizeError, match="one class"):
+        stratified_split(x, np.zeros(len(x), dtype=int), 0.2, 0)
+    with pytest.raises(PersonalizeError, match="too few rows"):
+        stratified_split(x.head(10), frame["label"].head(10).to_numpy(), 0.2, 0)
+    with pytest.raises(ValueError, match="budget"):
+        TuneConfig(trials=None, timeout_s=None)
+
+
+def test_tune_from_the_command_line(tmp_path: Path) -> None:
+    labeled(400).to_csv(tmp_path / "churn.csv", index=False)
+    (tmp_path / "churn.yaml").write_text(
+        "dataset: mine\nlabeled: {path: churn.csv, label_column: label, positive: '1'}\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["ingest", str(tmp_path / "churn.yaml")]).exit_code == 0
+    result = runner.invoke(app, ["tune", "mine", "--trials", "3", "--family", "lightgbm"])
+    assert result.exit_code == 0, result.output
+    assert "lightgbm" in result.output and "valid ROC-AUC" in result.output
+    wrong = runner.invoke(app, ["tune", "nothing-here"])
+    assert wrong.exit_code == 2 and "no labeled table" in wrong.output
