@@ -222,13 +222,15 @@ def tune(
     seed: Annotated[int, typer.Option(help="Seed of the sampler, the split and the boosters.")] = 42,
     valid_fraction: Annotated[float, typer.Option(min=0.05, max=0.5, help="Share held out for validation.")] = 0.2,
 ) -> None:
-    """Tune LightGBM/XGBoost on a labeled table with Optuna (pruning, early stopping, persistent study)."""
+    """Tune LightGBM/XGBoost on a labeled table with Optuna (pruning, early stopping, persistent study), tracked in
+    MLflow as one parent run with a baseline and a nested run per trial."""
     import json as _json
 
     import pandas as pd
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from training.tune import TuneConfig, model_matrix, stratified_split, tune as run_tune
+    from training.tracking import tracked_tune
+    from training.tune import TuneConfig, model_matrix, stratified_split
 
     settings: Settings = ctx.obj
     folder = settings.dataset_dir(dataset)
@@ -256,7 +258,8 @@ def tune(
             best = f"{st.best_value:.4f}" if any(t.value is not None for t in st.trials) else "-"
             progress.update(task, advance=1, best=best)
 
-        result = run_tune(split, config, storage, name, on_trial)
+        result, run_id = tracked_tune(split, config, storage, name, settings.tracking_uri, f"tune-{dataset}",
+                                      settings.artifact_root, on_trial, tags={"dataset": dataset})
     table = Table(title=f"study {name}")
     for col in ("best family", "valid ROC-AUC", "baseline ROC-AUC", "boosting rounds", "trials (pruned)"):
         table.add_column(col, justify="right")
@@ -264,7 +267,8 @@ def tune(
     table.add_row(result.family, f"{result.valid_auc:.4f}", f"{result.baseline_auc:.4f}", str(result.rounds),
                   f"{len(result.study.trials)} ({pruned})")
     console.print(table)
-    console.print(f"study stored in {storage}")
+    console.print(f"study stored in {storage}; MLflow parent run {run_id} in {settings.tracking_uri} "
+                  f"(experiment tune-{dataset})", highlight=False, soft_wrap=True)
 
 
 # --- demo ------------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def tune_labeled(settings: Settings, dataset: str, trials: int, seed: int = 42) 
     import optuna
     import pandas as pd
 
-    from training.tune import TuneConfig, model_matrix, stratified_split, tune
+    from training.tracking import tracked_tune
+    from training.tune import TuneConfig, model_matrix, stratified_split
 
     folder = settings.dataset_dir(dataset)
     report = json.loads((folder / "ingest_report.json").read_text())
@@ -78,7 +79,9 @@ def tune_labeled(settings: Settings, dataset: str, trials: int, seed: int = 42) 
         optuna.delete_study(study_name=name, storage=settings.optuna_storage_url)
     except KeyError:
         pass
-    return tune(split, TuneConfig(trials=trials, seed=seed), settings.optuna_storage_url, name)
+    result, _ = tracked_tune(split, TuneConfig(trials=trials, seed=seed), settings.optuna_storage_url, name,
+                             settings.tracking_uri, f"tune-{dataset}", settings.artifact_root, tags={"dataset": dataset})
+    return result
 
 
 def run_demo(settings: Settings, data_root: Path, customers: int, console: Console) -> dict[str, Any]:
@@ -116,6 +119,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
     console.print(f"tuned {TUNE_DATASET}: best {tuned.family} validation ROC-AUC {tuned.valid_auc:.4f} "
                   f"(constant-score baseline {tuned.baseline_auc:.4f}) over {len(tuned.study.trials)} trials",
                   highlight=False)
+    console.print(f"MLflow runs: [bold]mlflow ui --backend-store-uri {settings.tracking_uri}[/]", soft_wrap=True)
     console.print(f"data: [bold]{settings.home / 'data'}[/]  quarantine: [bold]{settings.home / 'quarantine'}[/]  "
                   f"features: [bold]{settings.home / 'features'}[/]")
     result = {

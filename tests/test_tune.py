@@ -84,3 +84,25 @@ def test_tune_from_the_command_line(tmp_path: Path) -> None:
     assert "lightgbm" in result.output and "valid ROC-AUC" in result.output
     wrong = runner.invoke(app, ["tune", "nothing-here"])
     assert wrong.exit_code == 2 and "no labeled table" in wrong.output
+
+
+def test_a_study_is_one_parent_run_with_the_baseline_first_and_a_run_per_trial(tmp_path: Path) -> None:
+    import mlflow
+
+    from training.tracking import tracked_tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result, parent_id = tracked_tune(split_of(labeled()), TuneConfig(**FAST), f"sqlite:///{tmp_path / 'o.db'}",
+                                     "tracked", uri, "tune-test", (tmp_path / "artifacts").as_uri())
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    kinds = [c.data.tags["kind"] for c in children]
+    assert kinds == ["baseline"] + ["trial"] * len(result.study.trials)
+    assert children[0].data.metrics["valid_roc_auc"] == 0.5
+    assert parent.data.tags["best_trial"] == str(result.study.best_trial.number)
+    assert parent.data.metrics["best_valid_roc_auc"] == result.valid_auc
+    best_run = next(c for c in children if c.info.run_name == f"trial-{result.study.best_trial.number}")
+    assert best_run.data.metrics["valid_roc_auc"] == result.valid_auc
+    assert parent.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())
