@@ -169,17 +169,21 @@ def read_source(path: Path, file_format: str = "csv",
 _SKIPPED = re.compile(r"Skipping line (\d+): expected \d+ fields?, saw \d+")
 
 
+def _open_text(path: Path, encoding: str):
+    """A text handle on a plain or gzip-compressed file."""
+    import gzip
+
+    return (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding=encoding, newline="")
+
+
 def _unreadable(path: Path, csv: CsvOptions, skipped: list[tuple[int, str]], offset: int) -> pd.DataFrame:
     """The skipped lines, with their raw text, in quarantine's layout."""
     columns = [SOURCE_FILE, SOURCE_ROW, RAW_LINE, REASON, DETAIL]
     if not skipped:
         return pd.DataFrame(columns=columns)
-    import gzip
-
     wanted = dict(skipped)
     text: dict[int, str] = {}
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding=csv.encoding, newline="") as fh:
+    with _open_text(path, csv.encoding) as fh:
         for number, line in enumerate(fh, start=1):
             if number in wanted:
                 text[number] = line.rstrip("\r\n")
@@ -189,10 +193,7 @@ def _unreadable(path: Path, csv: CsvOptions, skipped: list[tuple[int, str]], off
 
 def _check_header(path: Path, csv: CsvOptions) -> None:
     """Duplicate column names (pandas would silently rename the second to ``name.1``) are an error."""
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding=csv.encoding, newline="") as fh:
+    with _open_text(path, csv.encoding) as fh:
         line = fh.readline().lstrip("\ufeff")
     if len(csv.sep) == 1:
         names = next(csvlib.reader([line], delimiter=csv.sep), [])

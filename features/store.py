@@ -167,10 +167,12 @@ class FeatureStore:
         top = t.group_by("category").aggregate(spend=t.amount.sum()).order_by(ibis.desc("spend")).limit(k)
         return tuple(str(c) for c in top.execute()["category"])
 
-    def entities(self, cutoffs: list[pd.Timestamp]) -> ir.Table:
-        """Every customer who had signed up before a cutoff, at that cutoff."""
+    def entities(self, cutoffs: list[pd.Timestamp], customer_id: str | None = None) -> ir.Table:
+        """Every customer (or the one named) who had signed up before a cutoff, at that cutoff."""
         cuts = ibis.memtable(pd.DataFrame({"cutoff": pd.to_datetime(list(cutoffs)).astype("datetime64[ns]")}))
         c = self.customers
+        if customer_id is not None:
+            c = c.filter(c.customer_id == str(customer_id))
         pairs = c.select("customer_id", "signup_at").cross_join(cuts)
         return pairs.filter(pairs.signup_at < pairs.cutoff).select(*KEYS)
 
@@ -183,11 +185,7 @@ class FeatureStore:
     def features_for(self, customer_id: str, as_of: pd.Timestamp, spec: FeatureSpec) -> dict[str, Any]:
         """The online path: one customer's features at ``as_of`` from the same definitions and the same entity
         rule as a training frame (a known customer who had signed up before ``as_of``)."""
-        cut = ibis.memtable(pd.DataFrame({"cutoff": pd.to_datetime([as_of]).astype("datetime64[ns]")}))
-        c = self.customers.filter(self.customers.customer_id == str(customer_id))
-        pairs = c.select("customer_id", "signup_at").cross_join(cut)
-        entity = pairs.filter(pairs.signup_at < pairs.cutoff).select(*KEYS)
-        row = self.features(entity, spec).to_pandas()
+        row = self.features(self.entities([as_of], customer_id), spec).to_pandas()
         if row.empty:
             raise UnknownCustomer(f"customer {customer_id!r} is not known in {self.dataset_dir.name} before {as_of}")
         return {k: (None if pd.isna(v) else v) for k, v in row.iloc[0].items()}

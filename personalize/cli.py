@@ -224,23 +224,13 @@ def tune(
 ) -> None:
     """Tune LightGBM/XGBoost on a labeled table with Optuna (pruning, early stopping, persistent study), tracked in
     MLflow as one parent run with a baseline and a nested run per trial."""
-    import json as _json
-
-    import pandas as pd
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from training.tracking import tracked_tune
-    from training.tune import TuneConfig, model_matrix, stratified_split
+    from training.tune import TuneConfig, split_labeled_table
 
     settings: Settings = ctx.obj
-    folder = settings.dataset_dir(dataset)
-    if not (folder / "table.parquet").exists():
-        raise PersonalizeError(f"{dataset}: no labeled table; ingest one first (`personalize ingest`), "
-                               "transaction data sets train from their training frame")
-    report = _json.loads((folder / "ingest_report.json").read_text())
-    frame = pd.read_parquet(folder / "table.parquet")
-    x, _ = model_matrix(frame, report["numeric"], report["categorical"], report["boolean"])
-    split = stratified_split(x, frame["label"].to_numpy(), valid_fraction, seed)
+    split = split_labeled_table(settings.dataset_dir(dataset), valid_fraction, seed)
     try:
         config = TuneConfig(trials=trials, timeout_s=timeout, seed=seed,
                             **({"families": tuple(family)} if family else {}))

@@ -2,7 +2,8 @@
 
 Today: ingest the shared public data sets (quarantining bad rows), generate a synthetic data set with events and
 planted truth, build point-in-time features and labels, tune a churn classifier on the Telco table with Optuna,
-and print what came out. Later stages (registry, serving, monitoring) join the demo as they land. The last line printed is one JSON object.
+and print what came out. Later stages (registry, serving, monitoring) join the demo as they land. The last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -63,16 +64,11 @@ def quarantine_lines(reports: list[Any]) -> list[str]:
 def tune_labeled(settings: Settings, dataset: str, trials: int, seed: int = 42) -> Any:
     """A fresh seeded study on an ingested labeled table (a rerun of the demo replaces it)."""
     import optuna
-    import pandas as pd
 
     from training.tracking import tracked_tune
-    from training.tune import TuneConfig, model_matrix, stratified_split
+    from training.tune import TuneConfig, split_labeled_table
 
-    folder = settings.dataset_dir(dataset)
-    report = json.loads((folder / "ingest_report.json").read_text())
-    frame = pd.read_parquet(folder / "table.parquet")
-    x, _ = model_matrix(frame, report["numeric"], report["categorical"], report["boolean"])
-    split = stratified_split(x, frame["label"].to_numpy(), 0.2, seed)
+    split = split_labeled_table(settings.dataset_dir(dataset), 0.2, seed)
     name = f"demo-{dataset}"
     settings.home.mkdir(parents=True, exist_ok=True)
     try:

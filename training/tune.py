@@ -12,8 +12,10 @@ probabilities, which calibration on held-out data is meant to correct before any
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import lightgbm as lgb
@@ -90,6 +92,18 @@ def stratified_split(x: pd.DataFrame, y: np.ndarray, valid_fraction: float, seed
     x_train, x_valid, y_train, y_valid = train_test_split(x, y, test_size=valid_fraction, stratify=y,
                                                           random_state=seed)
     return Split(x_train, np.asarray(y_train), x_valid, np.asarray(y_valid))
+
+
+def split_labeled_table(dataset_dir: Path, valid_fraction: float, seed: int) -> Split:
+    """The stratified split of an ingested labeled table (``table.parquet``), typed by what ingestion inferred and
+    reported in ``ingest_report.json``."""
+    if not (dataset_dir / "table.parquet").exists():
+        raise PersonalizeError(f"{dataset_dir.name}: no labeled table; ingest one first (`personalize ingest`), "
+                               "transaction data sets train from their training frame")
+    report = json.loads((dataset_dir / "ingest_report.json").read_text())
+    frame = pd.read_parquet(dataset_dir / "table.parquet")
+    x, _ = model_matrix(frame, report["numeric"], report["categorical"], report["boolean"])
+    return stratified_split(x, frame["label"].to_numpy(), valid_fraction, seed)
 
 
 def suggest(trial: optuna.Trial, family: Family, split: Split, seed: int) -> dict[str, Any]:
