@@ -33,6 +33,9 @@ app = typer.Typer(
 features_app = typer.Typer(help="Build point-in-time features and labels, or look up one customer's features.",
                            no_args_is_help=True)
 app.add_typer(features_app, name="features")
+train_app = typer.Typer(help="Train a model, log it to MLflow and register it as the `challenger`.",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the summary tables instead of 80 columns
@@ -54,8 +57,11 @@ def _configure(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
                         force=True)
-    for noisy in ("cmdstanpy", "prophet", "urllib3", "alembic", "numexpr"):
+    for noisy in ("cmdstanpy", "prophet", "urllib3", "alembic", "numexpr", "mlflow.store.db.utils",
+                  "mlflow.utils.uv_utils", "mlflow.tracking.fluent"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for chatty in ("mlflow.pyfunc", "mlflow.utils.environment", "mlflow.models.utils", "mlflow.models.model"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)  # pickling and pip-version notes on every logged model
     settings = Settings.from_env()
     ctx.obj = settings.model_copy(update={"home": home}) if home else settings
 
@@ -259,6 +265,300 @@ def tune(
     console.print(table)
     console.print(f"study stored in {storage}; MLflow parent run {run_id} in {settings.tracking_uri} "
                   f"(experiment tune-{dataset})", highlight=False, soft_wrap=True)
+
+
+# --- train, promote, roll back ------------------------------------------------------------------------------------
+def _threshold_policy(text: str):
+    """f1 | fbeta:B | fixed:P | value:TP_VALUE,FP_COST[,FN_COST]."""
+    from training.evaluate import ExpectedValueThreshold, FBetaThreshold, FixedThreshold
+
+    kind, _, arg = text.partition(":")
+    try:
+        if kind == "f1" and not arg:
+            return FBetaThreshold(beta=1.0)
+        if kind == "fbeta":
+            return FBetaThreshold(beta=float(arg))
+        if kind == "fixed":
+            return FixedThreshold(value=float(arg))
+        if kind == "value":
+            parts = [float(x) for x in arg.split(",")]
+            return ExpectedValueThreshold(value_tp=parts[0], cost_fp=parts[1],
+                                          cost_fn=parts[2] if len(parts) > 2 else 0.0)
+    except (ValueError, IndexError):
+        pass
+    raise PersonalizeError(f"--threshold {text!r}: use f1, fbeta:B, fixed:P (e.g. fixed:0.7) or "
+                           "value:TP_VALUE,FP_COST[,FN_COST]")
+
+
+def _dataset_from_table(settings: Settings, dataset: str, label: str | None, positive: str | None,
+                        id_column: str | None, time_column: str | None) -> str:
+    """A data set name; a CSV/Parquet file or a YAML ingest config is ingested first (bring your own data)."""
+    from features.definitions import slug
+    from features.labeled import LabeledTableSpec, load_labeled
+    from features.pipeline import ingest_config, ingest_labeled, load_ingest_config
+
+    path = Path(dataset)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        report = ingest_config(settings, load_ingest_config(path), _now())
+        console.print(ingest_table([report]))
+        return report.dataset
+    if not path.is_file():
+        return dataset
+    if not (label and positive):
+        raise PersonalizeError(f"{path}: a table trains with --label COLUMN and --positive VALUE (the label value "
+                               "that means a positive)")
+    spec = LabeledTableSpec(path=path, label_column=label, positive=positive, id_column=id_column,
+                            time_column=time_column)
+    name = slug(path.name.split(".")[0])
+    table = load_labeled(spec)
+    report = ingest_labeled(settings, name, table)
+    console.print(ingest_table([report]))
+    console.print(f"{name}: numeric {', '.join(table.numeric) or '-'}; categorical "
+                  f"{', '.join(table.categorical) or '-'}; boolean {', '.join(table.boolean) or '-'}",
+                  highlight=False, soft_wrap=True)
+    return name
+
+
+def _trial_progress(total: int | None):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("trial {task.completed}/{task.total}"), BarColumn(),
+                        TextColumn("best valid AUC {task.fields[best]}"), TimeElapsedColumn(), console=console)
+    task = progress.add_task("tune", total=total, best="-")
+
+    def on_trial(study, trial) -> None:
+        best = f"{study.best_value:.4f}" if any(t.value is not None for t in study.trials) else "-"
+        progress.update(task, advance=1, best=best)
+
+    return progress, on_trial
+
+
+Trials = Annotated[int | None, typer.Option(min=1, help="Tuning trials (with --timeout: whichever ends first).")]
+Timeout = Annotated[float | None, typer.Option(min=1, help="Tuning wall-time budget in seconds.")]
+Seed = Annotated[int, typer.Option(help="Seed of the sampler and the boosters.")]
+TrainDataset = Annotated[str, typer.Argument(
+    help="An ingested data set, or a CSV/Parquet labeled table (with --label/--positive), or a YAML ingest config.")]
+
+
+def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int | None, timeout: float | None,
+                      family: list[str] | None, seed: int, threshold: str, calibration: str, horizon: int,
+                      fairness_attribute: str | None, study: str | None, label: str | None, positive: str | None,
+                      id_column: str | None, time_column: str | None, name: str | None) -> None:
+    from training.train import TrainConfig, train_and_register
+    from training.tune import TuneConfig
+
+    settings: Settings = ctx.obj
+    try:
+        config = TrainConfig(
+            tune=TuneConfig(trials=trials, timeout_s=timeout, seed=seed,
+                            **({"families": tuple(family)} if family else {})),
+            threshold=_threshold_policy(threshold), calibration=calibration, horizon_days=horizon,
+            fairness_attribute=fairness_attribute)
+    except ValueError as exc:
+        raise PersonalizeError(str(exc).splitlines()[-1].strip()) from None
+    from training.registry import connect
+
+    connect(settings.tracking_uri)  # an unreachable store fails before anything is read or tuned
+    dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column)
+    progress, on_trial = _trial_progress(trials)
+    started = time.perf_counter()
+    with progress:
+        outcome = train_and_register(settings, task, dataset, config, study, on_trial, name)
+    t = outcome.trained
+    table = Table(title=f"{task} on {dataset}: held-out test ({len(t.prepared.test):,} rows)")
+    for col in ("metric", "model", "constant baseline"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for k in ("roc_auc", "pr_auc", "log_loss", "brier", "ece", "lift_top_decile", "precision_at_k", "recall_at_k"):
+        table.add_row(k, f"{t.test_metrics[k]:.4f}", f"{t.baseline_metrics[k]:.4f}")
+    console.print(table)
+    d = t.test_decision
+    console.print(
+        f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, best of "
+        f"{len(t.tuned.study.trials)} trials (validation AUC {t.tuned.valid_auc:.4f}); calibration "
+        f"{calibration}: test ECE {t.test_raw_metrics['ece']:.4f} -> {t.test_metrics['ece']:.4f}\n"
+        f"decision: act when probability >= {d['threshold']:.4f} ({config.threshold.kind}); on test: precision "
+        f"{d['precision']:.3f}, recall {d['recall']:.3f}, action rate {d['action_rate']:.3f}\n"
+        f"top features (mean |TreeSHAP|): {', '.join(t.importance['feature'].head(5))}\n"
+        f"registered [bold]{outcome.model_name}[/] version {outcome.version} as challenger (run {outcome.run_id}, "
+        f"{time.perf_counter() - started:.0f}s); next: personalize promote {outcome.model_name}",
+        highlight=False, soft_wrap=True)
+
+
+def _classifier_command(task: str, doc: str):
+    def command(
+        ctx: typer.Context,
+        dataset: TrainDataset,
+        trials: Trials = 30,
+        timeout: Timeout = None,
+        family: Annotated[list[str] | None, typer.Option(help="Model families: lightgbm, xgboost (default both).")] = None,
+        seed: Seed = 42,
+        threshold: Annotated[str, typer.Option(help="Decision threshold policy: f1, fbeta:B, fixed:P (e.g. fixed:0.7 "
+                                                    "= act when probability >= 0.7), value:TP_VALUE,FP_COST[,FN_COST].")] = "f1",
+        calibration: Annotated[str, typer.Option(help="sigmoid (Platt) or isotonic, fitted on validation.")] = "sigmoid",
+        horizon: Annotated[int, typer.Option(min=1, help="Label horizon in days (transaction data sets).")] = 90,
+        fairness_attribute: Annotated[str | None, typer.Option(
+            help="A column (labeled tables) or customer attribute reported per group and checked by the gate.")] = None,
+        study: Annotated[str | None, typer.Option(help="Optuna study name (shared by processes giving the same).")] = None,
+        label: Annotated[str | None, typer.Option(help="Label column of a table file.")] = None,
+        positive: Annotated[str | None, typer.Option(help="The label value meaning positive (e.g. Yes).")] = None,
+        id_column: Annotated[str | None, typer.Option("--id", help="Id column of a table file.")] = None,
+        time_column: Annotated[str | None, typer.Option("--time", help="Time column: split out of time.")] = None,
+        name: Annotated[str | None, typer.Option(help="Registered model name (default: the task, churn or propensity).")] = None,
+    ) -> None:
+        _train_classifier(ctx, task, dataset, trials, timeout, family, seed, threshold, calibration, horizon,
+                          fairness_attribute, study, label, positive, id_column, time_column, name)
+
+    command.__doc__ = doc
+    return user_errors(command)
+
+
+train_app.command("churn")(_classifier_command(
+    "churn", "Churn: will the customer stop buying within the horizon? Tuned, calibrated, thresholded, registered."))
+train_app.command("propensity")(_classifier_command(
+    "propensity", "Propensity: will the customer buy within the horizon? Tuned, calibrated, thresholded, registered."))
+
+
+@train_app.command("forecast")
+@user_errors
+def train_forecast(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="An ingested transaction data set (e.g. online_retail).")],
+    measure: Annotated[str, typer.Option(help="orders, spend or units per day.")] = "orders",
+    holdout_days: Annotated[int, typer.Option(min=7, help="Days held out to score the forecast.")] = 28,
+    horizon_days: Annotated[int, typer.Option(min=1, help="Days to forecast after the data.")] = 28,
+    holidays: Annotated[str | None, typer.Option(help="Country code of the holidays (none: no holidays).")] = "GB",
+    max_series: Annotated[int, typer.Option(min=1, help="Series per grouping column, by volume.")] = 10,
+) -> None:
+    """Prophet forecasts of daily purchase volume per category and in total (weekly/yearly seasonality, holidays),
+    scored out of time beside a seasonal-naive baseline, logged with MLflow's prophet flavor and registered."""
+    from training.forecast import ForecastConfig, train_and_register
+
+    try:
+        config = ForecastConfig(measure=measure, holdout_days=holdout_days, horizon_days=horizon_days,
+                                holidays_country=None if (holidays or "").lower() in ("", "none") else holidays,
+                                max_series=max_series)
+    except ValueError as exc:
+        raise PersonalizeError(str(exc).splitlines()[-1].strip()) from None
+    with console.status(f"forecasting {dataset}"):
+        result, run_id, version = train_and_register(ctx.obj, dataset, config)
+    table = Table(title=f"purchase forecast of {dataset}: last {holdout_days} days held out")
+    for col in ("series", "MAE", "seasonal-naive MAE", "MAPE", "seasonal-naive MAPE"):
+        table.add_column(col, justify="right" if col != "series" else "left")
+    for series, m in result.metrics.items():
+        table.add_row(series, f"{m['mae']:.2f}", f"{m['baseline_mae']:.2f}", f"{m['mape']:.3f}",
+                      f"{m['baseline_mape']:.3f}")
+    o = result.overall
+    table.add_row("[bold]overall", f"{o['mae']:.2f}", f"{o['baseline_mae']:.2f}", f"{o['mape']:.3f}",
+                  f"{o['baseline_mape']:.3f}")
+    console.print(table)
+    for note in result.notes:
+        log.info(note)
+    console.print(f"registered [bold]purchase_forecast[/] version {version} as challenger (run {run_id}); next: "
+                  "personalize promote purchase_forecast", highlight=False, soft_wrap=True)
+
+
+ModelName = Annotated[str, typer.Argument(help="A registered model: churn, propensity, purchase_cycle, "
+                                               "purchase_forecast or a name given with --name.")]
+
+
+@app.command()
+@user_errors
+def promote(
+    ctx: typer.Context,
+    model: ModelName,
+    tolerance: Annotated[float, typer.Option(min=0, help="ROC-AUC the challenger may lose (interval's low end).")] = 0.01,
+    relative_tolerance: Annotated[float, typer.Option(min=0, help="Regressors: share of the champion's error.")] = 0.02,
+    max_ece: Annotated[float, typer.Option(min=0, help="Largest expected calibration error allowed.")] = 0.05,
+    fairness_attribute: Annotated[str | None, typer.Option(help="Column whose groups are compared (default: the "
+                                                                "one the model was trained with).")] = None,
+    max_tpr_gap: Annotated[float, typer.Option(min=0, help="Largest true-positive-rate gap between groups.")] = 0.10,
+    max_positive_rate_gap: Annotated[float, typer.Option(min=0, help="Largest positive-rate gap.")] = 0.10,
+    force: Annotated[bool, typer.Option(help="Promote even if the gate fails (needs --reason; audited).")] = False,
+    reason: Annotated[str, typer.Option(help="Why: written to the audit trail.")] = "",
+) -> None:
+    """Run the promotion gate on the challenger and, if it passes, move `champion` to it."""
+    from training.registry import GateConfig, connect, promote as run_gate
+
+    settings: Settings = ctx.obj
+    gate = GateConfig(tolerance=tolerance, relative_tolerance=relative_tolerance, max_ece=max_ece,
+                      fairness_attribute=fairness_attribute, max_tpr_gap=max_tpr_gap,
+                      max_positive_rate_gap=max_positive_rate_gap)
+    client = connect(settings.tracking_uri)
+    report = run_gate(client, model, gate, reason, force)
+    table = Table(title=f"{model}: challenger v{report.challenger} vs "
+                        f"{'champion v' + report.champion if report.champion else 'a constant (first version)'} "
+                        f"on {report.heldout_rows:,} held-out rows")
+    for col in ("check", "result", "value", "bound", "detail"):
+        table.add_column(col, justify="right" if col in ("value", "bound") else "left")
+    for c in report.checks:
+        table.add_row(c.name, "[green]pass" if c.passed else "[red]FAIL", "-" if c.value is None else f"{c.value:.4f}",
+                      "-" if c.bound is None else f"{c.bound:.4f}", c.detail)
+    console.print(table)
+    if report.passed or force:
+        console.print(f"[bold]{model}@champion[/] -> version {report.challenger}"
+                      + (" (forced)" if not report.passed else ""), highlight=False)
+    else:
+        console.print(f"[red]refused[/]: {model}@champion stays at version {report.champion or '(none)'}",
+                      highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def rollback(
+    ctx: typer.Context,
+    model: ModelName,
+    reason: Annotated[str, typer.Option(help="Why: written to the audit trail.")] = "",
+) -> None:
+    """Return `champion` to the previous champion."""
+    from training.registry import connect, rollback as run_rollback
+
+    old, new = run_rollback(connect(ctx.obj.tracking_uri), model, reason)
+    console.print(f"[bold]{model}@champion[/]: version {old} -> version {new}", highlight=False)
+
+
+@app.command()
+@user_errors
+def history(ctx: typer.Context, model: ModelName) -> None:
+    """The registry's audit trail of a model: registrations, gate verdicts, promotions and rollbacks."""
+    from training.registry import aliases, connect, history as audit
+
+    client = connect(ctx.obj.tracking_uri)
+    entries = audit(client, model)
+    table = Table(title=f"{model}: " + ", ".join(f"{a} = v{v}" if v else f"{a} = -"
+                                                for a, v in aliases(client, model).items()))
+    for col in ("#", "when (UTC)", "who", "action", "version", "verdict / gate", "reason"):
+        table.add_column(col)
+    for e in entries:
+        moved = f"{e['from'] or '-'} -> {e['to']}" if "to" in e else e.get("version", "")
+        gate = e.get("verdict", "")
+        if e.get("gate"):
+            gate += " (" + ", ".join(f"{k} {v:.3f}" for k, v in e["gate"].items()
+                                     if k in ("delta", "ci_low", "ece", "tpr_gap")) + ")"
+        table.add_row(str(e["seq"]), e["when"].replace("+00:00", ""), e["who"], e["action"], moved, gate,
+                      e.get("reason", ""))
+    console.print(table)
+
+
+@app.command("mlflow-ui")
+def mlflow_ui(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the platform's tracking store and registry (runs, models, aliases)."""
+    import os
+    import sys
+
+    settings: Settings = ctx.obj
+    uri = settings.tracking_uri
+    if uri.startswith(("http://", "https://", "databricks")):
+        console.print(f"the tracking store is a server already: open {uri}")
+        return
+    args = ["mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", settings.artifact_root,
+            "--host", host, "--port", str(port)]
+    console.print(" ".join(args), highlight=False, soft_wrap=True)
+    os.execv(str(Path(sys.executable).parent / "mlflow"), args)
 
 
 # --- demo ------------------------------------------------------------------------------------------------------

@@ -52,6 +52,16 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
     return float(gaps.sum() / len(p)) if counts.sum() else float("nan")
 
 
+def calibration_noise(p: np.ndarray, quantile: float = 0.95, rounds: int = 200, seed: int = 42) -> float:
+    """The ECE a *perfectly* calibrated model with these scores would still show on this many rows (labels drawn
+    from the scores themselves), at ``quantile``: on a few hundred rows that is several points, so an ECE bound
+    below it would refuse a good model for the sample's noise."""
+    p = np.asarray(p, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = [expected_calibration_error((rng.random(p.size) < p).astype(float), p) for _ in range(rounds)]
+    return float(np.quantile(draws, quantile))
+
+
 def _top(p: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores (ties broken by position, so the result is deterministic)."""
     return np.argsort(-p, kind="stable")[:k]
@@ -188,3 +198,53 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, policy: FixedThreshold | FBet
         return {**decision_metrics(y, p, float(np.nextafter(1.0, 2.0))), "policy": policy.kind,
                 "expected_value": float(never)}
     return {**decision_metrics(y, p, thresholds[best]), "policy": policy.kind, "expected_value": float(value[best])}
+
+
+# --- comparisons: bootstrap and fairness -----------------------------------------------------------------------
+def bootstrap_delta(metric, y: np.ndarray, challenger: np.ndarray, champion: np.ndarray, *, rounds: int = 1000,
+                    confidence: float = 0.95, seed: int = 42) -> dict[str, float]:
+    """Paired bootstrap of ``metric(y, challenger) - metric(y, champion)``: both models are scored on the same
+    resampled rows, so the interval reflects the difference, not each model's own noise. Resamples where the
+    metric is undefined (one class only, for AUC) are skipped."""
+    y, a, b = np.asarray(y), np.asarray(challenger, dtype=float), np.asarray(champion, dtype=float)
+    if not (len(y) == len(a) == len(b)) or len(y) == 0:
+        raise MetricError("labels and both models' scores must be non-empty and of the same length")
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(rounds):
+        rows = rng.integers(0, len(y), len(y))
+        try:
+            deltas.append(metric(y[rows], a[rows]) - metric(y[rows], b[rows]))
+        except ValueError:
+            continue
+    if len(deltas) < rounds // 2:
+        raise MetricError("the held-out frame is too small to bootstrap the metric")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(deltas, [tail, 100 - tail])
+    return {"delta": float(metric(y, a) - metric(y, b)), "ci_low": float(low), "ci_high": float(high),
+            "confidence": confidence, "rounds": float(len(deltas))}
+
+
+def fairness_gaps(y: np.ndarray, act: np.ndarray, groups: np.ndarray, min_rows: int = 30) -> dict[str, object]:
+    """True-positive rate and positive (action) rate per group, and the largest gap between groups.
+
+    Groups with fewer than ``min_rows`` rows (or no positive, for the true-positive rate) are reported but left
+    out of the gaps: a handful of rows says nothing about a model's treatment of a group."""
+    y, act = np.asarray(y).astype(bool), np.asarray(act).astype(bool)
+    groups = np.asarray(groups, dtype=object)
+    per_group: dict[str, dict[str, float]] = {}
+    for g in sorted({str(v) for v in groups if v is not None and v == v}):
+        rows = np.array([str(v) == g for v in groups])
+        positives = rows & y
+        per_group[g] = {"rows": float(rows.sum()), "positives": float(positives.sum()),
+                        "positive_rate": float(act[rows].mean()),
+                        "tpr": float(act[positives].mean()) if positives.any() else float("nan")}
+    big = [s for s in per_group.values() if s["rows"] >= min_rows]
+    with_pos = [s["tpr"] for s in big if s["positives"] >= max(5, min_rows // 6)]
+    rates = [s["positive_rate"] for s in big]
+    return {
+        "groups": per_group,
+        "tpr_gap": float(max(with_pos) - min(with_pos)) if len(with_pos) >= 2 else float("nan"),
+        "positive_rate_gap": float(max(rates) - min(rates)) if len(rates) >= 2 else float("nan"),
+        "groups_compared": float(len(big)),
+    }

@@ -8,6 +8,7 @@ state and validation score. Several processes tuning one study each log their ow
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable
 
@@ -46,9 +47,16 @@ def tracked_tune(split: Split, config: TuneConfig, storage: str, study_name: str
                  experiment: str, artifact_root: str | None = None,
                  on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
                  tags: dict[str, str] | None = None) -> tuple[TuneResult, str]:
-    """:func:`training.tune.tune` inside an MLflow parent run; returns the result and the parent run id."""
-    use_experiment(tracking_uri, experiment, artifact_root)
-    with mlflow.start_run(run_name=study_name, tags={"kind": "tuning", **(tags or {})}) as parent:
+    """:func:`training.tune.tune` inside an MLflow parent run; returns the result and the parent run id.
+
+    When a run is already active (training: the study and the model it chooses belong to one run), the study logs
+    into that run instead of starting its own."""
+    active = mlflow.active_run()
+    if active is None:
+        use_experiment(tracking_uri, experiment, artifact_root)
+    run = contextlib.nullcontext(active) if active else mlflow.start_run(run_name=study_name)
+    with run as parent:
+        mlflow.set_tags({"kind": "tuning", **(tags or {})} if active is None else (tags or {}))
         mlflow.log_params({"study": study_name, "storage": _redact(storage), "families": ",".join(config.families),
                            "trials": config.trials, "timeout_s": config.timeout_s, "seed": config.seed,
                            "max_rounds": config.max_rounds, "early_stopping_rounds": config.early_stopping_rounds,

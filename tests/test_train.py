@@ -1,0 +1,243 @@
+"""Training, registration and promotion: from a labeled table or transactions to a gated champion."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from personalize.cli import app
+from personalize.errors import PersonalizeError
+from personalize.settings import Settings
+from training.evaluate import FixedThreshold, expected_calibration_error
+from training.registry import (
+    CHALLENGER,
+    CHAMPION,
+    GateConfig,
+    RegistryError,
+    aliases,
+    champion_stack,
+    conform,
+    connect,
+    history,
+    promote,
+    rollback,
+)
+from training.train import Calibrator, TrainConfig, oot_cutoffs, stable_parts, train_and_register
+from training.tune import TuneConfig
+
+runner = CliRunner()
+FAST = TuneConfig(trials=2, families=("lightgbm",), max_rounds=200, early_stopping_rounds=20)
+
+
+def churn_table(n: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """A churn table no adapter knows, with a planted logistic truth; returns it and the true probabilities."""
+    rng = np.random.default_rng(seed)
+    tenure = rng.integers(1, 72, n)
+    calls = rng.poisson(2, n)
+    plan = rng.choice(["basic", "plus", "pro"], n, p=[0.5, 0.3, 0.2])
+    region = rng.choice(["north", "south"], n)
+    logit = -1.0 - 0.05 * (tenure - 36) + 0.6 * (calls - 2) + np.select([plan == "basic", plan == "pro"], [0.8, -0.8], 0)
+    p = 1 / (1 + np.exp(-logit))
+    left = np.where(rng.random(n) < p, "Y", "N")
+    frame = pd.DataFrame({"acct": [f"A{i:05d}" for i in range(n)], "tenure_m": tenure, "support_calls": calls,
+                          "plan": plan, "region": region, "monthly_fee": np.round(rng.normal(50, 10, n), 2),
+                          "left": left})
+    return frame, p
+
+
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+def ingest_table(tmp_path: Path, frame: pd.DataFrame, name: str = "mychurn") -> str:
+    from features.labeled import LabeledTableSpec, load_labeled
+    from features.pipeline import ingest_labeled
+
+    path = tmp_path / f"{name}.csv"
+    frame.to_csv(path, index=False)
+    spec = LabeledTableSpec(path=path, label_column="left", positive="Y", id_column="acct")
+    ingest_labeled(settings(), name, load_labeled(spec))
+    return name
+
+
+# --- pure parts ------------------------------------------------------------------------------------------------
+def test_platt_calibration_fixes_shifted_scores_without_reordering() -> None:
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0.02, 0.6, 20_000)
+    y = (rng.random(truth.size) < truth).astype(int)
+    odds = truth / (1 - truth) * 3.0  # what scale_pos_weight=3 does: every odds three times too high
+    raw = odds / (1 + odds)
+    calibrated = Calibrator("sigmoid").fit(raw, y).transform(raw)
+    assert expected_calibration_error(y, calibrated) < 0.02 < expected_calibration_error(y, raw)
+    assert np.array_equal(np.argsort(calibrated, kind="stable"), np.argsort(raw, kind="stable"))
+    iso = Calibrator("isotonic").fit(raw, y)
+    again = Calibrator.from_dict(json.loads(json.dumps(iso.to_dict())))
+    assert np.allclose(again.transform(raw), iso.transform(raw))
+
+
+def test_hash_split_is_stratified_and_keeps_each_row_in_its_part() -> None:
+    frame, _ = churn_table(3000)
+    frame["label"] = (frame["left"] == "Y").astype(int)
+    parts = stable_parts(frame, "acct", 0.2, 0.2)
+    for name, share in (("test", 0.2), ("valid", 0.2), ("train", 0.6)):
+        assert abs((parts == name).mean() - share) < 0.01
+        assert abs(frame.loc[parts == name, "label"].mean() - frame["label"].mean()) < 0.01
+    # Given more rows and a shuffled order, when split again, then every old row keeps its part
+    more, _ = churn_table(4000, seed=5)
+    more["acct"] = [f"B{i:05d}" for i in range(len(more))]
+    more["label"] = (more["left"] == "Y").astype(int)
+    bigger = pd.concat([frame, more]).sample(frac=1, random_state=3).reset_index(drop=True)
+    again = stable_parts(bigger, "acct", 0.2, 0.2)
+    old = dict(zip(frame["acct"], parts))
+    moved = sum(old[a] != p for a, p in zip(bigger["acct"], again) if a in old)
+    assert moved / len(frame) < 0.02  # only rows at a class's quantile boundary can move
+
+
+def test_out_of_time_cutoffs_keep_validation_labels_before_the_test() -> None:
+    train, valid, test = oot_cutoffs(pd.Timestamp("2011-12-09 12:50"), 90, 2, 30)
+    assert test == pd.Timestamp("2011-09-10") and valid + pd.Timedelta(days=90) == test
+    assert train == [valid - pd.Timedelta(days=60), valid - pd.Timedelta(days=30)]
+
+
+# --- the whole job -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_new_churn_table_trains_registers_and_is_promoted_by_the_gate(tmp_path: Path) -> None:
+    frame, truth = churn_table()
+    name = ingest_table(tmp_path, frame)
+    config = TrainConfig(tune=FAST, fairness_attribute="region")
+    first = train_and_register(settings(), "churn", name, config, model_name="mychurn")
+    client = connect(settings().tracking_uri)
+
+    # The version: the challenger, with its provenance and a model that loads from the registry
+    assert first.version == "1" and aliases(client, "mychurn") == {CHAMPION: None, CHALLENGER: "1"}
+    tags = client.get_model_version("mychurn", "1").tags
+    assert tags["dataset"] == name and tags["data_fingerprint"] and tags["feature_version"] == f"labeled:{name}"
+    model = mlflow.pyfunc.load_model("models:/mychurn@challenger")
+    test = first.trained.prepared.test
+    out = model.predict(conform(test, model.metadata.get_input_schema()))
+    assert np.allclose(out["probability"], first.trained.test_scores)
+    assert (out["decision"] == (out["probability"] >= first.trained.threshold["threshold"])).all()
+    assert model.metadata.get_input_schema().input_names() == first.trained.prepared.columns.features
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"model_card.md", "calibration_curve.png", "feature_importance.csv", "feature_importance.png",
+            "decision.json", "heldout"} <= artifacts
+
+    # Close to what the truth itself scores on the same held-out rows
+    oracle = roc_auc_score(test["label"], truth[test.index])
+    assert first.trained.test_metrics["roc_auc"] > oracle - 0.03
+
+    # The first version becomes champion by beating a constant; the verdict lands on the version and its card
+    report = promote(client, "mychurn", GateConfig())
+    assert report.passed and report.champion is None
+    assert aliases(client, "mychurn")[CHAMPION] == "1"
+    assert client.get_model_version("mychurn", "1").tags["gate.verdict"] == "pass"
+    card = mlflow.artifacts.load_text(f"runs:/{first.run_id}/model_card.md")
+    assert "Promotion gate" in card and "beats_baseline" in card
+
+    # A much weaker challenger is refused and the champion stays
+    weak = TuneConfig(trials=1, families=("xgboost",), max_rounds=1, early_stopping_rounds=1)
+    second = train_and_register(settings(), "churn", name, TrainConfig(tune=weak), model_name="mychurn")
+    report = promote(client, "mychurn", GateConfig(bootstrap_rounds=300))
+    assert not report.passed and "not_worse_than_champion" in report.verdict
+    assert aliases(client, "mychurn") == {CHAMPION: "1", CHALLENGER: second.version}
+
+    # A comparable one passes; a rollback returns to version 1; the audit trail tells the story
+    third = train_and_register(settings(), "churn", name, TrainConfig(tune=FAST.model_copy(update={"seed": 7}),
+                                                                      threshold=FixedThreshold(value=0.7)),
+                               model_name="mychurn")
+    report = promote(client, "mychurn", GateConfig(bootstrap_rounds=300, tolerance=0.05, fairness_attribute="region"))
+    assert report.passed, report.checks
+    assert aliases(client, "mychurn")[CHAMPION] == third.version == "3"
+    assert rollback(client, "mychurn", "bad week") == ("3", "1")
+    assert aliases(client, "mychurn")[CHAMPION] == "1"
+    trail = history(client, "mychurn")
+    assert [e["action"] for e in trail] == ["register", "promote", "register", "refuse", "register", "promote",
+                                            "rollback"]
+    assert trail[-1]["reason"] == "bad week" and trail[-1]["who"]
+    assert champion_stack(trail) == ["1"]
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(client, "mychurn")
+
+
+def test_the_fairness_bound_can_refuse_a_challenger(tmp_path: Path) -> None:
+    frame, _ = churn_table(1200)
+    frame["region"] = np.where(frame["support_calls"] > 2, "north", "south")  # a proxy of the label's driver
+    name = ingest_table(tmp_path, frame)
+    train_and_register(settings(), "churn", name, TrainConfig(tune=FAST, fairness_attribute="region"))
+    client = connect(settings().tracking_uri)
+    report = promote(client, "churn", GateConfig(max_positive_rate_gap=0.05))
+    assert not report.passed and "fairness_positive_rate_gap" in report.verdict
+    assert aliases(client, "churn")[CHAMPION] is None
+    assert history(client, "churn")[-1]["action"] == "refuse"
+
+
+def test_transaction_data_trains_out_of_time(tmp_path: Path) -> None:
+    from features.pipeline import ingest_synthetic
+    from features.synthetic import SyntheticConfig, generate
+
+    ingest_synthetic(settings(), "synth", generate(SyntheticConfig(customers=600, days=400, seed=3, events=False)))
+    outcome = train_and_register(settings(), "propensity", "synth", TrainConfig(tune=FAST, horizon_days=60))
+    p = outcome.trained.prepared
+    assert p.train["cutoff"].max() < p.valid["cutoff"].min() < p.test["cutoff"].min()
+    assert p.valid["cutoff"].min() + pd.Timedelta(days=60) <= p.test["cutoff"].min()
+    assert outcome.trained.test_metrics["roc_auc"] > 0.6
+    heldout = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
+                                                                  artifact_path="heldout/heldout.parquet"))
+    assert set(heldout["cutoff"]) == set(p.test["cutoff"]) and len(heldout) == len(p.test)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+def test_one_class_and_too_few_rows_are_clear_errors_and_register_nothing(tmp_path: Path) -> None:
+    frame, _ = churn_table(300)
+    one_class = ingest_table(tmp_path, frame.assign(left="Y"), "oneclass")
+    with pytest.raises(PersonalizeError, match="one class only"):
+        train_and_register(settings(), "churn", one_class, TrainConfig(tune=FAST))
+    tiny = ingest_table(tmp_path, frame.head(30), "tiny")
+    with pytest.raises(PersonalizeError, match="at least 50"):
+        train_and_register(settings(), "churn", tiny, TrainConfig(tune=FAST))
+    client = connect(settings().tracking_uri)
+    assert client.search_registered_models() == []
+
+
+def test_an_unreachable_tracking_server_fails_fast_before_any_work(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    frame, _ = churn_table(300)
+    name = ingest_table(tmp_path, frame)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(RegistryError, match="unreachable"):
+        train_and_register(Settings.from_env(), "churn", name, TrainConfig(tune=FAST))
+    assert not any(Path(os.environ["PERSONALIZE_OPTUNA_STORAGE"].removeprefix("sqlite:///")).parent.glob("optuna.db"))
+
+
+def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(tmp_path: Path) -> None:
+    frame, _ = churn_table(1500)
+    path = tmp_path / "Customer Churn.csv"
+    frame.to_csv(path, index=False)
+    result = runner.invoke(app, ["train", "churn", str(path), "--label", "left", "--positive", "Y", "--id", "acct",
+                                 "--trials", "2", "--family", "lightgbm", "--threshold", "fixed:0.7"])
+    assert result.exit_code == 0, result.output
+    assert "registered churn version 1 as challenger" in result.output
+    assert "categorical plan, region" in result.output and "roc_auc" in result.output
+    result = runner.invoke(app, ["promote", "churn"])
+    assert result.exit_code == 0, result.output
+    assert "churn@champion -> version 1" in result.output
+    result = runner.invoke(app, ["history", "churn"])
+    assert result.exit_code == 0 and "promote" in result.output and "champion = v1" in result.output
+
+    for args, message in [
+        (["promote", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+        (["rollback", "churn"], "no previous champion"),
+        (["train", "churn", str(path), "--label", "nosuch", "--positive", "Y"], "nosuch"),
+        (["train", "churn", "customer_churn", "--threshold", "fixed:2"], "fixed"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output

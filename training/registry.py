@@ -1,0 +1,469 @@
+"""The model registry: register once, promote by alias through a gate, roll back, keep an audit trail.
+
+Registered models: ``churn``, ``propensity`` (classifiers), ``purchase_cycle`` and ``purchase_forecast``
+(regressors). A new version gets the alias ``challenger``; ``champion`` is what serving loads
+(``models:/name@champion``). MLflow stages are deprecated and not used.
+
+The promotion gate scores the challenger and the champion on the *same* held-out frame, the one logged with the
+challenger's training run (``heldout/heldout.parquet``; the run's tags name its target and prediction columns):
+
+1. **not worse**: the paired bootstrap interval of (challenger - champion) on the gate metric (ROC-AUC for
+   classifiers, minus RMSE/MAE for regressors) must have its lower end above ``-tolerance``. The first version,
+   with no champion yet, must instead beat a constant prediction (interval entirely above zero);
+2. **calibrated** (classifiers): expected calibration error on the held-out frame at most ``max_ece``;
+3. **fair** (classifiers, when an attribute is configured): across the attribute's groups, the gap in
+   true-positive rate and in positive (action) rate at the model's own threshold within bounds.
+
+The verdict and its numbers go to the version's tags, its description and its model card; every registration,
+promotion, refusal and rollback is appended to the registered model's audit trail (tags ``audit.NNNNNN``, one JSON
+entry each: who, when, action, from which version to which, why, the gate's numbers).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalize.errors import PersonalizeError
+from training.evaluate import bootstrap_delta, calibration_noise, expected_calibration_error, fairness_gaps
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODELS: dict[str, str] = {  # registered model -> kind
+    "churn": "classifier",
+    "propensity": "classifier",
+    "purchase_cycle": "regressor",
+    "purchase_forecast": "regressor",
+}
+AUDIT_PREFIX = "audit."
+
+
+class RegistryError(PersonalizeError):
+    """The registry cannot do what was asked (unknown model, no challenger, unreachable store, ...)."""
+
+
+# --- the store ---------------------------------------------------------------------------------------------------
+@contextmanager
+def _no_retries() -> Iterator[None]:
+    """A reachability probe must fail fast, not retry for minutes against a server that is not there."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def connect(tracking_uri: str):
+    """An ``MlflowClient`` on ``tracking_uri`` (also the registry), after checking the store answers."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _no_retries():
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client.search_experiments(max_results=1)
+    except Exception as exc:  # any failure here means: nothing can be tracked or registered
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RegistryError(f"the MLflow tracking store {_redact(tracking_uri)} is unreachable ({reason}); "
+                            "check MLFLOW_TRACKING_URI") from None
+    return client
+
+
+def _redact(uri: str) -> str:
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://…@{rest.split('@', 1)[1]}"
+    return uri
+
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
+
+
+def check_name(name: str) -> str:
+    """A name fit for the registry (the defaults are :data:`MODELS`; ``--name`` may register others, e.g. one churn
+    model per data set)."""
+    if not _NAME.match(name):
+        raise RegistryError(f"model name {name!r}: use letters, digits, '_' or '-', starting with a letter")
+    return name
+
+
+def kind_of(client, name: str) -> str:
+    """classifier or regressor, as recorded when the model was first registered."""
+    from mlflow.exceptions import MlflowException
+
+    check_name(name)
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models(max_results=200))
+        raise RegistryError(f"unknown model {name!r}; registered: {', '.join(known) or 'none yet'} "
+                            "(`personalize train ...` registers one)") from None
+    return tags.get("kind") or MODELS.get(name, "classifier")
+
+
+def _who() -> str:
+    try:
+        return os.environ.get("PERSONALIZE_USER") or getpass.getuser()
+    except Exception:  # no user database entry (some containers)
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _version_of(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+# --- audit -------------------------------------------------------------------------------------------------------
+def history(client, name: str) -> list[dict[str, Any]]:
+    """The audit trail of ``name``, oldest first."""
+
+    kind_of(client, name)
+    tags = client.get_registered_model(name).tags
+    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(AUDIT_PREFIX))]
+
+
+def _audit(client, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    tags = client.get_registered_model(name).tags
+    n = sum(k.startswith(AUDIT_PREFIX) for k in tags) + 1
+    entry = {"seq": n, "when": _now(), "who": _who(), **entry}
+    client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{n:06d}", json.dumps(entry, default=_json_default)[:4900])
+    return entry
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+# --- register ----------------------------------------------------------------------------------------------------
+def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str] | None = None,
+             description: str | None = None, kind: str | None = None) -> str:
+    """Register ``model_uri`` as a new version of ``name`` with the alias ``challenger``. All or nothing: if any
+    step after the version exists fails, the version is deleted again."""
+    from mlflow.exceptions import MlflowException
+
+    check_name(name)
+    kind = kind or MODELS.get(name, "classifier")
+    try:
+        existing = client.get_registered_model(name).tags.get("kind")
+    except MlflowException:
+        client.create_registered_model(name, tags={"kind": kind},
+                                       description=f"{name} ({kind}); serve models:/{name}@champion")
+        existing = kind
+    if existing and existing != kind:
+        raise RegistryError(f"{name} holds {existing} models; a {kind} cannot become a version of it")
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {},
+                                          description=description)
+    try:
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        _audit(client, name, {"action": "register", "version": str(version.version), "run_id": run_id,
+                              "reason": "new challenger"})
+    except Exception:
+        client.delete_model_version(name, version.version)
+        raise
+    return str(version.version)
+
+
+# --- the gate ----------------------------------------------------------------------------------------------------
+class GateConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tolerance: float = Field(default=0.01, ge=0.0)  # ROC-AUC points a challenger may lose (at the interval's low end)
+    relative_tolerance: float = Field(default=0.02, ge=0.0)  # regressors: share of the champion's error
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    bootstrap_rounds: int = Field(default=1000, ge=100)
+    max_ece: float = Field(default=0.05, gt=0.0)
+    fairness_attribute: str | None = None
+    max_tpr_gap: float = Field(default=0.10, ge=0.0)
+    max_positive_rate_gap: float = Field(default=0.10, ge=0.0)
+    min_group_rows: int = Field(default=30, ge=1)
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    value: float | None
+    bound: float | None
+    detail: str
+
+
+@dataclass
+class GateReport:
+    model: str
+    challenger: str
+    champion: str | None
+    metric: str
+    heldout_rows: int
+    checks: list[Check] = field(default_factory=list)
+    numbers: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail: " + "; ".join(c.name for c in self.checks if not c.passed)
+
+    def tags(self) -> dict[str, str]:
+        out = {"gate.verdict": self.verdict, "gate.compared_with": self.champion or "baseline",
+               "gate.when": _now()}
+        out.update({f"gate.{k}": f"{v:.6g}" for k, v in self.numbers.items() if v == v})
+        return out
+
+    def markdown(self) -> str:
+        against = f"champion version {self.champion}" if self.champion else "a constant prediction (first version)"
+        rows = [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {_fmt(c.value)} | {_fmt(c.bound)} | {c.detail} |"
+                for c in self.checks]
+        return "\n".join([
+            f"## Promotion gate ({_now()})",
+            f"Challenger version {self.challenger} against {against}, on the challenger's held-out frame "
+            f"({self.heldout_rows:,} rows), gate metric {self.metric}. Verdict: **{self.verdict}**.",
+            "", "| check | result | value | bound | detail |", "|---|---|---|---|---|", *rows, ""])
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.4f}"
+
+
+def _heldout(client, run_id: str) -> tuple[pd.DataFrame, dict[str, str]]:
+    import mlflow.artifacts
+
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="heldout/heldout.parquet",
+                                                   tracking_uri=client._tracking_client.tracking_uri)
+    except Exception as exc:
+        raise RegistryError(f"run {run_id} has no held-out frame (heldout/heldout.parquet): {exc}") from None
+    return pd.read_parquet(path), tags
+
+
+def _score(name: str, version: str, heldout: pd.DataFrame, prediction: str) -> pd.DataFrame:
+    import mlflow.pyfunc
+
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        out = model.predict(conform(heldout, model.metadata.get_input_schema()))
+    except Exception as exc:
+        raise RegistryError(f"{name} version {version} cannot score the held-out frame: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
+    out = out if isinstance(out, pd.DataFrame) else pd.DataFrame({prediction: np.asarray(out).ravel()})
+    if prediction not in out.columns:
+        raise RegistryError(f"{name} version {version} returns no {prediction!r} column (it returns "
+                            f"{', '.join(map(str, out.columns))})")
+    return out.reset_index(drop=True)
+
+
+def conform(frame: pd.DataFrame, schema: Any) -> pd.DataFrame:
+    """The frame as a model's signature wants it: its columns only, integers as floats where it says double
+    (MLflow refuses to convert int64 to float64 itself, though a count is a fine float)."""
+    if schema is None or not schema.has_input_names():
+        return frame
+    out = frame[[c for c in schema.input_names() if c in frame.columns]].copy()
+    for spec in schema.inputs:
+        if spec.name in out.columns and str(spec.type) in ("double", "DataType.double", "float") \
+                and pd.api.types.is_integer_dtype(out[spec.name]):
+            out[spec.name] = out[spec.name].astype(float)
+    return out
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
+
+
+def _neg_error(kind: str):
+    def metric(y: np.ndarray, p: np.ndarray) -> float:
+        err = np.asarray(y, dtype=float) - np.asarray(p, dtype=float)
+        return -float(np.sqrt(np.mean(err ** 2))) if kind == "rmse" else -float(np.mean(np.abs(err)))
+    return metric
+
+
+def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateReport:
+    """Score challenger and champion on the challenger's held-out frame and run every check."""
+    kind = kind_of(client, name)
+    challenger = _version_of(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"{name} has no challenger to promote; train one first (`personalize train`)")
+    champion = _version_of(client, name, CHAMPION)
+    if champion == challenger:
+        raise RegistryError(f"{name} version {challenger} is already the champion")
+    run_id = client.get_model_version(name, challenger).run_id
+    heldout, tags = _heldout(client, run_id)
+    target, prediction = tags.get("heldout_target", "label"), tags.get("heldout_prediction", "probability")
+    metric_name = tags.get("gate_metric", "roc_auc")
+    if target not in heldout.columns:
+        raise RegistryError(f"the held-out frame of run {run_id} has no target column {target!r}")
+    y = heldout[target].to_numpy()
+    precomputed = tags.get("heldout_challenger_prediction")
+    if precomputed and precomputed in heldout.columns:  # out-of-time predictions made before the refit
+        ours = pd.DataFrame({prediction: heldout[precomputed].to_numpy()})
+    else:
+        ours = _score(name, challenger, heldout, prediction)
+    report = GateReport(name, challenger, champion, metric_name, len(heldout))
+    metric = _auc if metric_name == "roc_auc" else _neg_error(metric_name)
+    boot = {"rounds": config.bootstrap_rounds, "confidence": config.confidence, "seed": config.seed}
+    report.numbers[f"challenger_{metric_name}"] = abs(metric(y, ours[prediction].to_numpy()))
+    if champion is None:
+        constant = np.full(len(y), 0.5 if metric_name == "roc_auc" else float(np.mean(y)))
+        d = bootstrap_delta(metric, y, ours[prediction].to_numpy(), constant, **boot)
+        report.checks.append(Check(
+            "beats_baseline", d["ci_low"] > 0, d["ci_low"], 0.0,
+            f"{metric_name} improvement over a constant {d['delta']:+.4f}, {config.confidence:.0%} interval "
+            f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
+    else:
+        theirs = _score(name, champion, heldout, prediction)
+        d = bootstrap_delta(metric, y, ours[prediction].to_numpy(), theirs[prediction].to_numpy(), **boot)
+        champion_value = abs(metric(y, theirs[prediction].to_numpy()))
+        report.numbers[f"champion_{metric_name}"] = champion_value
+        bound = -config.tolerance if metric_name == "roc_auc" else -config.relative_tolerance * champion_value
+        report.checks.append(Check(
+            "not_worse_than_champion", d["ci_low"] >= bound, d["ci_low"], bound,
+            f"challenger - champion {d['delta']:+.4f} ({'higher' if metric_name == 'roc_auc' else 'lower error'} "
+            f"is better), {config.confidence:.0%} interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
+    report.numbers.update({"delta": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
+    if kind == "classifier":
+        p = ours[prediction].to_numpy()
+        ece, noise = expected_calibration_error(y, p), calibration_noise(p, seed=config.seed)
+        bound = max(config.max_ece, noise)
+        report.numbers.update({"ece": ece, "ece_noise95": noise})
+        report.checks.append(Check(
+            "calibrated", ece <= bound, ece, bound,
+            f"expected calibration error, 10 equal-width bins; the bound is max(--max-ece {config.max_ece}, "
+            f"{noise:.4f} = what a perfectly calibrated model shows on {len(y):,} rows 95% of the time)"))
+        attribute = config.fairness_attribute or tags.get("fairness_attribute")
+        if attribute:
+            report.checks.extend(_fairness_checks(heldout, y, ours, attribute, config, report.numbers))
+        else:
+            report.checks.append(Check("fairness", True, None, None,
+                                       "not checked: no attribute configured (--fairness-attribute)"))
+    return report
+
+
+def _fairness_checks(heldout: pd.DataFrame, y: np.ndarray, scored: pd.DataFrame, attribute: str,
+                     config: GateConfig, numbers: dict[str, float]) -> list[Check]:
+    if attribute not in heldout.columns:
+        return [Check("fairness", False, None, None,
+                      f"the held-out frame has no column {attribute!r} (it has: "
+                      f"{', '.join(c for c in heldout.columns if c != 'label')})")]
+    act = scored["decision"].to_numpy() if "decision" in scored.columns else scored.iloc[:, 0].to_numpy() >= 0.5
+    gaps = fairness_gaps(y, act, heldout[attribute].to_numpy(), config.min_group_rows)
+    numbers.update({"tpr_gap": gaps["tpr_gap"], "positive_rate_gap": gaps["positive_rate_gap"]})
+    compared = int(gaps["groups_compared"])
+    if compared < 2:
+        return [Check("fairness", False, None, None,
+                      f"{attribute}: fewer than two groups of {config.min_group_rows}+ rows; cannot compare")]
+    groups = ", ".join(f"{g}: TPR {s['tpr']:.2f}, positive rate {s['positive_rate']:.2f}"
+                       for g, s in gaps["groups"].items() if s["rows"] >= config.min_group_rows)
+    return [
+        Check("fairness_tpr_gap", bool(gaps["tpr_gap"] <= config.max_tpr_gap), gaps["tpr_gap"],
+              config.max_tpr_gap, f"by {attribute} ({groups})"),
+        Check("fairness_positive_rate_gap", bool(gaps["positive_rate_gap"] <= config.max_positive_rate_gap),
+              gaps["positive_rate_gap"], config.max_positive_rate_gap, f"by {attribute}, {compared} groups"),
+    ]
+
+
+# --- promote and roll back ---------------------------------------------------------------------------------------
+def _record_verdict(client, name: str, report: GateReport) -> None:
+    """The gate's verdict on the version's tags, description and model card."""
+    for k, v in report.tags().items():
+        client.set_model_version_tag(name, report.challenger, k, v)
+    version = client.get_model_version(name, report.challenger)
+    client.update_model_version(name, report.challenger,
+                                description=f"{version.description or ''}\n\n{report.markdown()}".strip())
+    try:
+        import mlflow.artifacts
+
+        card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/model_card.md")
+    except Exception:
+        card = f"# Model card: {name} version {report.challenger}\n"
+    client.log_text(version.run_id, f"{card.rstrip()}\n\n{report.markdown()}", "model_card.md")
+
+
+def promote(client, name: str, config: GateConfig = GateConfig(), reason: str = "",
+            force: bool = False) -> GateReport:
+    """Run the gate; on a pass (or ``force``, which needs a reason) move ``champion`` to the challenger."""
+    report = evaluate_gate(client, name, config)
+    _record_verdict(client, name, report)
+    entry = {"from": report.champion, "to": report.challenger, "verdict": report.verdict,
+             "gate": {k: round(v, 6) for k, v in report.numbers.items() if v == v}, "reason": reason}
+    if report.passed or force:
+        if force and not report.passed and not reason:
+            raise RegistryError("--force needs a --reason: it is written to the audit trail")
+        client.set_registered_model_alias(name, CHAMPION, report.challenger)
+        _audit(client, name, {"action": "promote" if report.passed else "force-promote", **entry})
+    else:
+        _audit(client, name, {"action": "refuse", **entry})
+    return report
+
+
+def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
+    """Champion versions in the order they took over, replaying promotions (push) and rollbacks (pop)."""
+    stack: list[str] = []
+    for e in entries:
+        if e["action"] in ("promote", "force-promote"):
+            stack.append(str(e["to"]))
+        elif e["action"] == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def rollback(client, name: str, reason: str = "") -> tuple[str, str]:
+    """Move ``champion`` back to the previous champion; returns (from version, to version)."""
+    stack = champion_stack(history(client, name))
+    current = _version_of(client, name, CHAMPION)
+    if len(stack) < 2 or current is None:
+        raise RegistryError(f"{name} has no previous champion to roll back to")
+    if stack[-1] != current:
+        raise RegistryError(f"{name}: the champion alias points to version {current}, but the audit trail says "
+                            f"{stack[-1]}; it was moved outside personalize, set it back by hand")
+    target = stack[-2]
+    client.set_registered_model_alias(name, CHAMPION, target)
+    client.set_model_version_tag(name, current, "rolled_back", _now())
+    _audit(client, name, {"action": "rollback", "from": current, "to": target, "reason": reason})
+    return current, target
+
+
+def aliases(client, name: str) -> dict[str, str | None]:
+    kind_of(client, name)
+    return {alias: _version_of(client, name, alias) for alias in (CHAMPION, CHALLENGER)}
+
+
+def report_dict(report: GateReport) -> dict[str, Any]:
+    return {"model": report.model, "challenger": report.challenger, "champion": report.champion,
+            "passed": report.passed, "verdict": report.verdict, "numbers": report.numbers,
+            "checks": [asdict(c) for c in report.checks]}
