@@ -13,12 +13,19 @@ from personalize.cli import app
 def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path) -> None:
     runner = CliRunner()
     for _ in range(2):  # rerunnable without cleaning by hand
-        result = runner.invoke(app, ["demo", "--customers", "300", "--data-root", str(data_root)],
+        result = runner.invoke(app, ["demo", "--customers", "300", "--trials", "2", "--data-root", str(data_root)],
                                catch_exceptions=False)
         assert result.exit_code == 0, result.output
     last = json.loads(result.output.strip().splitlines()[-1])
     assert last["demo"] == "ok"
     assert last["datasets"]["online_retail"] == {"rows_in": 541_909, "quarantined": 140_307}
     assert set(last["frames"]) == {"online_retail", "cdnow", "synthetic"}
-    assert last["tuned"]["telco_churn"]["valid_auc"] > 0.8  # a constant score gets 0.5
+    models = last["models"]
+    assert models["churn_telco"]["value"] > 0.8 and models["churn_telco"]["baseline"] == 0.5
+    assert models["churn"]["value"] > 0.6 and models["propensity"]["value"] > 0.6
+    assert models["purchase_forecast"]["value"] < models["purchase_forecast"]["baseline"]
+    assert all(m["version"] == "2" for m in models.values())  # the rerun registered new challengers
+    # every challenger went through the gate; on the shared data the first run's gate crowned version 1
+    assert all(m["gate"] == "pass" or m["gate"].startswith("fail: ") for m in models.values()), models
+    assert all(models[m]["champion"] in ("1", "2") for m in ("churn_telco", "purchase_forecast", "purchase_cycle"))
     assert (isolated_home / "features" / "cdnow" / "training_frame.parquet").exists()

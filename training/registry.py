@@ -83,6 +83,10 @@ def connect(tracking_uri: str):
         with _no_retries():
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             client.search_experiments(max_results=1)
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs (loading a version to score it) resolve here too
+        mlflow.set_registry_uri(tracking_uri)
     except Exception as exc:  # any failure here means: nothing can be tracked or registered
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise RegistryError(f"the MLflow tracking store {_redact(tracking_uri)} is unreachable ({reason}); "
