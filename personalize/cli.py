@@ -420,6 +420,9 @@ train_app.command("churn")(_classifier_command(
     "churn", "Churn: will the customer stop buying within the horizon? Tuned, calibrated, thresholded, registered."))
 train_app.command("propensity")(_classifier_command(
     "propensity", "Propensity: will the customer buy within the horizon? Tuned, calibrated, thresholded, registered."))
+train_app.command("category-propensity")(_classifier_command(
+    "category_propensity", "Per-category propensity: will the customer buy in each top category within the horizon? "
+    "One model, the category a feature; test ROC-AUC reported per category."))
 
 
 @train_app.command("forecast")

@@ -179,12 +179,13 @@ def test_the_fairness_bound_can_refuse_a_challenger(tmp_path: Path) -> None:
     assert history(client, "churn")[-1]["action"] == "refuse"
 
 
-def test_transaction_data_trains_out_of_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", ["propensity", "category_propensity"])
+def test_transaction_data_trains_out_of_time(task: str) -> None:
     from features.pipeline import ingest_synthetic
     from features.synthetic import SyntheticConfig, generate
 
     ingest_synthetic(settings(), "synth", generate(SyntheticConfig(customers=600, days=400, seed=3, events=False)))
-    outcome = train_and_register(settings(), "propensity", "synth", TrainConfig(tune=FAST, horizon_days=60))
+    outcome = train_and_register(settings(), task, "synth", TrainConfig(tune=FAST, horizon_days=60))
     p = outcome.trained.prepared
     assert p.train["cutoff"].max() < p.valid["cutoff"].min() < p.test["cutoff"].min()
     assert p.valid["cutoff"].min() + pd.Timedelta(days=60) <= p.test["cutoff"].min()
@@ -192,6 +193,11 @@ def test_transaction_data_trains_out_of_time(tmp_path: Path) -> None:
     heldout = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
                                                                   artifact_path="heldout/heldout.parquet"))
     assert set(heldout["cutoff"]) == set(p.test["cutoff"]) and len(heldout) == len(p.test)
+    if task == "category_propensity":  # one row per customer and category, the category a feature
+        assert "category" in p.columns.categorical and "category_share" in p.columns.numeric
+        assert len(p.test) == p.test["customer_id"].nunique() * p.test["category"].nunique()
+        assert set(outcome.trained.by_category_auc) <= set(p.test["category"])
+        assert len(outcome.trained.by_category_auc) >= 2
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

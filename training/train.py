@@ -46,8 +46,9 @@ from training.tune import Family, Split, TuneConfig, TuneResult, fit, model_matr
 
 log = logging.getLogger(__name__)
 
-Task = Literal["churn", "propensity"]
-TASK_LABELS: dict[str, str] = {"churn": "churn", "propensity": "propensity"}  # task -> label column of a frame
+Task = Literal["churn", "propensity", "category_propensity"]
+# task -> label column of a frame; category propensity takes one buys_<category> column per category
+TASK_LABELS: dict[str, str] = {"churn": "churn", "propensity": "propensity", "category_propensity": "buys_*"}
 HELDOUT_ARTIFACT = "heldout/heldout.parquet"
 MIN_ROWS = 50  # below this a split leaves too little to tune, calibrate and test on
 
@@ -191,9 +192,14 @@ def prepare_frame(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared
             f"the first transaction); use a shorter --horizon or fewer training cutoffs")
     spec = FeatureSpec(categories=store.top_categories(train_cuts[0], config.top_categories))
     frame = store.training_frame([*train_cuts, valid_cut, test_cut], config.horizon_days, spec, observed_until)
-    label = TASK_LABELS[task]
-    frame = frame[frame[label].notna()].copy()  # churn is undefined for a customer who never bought
-    frame["label"] = frame[label].astype(int)
+    numeric = [c for c in spec.columns if c in frame.columns]
+    categorical: list[str] = []
+    if task == "category_propensity":
+        frame, numeric, categorical = by_category(frame, spec, numeric)
+    else:
+        label = TASK_LABELS[task]
+        frame = frame[frame[label].notna()].copy()  # churn is undefined for a customer who never bought
+        frame["label"] = frame[label].astype(int)
     _check_table(frame, dataset_dir.name, task)
     customers = store.customers.to_pandas()
     attributes = [c for c in customers.columns if c not in ("customer_id", "signup_at", "consent")]
@@ -201,7 +207,6 @@ def prepare_frame(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared
         raise PersonalizeError(f"{dataset_dir.name}: no customer attribute {config.fairness_attribute!r} for the "
                                f"fairness check (attributes: {', '.join(attributes) or 'none'})")
     frame = frame.merge(customers[["customer_id", *attributes]], on="customer_id", how="left")
-    numeric = [c for c in spec.columns if c in frame.columns]
     parts = {name: frame[frame["cutoff"].isin(cuts)].reset_index(drop=True)
              for name, cuts in (("train", train_cuts), ("valid", [valid_cut]), ("test", [test_cut]))}
     split = (f"out of time: train cutoffs {', '.join(str(c.date()) for c in train_cuts)}, validation "
@@ -211,15 +216,36 @@ def prepare_frame(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared
                   "definition_fingerprint": frame.attrs.get("definition_fingerprint", ""),
                   "label_definition": _LABEL_TEXT[task].format(h=config.horizon_days),
                   "cutoffs": [str(c) for c in [*train_cuts, valid_cut, test_cut]]}
-    prepared = Prepared(task, dataset_dir.name, Columns(numeric, [], []), parts["train"], parts["valid"],
-                        parts["test"], split, provenance, attributes, ["customer_id", "cutoff"])
+    ids = ["customer_id", "cutoff", *(["category"] if task == "category_propensity" else [])]
+    prepared = Prepared(task, dataset_dir.name, Columns(numeric, categorical, []), parts["train"], parts["valid"],
+                        parts["test"], split, provenance, attributes, ids)
     prepared.check()
     return prepared
+
+
+def by_category(frame: pd.DataFrame, spec: Any, numeric: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """One row per (customer, cutoff, category): the customer's features, the category, the customer's share of
+    spend in it, and whether they buy in it within the horizon.
+
+    One model with the category as a feature rather than one per category: one study, one calibration, one
+    registered model and one gate instead of k of each; small categories borrow the shared effects (recency,
+    frequency, engagement) from the big ones, and ``category_share`` carries the customer's own affinity. The
+    test ROC-AUC is reported per category too, so a category the shared model serves badly shows."""
+    from features.labels import category_label_columns
+
+    if not spec.categories:
+        raise PersonalizeError("no categories in the data set: category propensity needs transactions with a "
+                               "category")
+    labels, shares = category_label_columns(spec), spec.category_columns
+    long = pd.concat([frame.assign(category=c, category_share=frame[shares[c]], label=frame[labels[c]].astype(int))
+                      for c in spec.categories], ignore_index=True)
+    return long, [*numeric, "category_share"], ["category"]
 
 
 _LABEL_TEXT = {
     "churn": "1 if a customer who had bought before the cutoff buys nothing in the {h} days after it",
     "propensity": "1 if the customer buys anything in the {h} days after the cutoff",
+    "category_propensity": "1 if the customer buys in the row's category in the {h} days after the cutoff",
 }
 
 
@@ -382,6 +408,7 @@ class Trained:
     fairness: dict[str, Any] | None
     test_scores: np.ndarray
     test_raw_scores: np.ndarray
+    by_category_auc: dict[str, float] = field(default_factory=dict)
 
 
 def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
@@ -404,8 +431,14 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
     if config.fairness_attribute:
         fairness = fairness_gaps(y_test, p_test >= threshold["threshold"],
                                  prepared.test[config.fairness_attribute].to_numpy())
+    by_group = {}
+    if "category" in prepared.test.columns:
+        for cat, rows in prepared.test.groupby("category").groups.items():
+            idx = prepared.test.index.get_indexer(rows)
+            if 0 < y_test[idx].sum() < len(idx):
+                by_group[str(cat)] = classification_metrics(y_test[idx], p_test[idx])["roc_auc"]
     return Trained(
-        prepared, tuned, model, booster,
+        prepared, tuned, model, booster, by_category_auc=by_group,
         test_metrics=classification_metrics(y_test, p_test),
         test_raw_metrics={"ece": expected_calibration_error(y_test, raw_test), "roc_auc":
                           classification_metrics(y_test, raw_test)["roc_auc"]},
@@ -448,6 +481,10 @@ def log_classifier(trained: Trained, config: TrainConfig) -> Any:
                         **{f"valid_{k}": v for k, v in trained.valid_metrics.items()},
                         **{f"test_decision_{k}": v for k, v in trained.test_decision.items()},
                         "threshold": trained.threshold["threshold"]})
+    if trained.by_category_auc:
+        from features.definitions import slug
+
+        mlflow.log_metrics({f"test_roc_auc_{slug(c)}": v for c, v in trained.by_category_auc.items()})
     if trained.fairness:
         mlflow.log_metrics({"test_fairness_tpr_gap": trained.fairness["tpr_gap"],
                             "test_fairness_positive_rate_gap": trained.fairness["positive_rate_gap"]})
@@ -566,6 +603,9 @@ def model_card(trained: Trained, config: TrainConfig) -> str:
         "## What drives it",
         f"Mean |TreeSHAP| on test rows: {top}.",
     ]
+    if trained.by_category_auc:
+        lines += ["", "## Per category (test ROC-AUC)",
+                  ", ".join(f"{c} {v:.3f}" for c, v in trained.by_category_auc.items())]
     if trained.fairness:
         f = trained.fairness
         lines += ["", f"## Fairness by {config.fairness_attribute}",
