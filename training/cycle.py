@@ -721,6 +721,8 @@ def train_and_register(settings: Any, dataset: str, config: CycleConfig = CycleC
     from training.registry import connect, register
     from training.tracking import use_experiment
 
+    from features.store import data_fingerprint
+
     client = connect(settings.tracking_uri)
     path = settings.dataset_dir(dataset) / "transactions.parquet"
     if not path.exists():
@@ -739,14 +741,16 @@ def train_and_register(settings: Any, dataset: str, config: CycleConfig = CycleC
     naive = calibration.set_index("customer_id")["frequency"] / calibration.set_index("customer_id")["T"].clip(lower=1)
     naive = heldout["customer_id"].map(naive * h / config.time_unit_days).fillna(rate).to_numpy(float)
     metrics["baseline_rmse"] = float(np.sqrt(np.mean((heldout["actual_purchases"].to_numpy(float) - naive) ** 2)))
+    provenance = {"feature_version": "cycle_summary_v1", "data_fingerprint": data_fingerprint([path])}
     settings.home.mkdir(parents=True, exist_ok=True)
     use_experiment(settings.tracking_uri, "train-purchase_cycle", settings.artifact_root)
     with mlflow.start_run(run_name=f"purchase_cycle-{dataset}") as run:
-        mlflow.set_tags({"kind": "training", "dataset": dataset})
+        mlflow.set_tags({"kind": "training", "dataset": dataset, **provenance})
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if math.isfinite(v)})
         info = log_cycle_model(selection, heldout)
     version = register(client, "purchase_cycle", info.model_uri, run.info.run_id,
-                       tags={"dataset": dataset, "winner": selection.winner, "test_rmse": f"{metrics['rmse']:.4f}",
+                       tags={"dataset": dataset, **provenance, "winner": selection.winner,
+                             "test_rmse": f"{metrics['rmse']:.4f}",
                              "calibration_end": str(end.date())},
                        description=f"{selection.winner} on {dataset}, calibrated to {end.date()}: held-out "
                                    f"{h}-day RMSE {metrics['rmse']:.4f}, total ratio {metrics['total_ratio']:.3f}",

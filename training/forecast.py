@@ -474,19 +474,22 @@ def train_and_register(settings: Any, dataset: str, config: ForecastConfig) -> t
     from training.registry import connect, register
     from training.tracking import use_experiment
 
+    from features.store import data_fingerprint
+
     client = connect(settings.tracking_uri)
     path = settings.dataset_dir(dataset) / "transactions.parquet"
     if not path.exists():
         raise ForecastError(f"no transactions for {dataset!r}; ingest the data set first (`personalize ingest`)")
     result = forecast_purchases(pd.read_parquet(path), config)
+    provenance = {"feature_version": "daily_series_v1", "data_fingerprint": data_fingerprint([path])}
     settings.home.mkdir(parents=True, exist_ok=True)
     use_experiment(settings.tracking_uri, "train-purchase_forecast", settings.artifact_root)
     with mlflow.start_run(run_name=f"forecast-{dataset}") as run:
-        mlflow.set_tags({"dataset": dataset, "heldout_challenger_prediction": "prophet_yhat"})
+        mlflow.set_tags({"dataset": dataset, "heldout_challenger_prediction": "prophet_yhat", **provenance})
         info = log_forecast(result, REGISTERED_MODEL_NAME)
     overall = result.overall
     version = register(client, REGISTERED_MODEL_NAME, info.model_uri, run.info.run_id,
-                       tags={"dataset": dataset, "mae": f"{overall['mae']:.4f}",
+                       tags={"dataset": dataset, **provenance, "mae": f"{overall['mae']:.4f}",
                              "baseline_mae": f"{overall['baseline_mae']:.4f}"},
                        description=f"daily {config.measure} of {dataset}, {len(result.models)} series: holdout MAE "
                                    f"{overall['mae']:.3f} vs seasonal-naive {overall['baseline_mae']:.3f}",
