@@ -34,6 +34,7 @@ test: install
 
 bench: install
 	$(VENV)/bin/python bench/features.py $(QUICK)
+	$(VENV)/bin/python bench/quality.py $(QUICK)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .personalize .pytest_cache .hypothesis

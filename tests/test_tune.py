@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from personalize.cli import app
 from personalize.errors import PersonalizeError
-from training.tune import TuneConfig, model_matrix, stratified_split, tune
+from training.tune import (TuneConfig, model_matrix, predict_mean, refit, refit_best, refit_rounds,
+                           stratified_split, tune)
 
 
 def labeled(n: int = 800, seed: int = 0) -> pd.DataFrame:
@@ -29,7 +30,8 @@ def split_of(frame: pd.DataFrame, seed: int = 42):
     return stratified_split(x, frame["label"].to_numpy(), 0.25, seed)
 
 
-FAST = dict(trials=6, max_rounds=200, early_stopping_rounds=20)
+FAST = dict(trials=6, max_rounds=200, early_stopping_rounds=20, cv_folds=None)  # scored on the split
+FAST_CV = {**FAST, "cv_folds": 3}
 
 
 def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
@@ -40,13 +42,41 @@ def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
     assert [t.params for t in first.study.trials] == [t.params for t in second.study.trials]
 
 
+@pytest.mark.parametrize("fast", [FAST, FAST_CV], ids=["valid-split", "cross-validated"])
 @pytest.mark.parametrize("family", ["lightgbm", "xgboost"])
-def test_each_family_reports_every_round_to_the_pruner_and_beats_the_prior(tmp_path: Path, family: str) -> None:
-    result = tune(split_of(labeled()), TuneConfig(families=(family,), **FAST), f"sqlite:///{tmp_path / 'o.db'}",
+def test_each_family_reports_to_the_pruner_and_beats_the_prior(tmp_path: Path, family: str, fast: dict) -> None:
+    result = tune(split_of(labeled()), TuneConfig(families=(family,), **fast), f"sqlite:///{tmp_path / 'o.db'}",
                   "s")
     assert result.family == family
     assert all(len(t.intermediate_values) > 0 for t in result.study.trials)
-    assert result.baseline_auc == 0.5 and result.valid_auc > 0.75
+    assert result.baseline_auc == 0.5 and result.valid_auc > 0.75 and result.holdout_auc > 0.75
+
+
+def test_reports_to_the_pruner_come_every_few_rounds(tmp_path: Path) -> None:
+    config = TuneConfig(families=("lightgbm",), **{**FAST, "report_every": 5, "trials": 2})
+    result = tune(split_of(labeled()), config, f"sqlite:///{tmp_path / 'o.db'}", "s")
+    steps = [s for t in result.study.trials for s in t.intermediate_values]
+    assert steps and all((s + 1) % 5 == 0 for s in steps)
+
+
+def test_a_cross_validated_study_leaves_the_validation_rows_to_the_holdout_score(tmp_path: Path) -> None:
+    split = split_of(labeled())
+    result = tune(split, TuneConfig(**FAST_CV), f"sqlite:///{tmp_path / 'o.db'}", "cv")
+    scrambled = type(split)(split.x_train, split.y_train, split.x_valid, split.y_valid[::-1].copy())
+    again = tune(scrambled, TuneConfig(**FAST_CV), f"sqlite:///{tmp_path / 'o.db'}", "cv-scrambled")
+    assert [t.value for t in again.study.trials] == [t.value for t in result.study.trials]  # valid rows unseen
+    assert again.holdout_auc != result.holdout_auc and result.holdout_auc > 0.75
+
+
+def test_refitting_on_all_rows_scales_the_rounds_and_the_top_trials_average(tmp_path: Path) -> None:
+    split = split_of(labeled())
+    result = tune(split, TuneConfig(**FAST_CV), f"sqlite:///{tmp_path / 'o.db'}", "refit")
+    booster = refit(result.family, result.params, result.rounds, split)
+    rows = len(split.y_train) + len(split.y_valid)
+    assert refit_rounds(booster) == max(1, round(result.rounds * rows / len(split.y_train)))
+    boosters = refit_best(result, split, top=3)
+    scores = predict_mean(boosters, split.x_valid)
+    assert len(boosters) == 3 and scores.shape == (len(split.y_valid),) and ((scores > 0) & (scores < 1)).all()
 
 
 def test_a_study_is_joined_by_name_across_runs(tmp_path: Path) -> None:

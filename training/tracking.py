@@ -60,6 +60,7 @@ def tracked_tune(split: Split, config: TuneConfig, storage: str, study_name: str
         mlflow.log_params({"study": study_name, "storage": _redact(storage), "families": ",".join(config.families),
                            "trials": config.trials, "timeout_s": config.timeout_s, "seed": config.seed,
                            "max_rounds": config.max_rounds, "early_stopping_rounds": config.early_stopping_rounds,
+                           "cv_folds": config.cv_folds, "report_every": config.report_every,
                            "train_rows": len(split.y_train), "valid_rows": len(split.y_valid),
                            "train_positive_rate": float(split.y_train.mean())})
         prior = np.full(len(split.y_valid), float(split.y_train.mean()))
@@ -70,8 +71,8 @@ def tracked_tune(split: Split, config: TuneConfig, storage: str, study_name: str
             with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                                   tags={"kind": "trial", "state": trial.state.name}):
                 mlflow.log_params(trial.params)
-                if trial.value is not None:
-                    mlflow.log_metric("valid_roc_auc", trial.value)
+                if trial.value is not None:  # cross-validated on the training rows, or on the validation split
+                    mlflow.log_metric("cv_roc_auc" if config.cv_folds else "valid_roc_auc", trial.value)
                 if trial.intermediate_values:
                     mlflow.log_metric("last_reported_roc_auc", trial.intermediate_values[max(trial.intermediate_values)])
                 if "rounds" in trial.user_attrs:
@@ -82,7 +83,9 @@ def tracked_tune(split: Split, config: TuneConfig, storage: str, study_name: str
         result = tune(split, config, storage, study_name, log_trial)
         best = result.study.best_trial
         mlflow.set_tags({"best_trial": str(best.number), "best_family": result.family})
-        mlflow.log_metrics({"best_valid_roc_auc": result.valid_auc, "baseline_valid_roc_auc": result.baseline_auc,
+        mlflow.log_metrics({"best_cv_roc_auc" if config.cv_folds else "best_valid_roc_auc": result.valid_auc,
+                            **({"best_holdout_roc_auc": result.holdout_auc} if result.holdout_auc is not None else {}),
+                            "baseline_valid_roc_auc": result.baseline_auc,
                             "best_rounds": result.rounds,
                             "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED
                                                  for t in result.study.trials)})

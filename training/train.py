@@ -42,7 +42,7 @@ from training.evaluate import (
     expected_calibration_error,
     fairness_gaps,
 )
-from training.tune import Family, Split, TuneConfig, TuneResult, fit, model_matrix, predict
+from training.tune import Family, Split, TuneConfig, TuneResult, fit, model_matrix, predict, train
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Prepared:
     provenance: dict[str, Any] = field(default_factory=dict)
     attributes: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)  # row identity (customer id, cutoff): kept, never a feature
+    time_ordered: bool = False  # the parts follow each other in time
 
     def check(self) -> None:
         for name, part in (("training", self.train), ("validation", self.valid), ("test", self.test)):
@@ -143,7 +144,8 @@ def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepar
                   "data_fingerprint": _file_fingerprint(dataset_dir / "table.parquet"),
                   "label_definition": f"{report.get('label')} (positive value given at ingestion)"}
     ids = [report["id_column"]] if report.get("id_column") else []
-    prepared = Prepared(task, dataset_dir.name, columns, train, valid, test, split, provenance, kept, ids)
+    prepared = Prepared(task, dataset_dir.name, columns, train, valid, test, split, provenance, kept, ids,
+                        time_ordered=bool(time_column))
     prepared.check()
     return prepared
 
@@ -218,7 +220,7 @@ def prepare_frame(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared
                   "cutoffs": [str(c) for c in [*train_cuts, valid_cut, test_cut]]}
     ids = ["customer_id", "cutoff", *(["category"] if task == "category_propensity" else [])]
     prepared = Prepared(task, dataset_dir.name, Columns(numeric, categorical, []), parts["train"], parts["valid"],
-                        parts["test"], split, provenance, attributes, ids)
+                        parts["test"], split, provenance, attributes, ids, time_ordered=True)
     prepared.check()
     return prepared
 
@@ -411,8 +413,16 @@ class Trained:
     by_category_auc: dict[str, float] = field(default_factory=dict)
 
 
+def search_config(prepared: Prepared, config: TrainConfig) -> TuneConfig:
+    """How the study scores a trial. Parts cut by time: on the later validation cutoff, since choosing what
+    generalises forward in time is the point. Parts cut at random: by cross-validation on the training rows, which
+    leaves the validation rows untouched for calibration and the threshold."""
+    return config.tune.model_copy(update={"cv_folds": None}) if prepared.time_ordered else config.tune
+
+
 def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
-    """Tune (``tune_fn(split) -> TuneResult``), refit, calibrate, choose the threshold, score the test part."""
+    """Tune (``tune_fn(split, tune_config) -> TuneResult``), refit, calibrate, choose the threshold, score the
+    test part."""
     cols = prepared.columns
     x_train, categories = model_matrix(prepared.train, cols.numeric, cols.categorical, cols.boolean)
     x_valid, _ = model_matrix(prepared.valid, cols.numeric, cols.categorical, cols.boolean, categories)
@@ -420,8 +430,12 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
     y_train, y_valid, y_test = (p["label"].to_numpy().astype(int)
                                 for p in (prepared.train, prepared.valid, prepared.test))
     split = Split(x_train, y_train, x_valid, y_valid)
-    tuned = tune_fn(split)
-    booster, rounds = fit(tuned.family, tuned.params, split, config.tune)
+    search = search_config(prepared, config)
+    tuned = tune_fn(split, search)
+    if search.cv_folds:  # the rounds cross-validation found, on the training rows only
+        booster, rounds = train(tuned.family, tuned.params, x_train, y_train, tuned.rounds), tuned.rounds
+    else:  # early stopping on the validation cutoff, as in the search
+        booster, rounds = fit(tuned.family, tuned.params, split, search)
     raw_valid, raw_test = predict(booster, x_valid, rounds), predict(booster, x_test, rounds)
     calibrator = Calibrator(config.calibration).fit(raw_valid, y_valid)
     p_valid, p_test = calibrator.transform(raw_valid), calibrator.transform(raw_test)
@@ -659,8 +673,8 @@ def train_and_register(settings: Any, task: str, dataset: str, config: TrainConf
         mlflow.set_tags({"kind": "training", "study": study,
                          **({"fairness_attribute": config.fairness_attribute} if config.fairness_attribute else {})})
 
-        def tune_fn(split: Split) -> TuneResult:
-            result, _ = tracked_tune(split, config.tune, settings.optuna_storage_url, study, settings.tracking_uri,
+        def tune_fn(split: Split, search: TuneConfig) -> TuneResult:
+            result, _ = tracked_tune(split, search, settings.optuna_storage_url, study, settings.tracking_uri,
                                      f"train-{task}", settings.artifact_root, on_trial)
             return result
 
