@@ -261,10 +261,12 @@ def tune(
         result, run_id = tracked_tune(split, config, storage, name, settings.tracking_uri, f"tune-{dataset}",
                                       settings.artifact_root, on_trial, tags={"dataset": dataset})
     table = Table(title=f"study {name}")
-    for col in ("best family", "valid ROC-AUC", "baseline ROC-AUC", "boosting rounds", "trials (pruned)"):
+    scored = f"{config.cv_folds}-fold CV ROC-AUC" if config.cv_folds else "valid ROC-AUC"
+    for col in ("best family", scored, "holdout ROC-AUC", "baseline ROC-AUC", "boosting rounds", "trials (pruned)"):
         table.add_column(col, justify="right")
     pruned = sum(t.state.name == "PRUNED" for t in result.study.trials)
-    table.add_row(result.family, f"{result.valid_auc:.4f}", f"{result.baseline_auc:.4f}", str(result.rounds),
+    holdout = "-" if result.holdout_auc is None else f"{result.holdout_auc:.4f}"
+    table.add_row(result.family, f"{result.valid_auc:.4f}", holdout, f"{result.baseline_auc:.4f}", str(result.rounds),
                   f"{len(result.study.trials)} ({pruned})")
     console.print(table)
     console.print(f"study stored in {storage}; MLflow parent run {run_id} in {settings.tracking_uri} "

@@ -111,7 +111,7 @@ def test_tune_from_the_command_line(tmp_path: Path) -> None:
     assert runner.invoke(app, ["ingest", str(tmp_path / "churn.yaml")]).exit_code == 0
     result = runner.invoke(app, ["tune", "mine", "--trials", "3", "--family", "lightgbm"])
     assert result.exit_code == 0, result.output
-    assert "lightgbm" in result.output and "valid ROC-AUC" in result.output
+    assert "lightgbm" in result.output and "CV ROC-AUC" in result.output and "holdout ROC-AUC" in result.output
     wrong = runner.invoke(app, ["tune", "nothing-here"])
     assert wrong.exit_code == 2 and "no labeled table" in wrong.output
 
