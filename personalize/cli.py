@@ -601,7 +601,7 @@ def mlflow_ui(
         console.print(f"the tracking store is a server already: open {uri}")
         return
     args = ["mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", settings.artifact_root,
-            "--host", host, "--port", str(port)]
+            "--host", host, "--port", str(port), "--workers", "1"]
     console.print(" ".join(args), highlight=False, soft_wrap=True)
     os.execv(str(Path(sys.executable).parent / "mlflow"), args)
 

@@ -268,8 +268,7 @@ def _heldout(client, run_id: str) -> tuple[pd.DataFrame, dict[str, str]]:
     run = client.get_run(run_id)
     tags = run.data.tags
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="heldout/heldout.parquet",
-                                                   tracking_uri=client._tracking_client.tracking_uri)
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="heldout/heldout.parquet")
     except Exception as exc:
         raise RegistryError(f"run {run_id} has no held-out frame (heldout/heldout.parquet): {exc}") from None
     return pd.read_parquet(path), tags
