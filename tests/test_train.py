@@ -248,3 +248,22 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_champion_that_cannot_score_the_new_frame_refuses_until_forced_with_a_reason(tmp_path: Path) -> None:
+    frame, _ = churn_table(800)
+    old = ingest_table(tmp_path, frame.drop(columns=["monthly_fee"]).rename(columns={"plan": "tier"}), "old")
+    new = ingest_table(tmp_path, frame, "new")
+    client = connect(settings().tracking_uri)
+    train_and_register(settings(), "churn", old, TrainConfig(tune=FAST))
+    assert promote(client, "churn", GateConfig(bootstrap_rounds=200)).passed
+    train_and_register(settings(), "churn", new, TrainConfig(tune=FAST))
+    report = promote(client, "churn", GateConfig(bootstrap_rounds=200))
+    assert not report.passed and "cannot score" in report.checks[0].detail
+    assert aliases(client, "churn")[CHAMPION] == "1"
+    with pytest.raises(RegistryError, match="--reason"):
+        promote(client, "churn", GateConfig(bootstrap_rounds=200), force=True)
+    promote(client, "churn", GateConfig(bootstrap_rounds=200), reason="new feature set, checked by hand", force=True)
+    assert aliases(client, "churn")[CHAMPION] == "2"
+    last = history(client, "churn")[-1]
+    assert last["action"] == "force-promote" and last["reason"] == "new feature set, checked by hand"

@@ -349,7 +349,13 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
             f"{metric_name} improvement over a constant {d['delta']:+.4f}, {config.confidence:.0%} interval "
             f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
     else:
-        theirs = _score(name, champion, heldout, prediction)
+        try:
+            theirs = _score(name, champion, heldout, prediction)
+        except RegistryError as exc:  # e.g. the feature set changed: no like-for-like comparison is possible
+            theirs, d = None, None
+            report.checks.append(Check("not_worse_than_champion", False, None, None,
+                                       f"{exc}; compare them by hand and promote with --force --reason"))
+    if champion is not None and theirs is not None:
         d = bootstrap_delta(metric, y, ours[prediction].to_numpy(), theirs[prediction].to_numpy(), **boot)
         champion_value = abs(metric(y, theirs[prediction].to_numpy()))
         report.numbers[f"champion_{metric_name}"] = champion_value
@@ -358,7 +364,8 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
             "not_worse_than_champion", d["ci_low"] >= bound, d["ci_low"], bound,
             f"challenger - champion {d['delta']:+.4f} ({'higher' if metric_name == 'roc_auc' else 'lower error'} "
             f"is better), {config.confidence:.0%} interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
-    report.numbers.update({"delta": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
+    if d is not None:
+        report.numbers.update({"delta": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
     if kind == "classifier":
         p = ours[prediction].to_numpy()
         ece, noise = expected_calibration_error(y, p), calibration_noise(p, seed=config.seed)
@@ -420,13 +427,13 @@ def _record_verdict(client, name: str, report: GateReport) -> None:
 def promote(client, name: str, config: GateConfig = GateConfig(), reason: str = "",
             force: bool = False) -> GateReport:
     """Run the gate; on a pass (or ``force``, which needs a reason) move ``champion`` to the challenger."""
+    if force and not reason:
+        raise RegistryError("--force needs a --reason: it is written to the audit trail")
     report = evaluate_gate(client, name, config)
     _record_verdict(client, name, report)
     entry = {"from": report.champion, "to": report.challenger, "verdict": report.verdict,
              "gate": {k: round(v, 6) for k, v in report.numbers.items() if v == v}, "reason": reason}
     if report.passed or force:
-        if force and not report.passed and not reason:
-            raise RegistryError("--force needs a --reason: it is written to the audit trail")
         client.set_registered_model_alias(name, CHAMPION, report.challenger)
         _audit(client, name, {"action": "promote" if report.passed else "force-promote", **entry})
     else:
