@@ -1,7 +1,7 @@
 """Model quality on the real labeled tables: our tuned boosters beside a logistic-regression peer, same folds.
 
     python bench/quality.py            # 5 folds, default tuning budget: about 10 minutes on 2 cores
-    python bench/quality.py --quick    # the first 2 of the same 5 folds, 8 trials: about a minute
+    python bench/quality.py --quick    # the first 2 of the 5 folds, fewer trials, quick cycle/retail: about 4 minutes
 
 For each labeled data set (Telco churn, Online Shoppers) the rows are split by ``StratifiedKFold(5, shuffle=True,
 random_state=42)``. In each outer fold, the hyperparameters are chosen without seeing the test fold: the training
