@@ -234,8 +234,6 @@ def tune(
 ) -> None:
     """Tune LightGBM/XGBoost on a labeled table with Optuna (pruning, early stopping, persistent study), tracked in
     MLflow as one parent run with a baseline and a nested run per trial."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from training.tracking import tracked_tune
     from training.tune import TuneConfig, split_labeled_table
 
@@ -249,15 +247,8 @@ def tune(
     name = study or f"{dataset}-seed{seed}"
     storage = settings.optuna_storage_url
     settings.home.mkdir(parents=True, exist_ok=True)
-    progress = Progress(TextColumn("trial {task.completed}/{task.total}"), BarColumn(),
-                        TextColumn("best valid AUC {task.fields[best]}"), TimeElapsedColumn(), console=console)
+    progress, on_trial = _trial_progress(trials)
     with progress:
-        task = progress.add_task("tune", total=trials, best="-")
-
-        def on_trial(st, trial) -> None:
-            best = f"{st.best_value:.4f}" if any(t.value is not None for t in st.trials) else "-"
-            progress.update(task, advance=1, best=best)
-
         result, run_id = tracked_tune(split, config, storage, name, settings.tracking_uri, f"tune-{dataset}",
                                       settings.artifact_root, on_trial, tags={"dataset": dataset})
     table = Table(title=f"study {name}")

@@ -41,11 +41,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol
 
 import mlflow
@@ -699,10 +697,9 @@ def log_cycle_model(result: CycleSelection, heldout: pd.DataFrame | None = None,
                        "failed_candidates": ",".join(result.failures) or "-"})
     mlflow.set_tags({"heldout_target": "actual_purchases", "heldout_prediction": "expected_purchases",
                      "gate_metric": "rmse", "heldout_source": source, "cycle_winner": result.winner})
-    with tempfile.TemporaryDirectory(prefix="cycle-heldout-") as tmp:
-        path = Path(tmp) / "heldout.parquet"
-        frame.to_parquet(path, index=False)
-        mlflow.log_artifact(str(path), artifact_path="heldout")
+    from training.registry import log_heldout
+
+    log_heldout(frame)
     wrapper = CyclePyfunc(result.model, h)
     example = frame[list(INPUT_COLUMNS)].head(example_rows)
     signature = infer_signature(example, wrapper.predict(None, example), params={"horizon_days": h})

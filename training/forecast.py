@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 TOTAL = "total"
 REGISTERED_MODEL_NAME = "purchase_forecast"
-HELDOUT_ARTIFACT = "heldout/heldout.parquet"
 _QUIET_LOGGERS = ("cmdstanpy", "prophet", "prophet.plot")
 _SERIES_NAME = re.compile(r"[^0-9A-Za-z_.-]+")
 PYFUNC_INPUT = ("series", "ds")
@@ -448,10 +447,10 @@ def log_forecast(result: ForecastResult, name: str = "purchase_forecast") -> Mod
     held = result.holdout.rename(columns={"yhat": "prophet_yhat"})[["series", "ds", "actual", "prophet_yhat",
                                                                       "baseline"]]
     example = result.forecast[["series", "ds"]].groupby("series", sort=False).head(2).reset_index(drop=True)
+    from training.registry import HELDOUT_ARTIFACT, log_heldout
+
+    log_heldout(held)
     with tempfile.TemporaryDirectory() as tmp:
-        heldout_path = Path(tmp) / Path(HELDOUT_ARTIFACT).name
-        held.to_parquet(heldout_path, index=False)
-        mlflow.log_artifact(str(heldout_path), artifact_path=str(Path(HELDOUT_ARTIFACT).parent))
         bundle = Path(tmp) / "bundle.json"
         bundle.write_text(json.dumps({"models": {s: model_to_json(m) for s, m in result.models.items()},
                                       "calendar": result.calendar.to_dict(),

@@ -48,6 +48,7 @@ MODELS: dict[str, str] = {  # registered model -> kind
     "purchase_forecast": "regressor",
 }
 AUDIT_PREFIX = "audit."
+HELDOUT_ARTIFACT = "heldout/heldout.parquet"  # in every training run: the rows the promotion gate scores
 
 
 class RegistryError(PersonalizeError):
@@ -262,15 +263,28 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x:.4f}"
 
 
+def log_heldout(frame: pd.DataFrame) -> None:
+    """Log the held-out frame the gate will score into the active run (at :data:`HELDOUT_ARTIFACT`)."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    folder, name = HELDOUT_ARTIFACT.rsplit("/", 1)
+    with tempfile.TemporaryDirectory(prefix="heldout-") as tmp:
+        frame.to_parquet(Path(tmp) / name, index=False)
+        mlflow.log_artifact(str(Path(tmp) / name), artifact_path=folder)
+
+
 def _heldout(client, run_id: str) -> tuple[pd.DataFrame, dict[str, str]]:
     import mlflow.artifacts
 
     run = client.get_run(run_id)
     tags = run.data.tags
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="heldout/heldout.parquet")
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=HELDOUT_ARTIFACT)
     except Exception as exc:
-        raise RegistryError(f"run {run_id} has no held-out frame (heldout/heldout.parquet): {exc}") from None
+        raise RegistryError(f"run {run_id} has no held-out frame ({HELDOUT_ARTIFACT}): {exc}") from None
     return pd.read_parquet(path), tags
 
 

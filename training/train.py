@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 Task = Literal["churn", "propensity", "category_propensity"]
 # task -> label column of a frame; category propensity takes one buys_<category> column per category
 TASK_LABELS: dict[str, str] = {"churn": "churn", "propensity": "propensity", "category_propensity": "buys_*"}
-HELDOUT_ARTIFACT = "heldout/heldout.parquet"
 MIN_ROWS = 50  # below this a split leaves too little to tune, calibrate and test on
 
 
@@ -116,6 +115,8 @@ def _check_table(frame: pd.DataFrame, dataset: str, task: str) -> None:
 
 def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared:
     """The three parts of an ingested labeled table: by time when it has a time column, else stratified."""
+    from features.store import data_fingerprint
+
     if not (dataset_dir / "table.parquet").exists():
         raise PersonalizeError(f"{dataset_dir.name}: not an ingested labeled table")
     report = json.loads((dataset_dir / "ingest_report.json").read_text())
@@ -141,7 +142,7 @@ def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepar
         raise PersonalizeError(f"{dataset_dir.name}: no column {config.fairness_attribute!r} for the fairness check "
                                f"(columns: {', '.join(map(str, frame.columns))})")
     provenance = {"dataset": dataset_dir.name, "feature_version": f"labeled:{dataset_dir.name}",
-                  "data_fingerprint": _file_fingerprint(dataset_dir / "table.parquet"),
+                  "data_fingerprint": data_fingerprint([dataset_dir / "table.parquet"]),
                   "label_definition": f"{report.get('label')} (positive value given at ingestion)"}
     ids = [report["id_column"]] if report.get("id_column") else []
     prepared = Prepared(task, dataset_dir.name, columns, train, valid, test, split, provenance, kept, ids,
@@ -214,7 +215,7 @@ def prepare_frame(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared
     split = (f"out of time: train cutoffs {', '.join(str(c.date()) for c in train_cuts)}, validation "
              f"{valid_cut.date()}, test {test_cut.date()} ({config.horizon_days}-day horizon)")
     provenance = {"dataset": dataset_dir.name, "feature_version": spec.version,
-                  "data_fingerprint": frame.attrs.get("data_fingerprint", store.fingerprint()),
+                  "data_fingerprint": frame.attrs.get("data_fingerprint") or store.fingerprint(),
                   "definition_fingerprint": frame.attrs.get("definition_fingerprint", ""),
                   "label_definition": _LABEL_TEXT[task].format(h=config.horizon_days),
                   "cutoffs": [str(c) for c in [*train_cuts, valid_cut, test_cut]]}
@@ -260,12 +261,6 @@ def prepare(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared:
     if (dataset_dir / "table.parquet").exists():
         return prepare_labeled(dataset_dir, task, config)
     return prepare_frame(dataset_dir, task, config)
-
-
-def _file_fingerprint(path: Path) -> str:
-    from features.store import data_fingerprint
-
-    return data_fingerprint([path])
 
 
 # --- calibration -----------------------------------------------------------------------------------------------
@@ -479,6 +474,8 @@ def log_classifier(trained: Trained, config: TrainConfig) -> Any:
     import mlflow
     from mlflow.models import infer_signature
 
+    from training.registry import log_heldout
+
     prepared = trained.prepared
     features = prepared.columns.features
     mlflow.log_params({"task": prepared.task, "dataset": prepared.dataset, "split": prepared.split[:500],
@@ -508,8 +505,7 @@ def log_classifier(trained: Trained, config: TrainConfig) -> Any:
         keep = dict.fromkeys([*prepared.ids, *features, *prepared.attributes, "label"])
         heldout = prepared.test[list(keep)].copy()
         heldout[prepared.columns.numeric] = heldout[prepared.columns.numeric].astype(float)  # as the signature says
-        heldout.to_parquet(folder / "heldout.parquet", index=False)
-        mlflow.log_artifact(str(folder / "heldout.parquet"), "heldout")
+        log_heldout(heldout)
         trained.importance.to_csv(folder / "feature_importance.csv", index=False)
         mlflow.log_artifact(str(folder / "feature_importance.csv"))
         _plot_importance(trained.importance, folder / "feature_importance.png")
