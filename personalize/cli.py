@@ -597,6 +597,96 @@ def mlflow_ui(
     os.execv(str(Path(sys.executable).parent / "mlflow"), args)
 
 
+# --- serving ---------------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def materialize(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="Ingested transaction data set whose customers are served.")],
+    as_of: Annotated[datetime | None, typer.Option(help="Features as of this time (default: the day after the "
+                                                         "data's last row).")] = None,
+    store: Annotated[str | None, typer.Option(envvar="PERSONALIZE_ONLINE_STORE",
+                                              help="Online store URL: sqlite:///path or redis://host:port/db "
+                                                   "(default: SQLite under home).")] = None,
+) -> None:
+    """Write every customer's latest features and purchase summary to the online store the API reads."""
+    from serving.online import default_url, materialize as run
+
+    settings: Settings = ctx.obj
+    url = store or default_url(settings.home, dataset)
+    report = run(settings.dataset_dir(dataset), url, as_of)
+    console.print(f"materialized [bold]{report.customers:,}[/] customers of {report.dataset} as of "
+                  f"{report.as_of} ({report.feature_columns} features, {report.with_cycle:,} with a purchase "
+                  f"summary) into {url} in {report.seconds:.1f}s", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def score(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered classifier: churn or propensity.")],
+    dataset: Annotated[str, typer.Option(help="Ingested transaction data set to score.")] = "synthetic",
+    as_of: Annotated[datetime | None, typer.Option(help="Features as of this time (default: after the data's "
+                                                         "last row).")] = None,
+    alias: Annotated[str, typer.Option(help="Which version: the alias to score with.")] = "champion",
+) -> None:
+    """Score every customer of a data set with a model's champion and write the scores to Parquet."""
+    from serving.batch import score_dataset
+    from training.registry import check_name, connect
+
+    settings: Settings = ctx.obj
+    client = connect(settings.tracking_uri)
+    report = score_dataset(client, check_name(model), settings.dataset_dir(dataset), settings.home / "scores", as_of,
+                           alias)
+    console.print(f"scored [bold]{report.rows:,}[/] customers with {report.model} v{report.version} (as of "
+                  f"{report.as_of}): features {report.features_s:.1f}s, scoring {report.score_s:.2f}s "
+                  f"({report.rows_per_s:,.0f} rows/s) -> {report.path}", highlight=False, soft_wrap=True)
+
+
+def serve_environment(settings: Settings, dataset: str, workers: int, shadow: bool, api_key: str | None,
+                      reload_s: float, store: str | None) -> dict[str, str]:
+    """The environment ``bentoml serve serving.service:Personalization`` reads its configuration from."""
+    import os
+
+    env = dict(os.environ)
+    env.update({"PERSONALIZE_HOME": str(settings.home.resolve()), "MLFLOW_TRACKING_URI": settings.tracking_uri,
+                "PERSONALIZE_SERVE_DATASET": dataset, "PERSONALIZE_WORKERS": str(workers),
+                "PERSONALIZE_SHADOW": "1" if shadow else "0", "PERSONALIZE_RELOAD_S": str(reload_s),
+                "BENTOML_DO_NOT_TRACK": "True"})
+    if api_key:
+        env["PERSONALIZE_API_KEY"] = api_key
+    if store:
+        env["PERSONALIZE_ONLINE_STORE"] = store
+    return env
+
+
+@app.command()
+@user_errors
+def serve(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option(help="Customer base whose online store answers customer_id requests.")]
+    = "synthetic",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 3000,
+    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
+    shadow: Annotated[bool, typer.Option(help="Let the challenger score the same requests (logged only).")] = False,
+    api_key: Annotated[str | None, typer.Option(envvar="PERSONALIZE_API_KEY",
+                                                help="Require this key on scoring requests.")] = None,
+    reload_s: Annotated[float, typer.Option(min=0.1, help="Seconds between registry checks (hot reload).")] = 10.0,
+    store: Annotated[str | None, typer.Option(envvar="PERSONALIZE_ONLINE_STORE", help="Online store URL.")] = None,
+) -> None:
+    """Start the BentoML personalization API on the registry's champions (Ctrl-C stops it and flushes the log)."""
+    import os
+    import sys
+
+    settings: Settings = ctx.obj
+    env = serve_environment(settings, dataset, workers, shadow, api_key, reload_s, store)
+    args = ["bentoml", "serve", "serving.service:Personalization", "--host", host, "--port", str(port)]
+    console.print(f"serving on http://{host}:{port} (docs: /docs, readiness: /readyz, status: /status)",
+                  highlight=False)
+    os.execve(str(Path(sys.executable).parent / "bentoml"), args, env)
+
+
 # --- demo ------------------------------------------------------------------------------------------------------
 @app.command()
 @user_errors

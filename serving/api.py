@@ -1,0 +1,251 @@
+"""The request handling behind each endpoint, with no HTTP in it: resolve records (online store or the request's
+own), score with the served model, explain on request, build the answer and the prediction-log rows.
+
+:class:`Runtime` is created once per server worker by :mod:`serving.service` and is what its endpoints call; tests
+drive it directly too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import pandas as pd
+
+from serving.config import ServeConfig
+from serving.online import OnlineStoreError, open_store
+from serving.predlog import PredictionLog, load_salt, make_row, pseudonymize
+from serving.scoring import InputError, Loaded, ModelSet, NotServing
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Everything one worker serves with: the models, the online store, the prediction log."""
+
+    def __init__(self, config: ServeConfig, client: Any | None = None, start_reloader: bool = True) -> None:
+        from training.registry import connect
+
+        self.config = config
+        self.client = client if client is not None else connect(config.settings.tracking_uri)
+        self.models = ModelSet(self.client, config.models, config.alias,
+                               config.shadow_alias if config.shadow else None)
+        self.models.refresh()
+        self.log = PredictionLog(config.log_root, flush_s=config.log_flush_s)
+        self.salt = load_salt(config.home)
+        self._store = None
+        self.served = 0
+        self._stop = threading.Event()
+        self._reloader = None
+        if start_reloader:
+            self._reloader = threading.Thread(target=self._reload_loop, name="model-reload", daemon=True)
+            self._reloader.start()
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def _reload_loop(self) -> None:
+        while not self._stop.wait(self.config.reload_s):
+            try:
+                self.models.refresh()
+            except Exception:  # the registry may be briefly unreachable: keep serving, try again later
+                log.exception("model refresh failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.log.close()
+        if self._store is not None:
+            self._store.close()
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = open_store(self.config.online_url, self.config.dataset)
+        return self._store
+
+    def status(self) -> dict[str, Any]:
+        try:
+            store = {"url": _redact(self.config.online_url), **self.store.meta()}
+            store.pop("feature_columns", None)
+        except Exception as exc:
+            store = {"url": _redact(self.config.online_url), "error": str(exc)}
+        return {"ready": self.models.ready, **self.models.status(), "served": self.served,
+                "prediction_log": self.log.status(), "online_store": store, "shadow_mode": self.config.shadow}
+
+    # --- shared steps -------------------------------------------------------------------------------------------
+    @staticmethod
+    def request_id(given: str | None = None) -> str:
+        return given if given and len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
+
+    def _items(self, customer_id: str | None, record: dict[str, Any] | None, items: list[Any] | None,
+               record_field: str) -> list[tuple[str | None, dict[str, Any] | None]]:
+        given = [x is not None for x in (customer_id, record, items)]
+        if items is not None:
+            if customer_id is not None or record is not None:
+                raise InputError("items", f"send either items or a single customer_id/{record_field}, not both")
+            if len(items) > self.config.max_batch:
+                raise InputError("items", f"{len(items)} items is over the limit of {self.config.max_batch}")
+            if not items:
+                raise InputError("items", "the batch is empty")
+            out = []
+            for i, item in enumerate(items):
+                cid, rec = item.get("customer_id"), item.get(record_field)
+                if cid is None and rec is None:
+                    raise InputError(f"items[{i}]", f"needs a customer_id or {record_field}")
+                out.append((cid, rec))
+            return out
+        if not any(given):
+            raise InputError("customer_id", f"send a customer_id, a {record_field} record, or items")
+        return [(customer_id, record)]
+
+    def _lookup(self, ids: list[str], block: str) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
+        try:
+            found = self.store.get_many(ids)
+        except OnlineStoreError as exc:
+            raise NotServing(str(exc)) from None
+        return {cid: r[block] for cid, r in found.items() if r.get(block)}
+
+    @staticmethod
+    def _check(scorer: Any, pairs: list[tuple[str | None, dict[str, Any] | None]], batch: bool, block: str) -> None:
+        """The records the request brought (looked-up ones were checked when materialized)."""
+        for i, (_, record) in enumerate(pairs):
+            if record is not None:
+                scorer.check([record], f"items[{i}].{block}" if batch else block)
+
+    def _emit(self, rows: list[dict[str, Any]]) -> None:
+        self.served += len(rows)
+        self.log.append(rows)
+
+    # --- classifiers --------------------------------------------------------------------------------------------
+    def classify(self, endpoint: str, customer_id: str | None = None, features: dict[str, Any] | None = None,
+                 items: list[dict[str, Any]] | None = None, explain: bool = False,
+                 request_id: str | None = None) -> dict[str, Any]:
+        loaded = self.models.get(endpoint)
+        scorer = loaded.scorer
+        pairs = self._items(customer_id, features, items, "features")
+        stored = self._lookup([c for c, r in pairs if r is None], "features")
+        records, cold = [], []
+        for cid, record in pairs:
+            if record is not None:
+                records.append(record)
+                cold.append(False)
+            elif cid in stored:
+                row = stored[cid]
+                records.append({c: row.get(c) for c in scorer.features})
+                cold.append(False)
+            else:
+                records.append(None)
+                cold.append(True)
+        self._check(scorer, pairs, items is not None, "features")
+        warm = [i for i, c in enumerate(cold) if not c]
+        probs = scorer.score([records[i] for i in warm]) if warm else []
+        reasons = scorer.reasons([records[i] for i in warm], self.config.explain_top) if explain and warm else None
+        action = self.config.actions.get(endpoint, "act")
+        rid = self.request_id(request_id)
+        results, rows = [], []
+        shadow_out = self._shadow_scores(endpoint, [records[i] for i in warm])
+        for k, i in enumerate(warm):
+            p = float(probs[k])
+            results.append((i, {"customer_id": pairs[i][0], "probability": round(p, 6),
+                                "decision": p >= scorer.threshold, "action": action if p >= scorer.threshold
+                                else "none", "threshold": scorer.threshold, "cold_start": False,
+                                **({"reasons": reasons[k]} if reasons is not None else {})}))
+        for i, c in enumerate(cold):
+            if c:
+                p = scorer.prior
+                results.append((i, {"customer_id": pairs[i][0], "probability": round(p, 6),
+                                    "decision": p >= scorer.threshold,
+                                    "action": action if p >= scorer.threshold else "none",
+                                    "threshold": scorer.threshold, "cold_start": True,
+                                    "prior": "global base rate of the model's held-out data"}))
+        results.sort(key=lambda t: t[0])
+        for k, (i, result) in enumerate(results):
+            shadow = shadow_out[warm.index(i)] if shadow_out is not None and i in warm else None
+            rows.append(make_row(rid, endpoint, loaded.ref, pseudonymize(pairs[i][0], self.salt),
+                                 result["cold_start"], records[i], {"probability": result["probability"],
+                                                                    "decision": result["decision"]}, shadow))
+        self._emit(rows)
+        return {"request_id": rid, "model": loaded.ref, "results": [r for _, r in results]}
+
+    def _shadow_scores(self, endpoint: str, records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        shadow: Loaded | None = self.models.shadow.get(endpoint)
+        if shadow is None or not records or shadow.kind != "classifier":
+            return None
+        current = self.models.current.get(endpoint)
+        if current is not None and current.version == shadow.version:
+            return None
+        try:
+            p = shadow.scorer.score([{c: r.get(c) for c in shadow.scorer.features} for r in records])
+        except Exception as exc:  # a shadow must never hurt the answer
+            return [{"version": shadow.version, "error": str(exc)[:200]}] * len(records)
+        return [{"version": shadow.version, "probability": round(float(x), 6),
+                 "decision": bool(x >= shadow.scorer.threshold)} for x in p]
+
+    # --- purchase cycle -----------------------------------------------------------------------------------------
+    def next_purchase(self, customer_id: str | None = None, summary: dict[str, Any] | None = None,
+                      items: list[dict[str, Any]] | None = None, horizon_days: int | None = None,
+                      request_id: str | None = None) -> dict[str, Any]:
+        loaded = self.models.get("next_purchase")
+        scorer = loaded.scorer
+        h = int(horizon_days or scorer.horizon_days)
+        pairs = self._items(customer_id, summary, items, "summary")
+        stored = self._lookup([c for c, r in pairs if r is None], "cycle")
+        self._check(scorer, pairs, items is not None, "summary")
+        records, cold = [], []
+        for cid, record in pairs:
+            rec = record if record is not None else stored.get(cid)
+            cold.append(rec is None)
+            records.append(None if rec is None else {**{c: rec.get(c) for c in scorer.inputs}, "customer_id": cid})
+        warm = [i for i, c in enumerate(cold) if not c]
+        predicted = scorer.predict([records[i] for i in warm], h) if warm else []
+        prior = scorer.prior if h == scorer.horizon_days else {}
+        rid = self.request_id(request_id)
+        results = []
+        for i in range(len(pairs)):
+            if cold[i]:
+                out = {**{c: (round(v, 6) if v is not None else None) for c, v in prior.items()}, "cold_start": True,
+                       "prior": "mean answer over the model's held-out customers"}
+            else:
+                out = {**{c: (round(v, 6) if v is not None else None) for c, v in predicted[warm.index(i)].items()},
+                       "cold_start": False}
+            results.append({"customer_id": pairs[i][0], "horizon_days": h, **out})
+        self._emit([make_row(rid, "next_purchase", loaded.ref, pseudonymize(pairs[i][0], self.salt), cold[i],
+                             None if cold[i] else {k: v for k, v in records[i].items() if k != "customer_id"},
+                             {k: v for k, v in results[i].items() if k not in ("customer_id", "prior")}, None)
+                    for i in range(len(pairs))])
+        return {"request_id": rid, "model": loaded.ref, "results": results}
+
+    # --- forecasts ----------------------------------------------------------------------------------------------
+    def forecast(self, series: str, horizon_days: int = 30, start: str | None = None,
+                 request_id: str | None = None) -> dict[str, Any]:
+        loaded = self.models.get("forecast")
+        first = None
+        if start is not None:
+            try:
+                first = pd.Timestamp(start)
+            except (ValueError, TypeError):
+                raise InputError("start", f"not a date: {start!r}") from None
+        points = loaded.scorer.predict(series, horizon_days, first)
+        rid = self.request_id(request_id)
+        self._emit([make_row(rid, "forecast", loaded.ref, None, False, {"series": series, "start": start,
+                                                                         "horizon_days": horizon_days},
+                             {"total": sum(p["yhat"] or 0.0 for p in points)}, None)])
+        return {"request_id": rid, "model": loaded.ref, "series": series, "forecast": points}
+
+
+def _redact(url: str) -> str:
+    from training.registry import _redact as redact
+
+    return redact(url)
+
+
+def wait_until(predicate, timeout_s: float, every_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every_s)
+    return predicate()

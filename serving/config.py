@@ -1,0 +1,92 @@
+"""What the service serves and how: one frozen configuration, read once at start-up.
+
+From the environment (``personalize serve`` sets these from its options; ``bentoml serve`` reads them as is):
+
+=================================  ==========================================================================
+``PERSONALIZE_HOME``               the project home (models' tracking store, online store, prediction log)
+``MLFLOW_TRACKING_URI``            the registry to load champions from (default: SQLite under home)
+``PERSONALIZE_SERVE_DATASET``      the customer base whose online store answers ``customer_id`` requests
+``PERSONALIZE_ONLINE_STORE``       ``sqlite:///path`` or ``redis://host:port/db`` (default: SQLite under home)
+``PERSONALIZE_PREDICTION_LOG``     folder of the prediction log (default ``<home>/predictions``)
+``PERSONALIZE_API_KEY``            when set, every scoring request needs ``Authorization: Bearer <key>`` or
+                                   ``X-API-Key: <key>`` (401 otherwise)
+``PERSONALIZE_SHADOW``             ``1``: the ``challenger`` scores the same requests; logged, never returned
+``PERSONALIZE_RELOAD_S``           seconds between two checks of the registry's aliases (hot reload)
+``PERSONALIZE_WORKERS``            server worker processes
+``PERSONALIZE_MAX_BATCH``          most items in one request
+``PERSONALIZE_ID_SALT``            the pseudonymization salt (default: a random one kept under home)
+=================================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalize.settings import Settings
+
+# endpoint -> registered model it serves
+ENDPOINT_MODELS: dict[str, str] = {
+    "churn": "churn",
+    "propensity": "propensity",
+    "next_purchase": "purchase_cycle",
+    "forecast": "purchase_forecast",
+}
+# what a classifier's positive decision means to the application
+DEFAULT_ACTIONS: dict[str, str] = {"churn": "retention_offer", "propensity": "purchase_offer"}
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    home: Path = Path(".personalize")
+    tracking_uri: str | None = None
+    dataset: str = "synthetic"
+    online_store: str | None = None
+    prediction_log: Path | None = None
+    api_key: str | None = None
+    alias: str = "champion"
+    shadow: bool = False
+    shadow_alias: str = "challenger"
+    reload_s: float = Field(default=10.0, gt=0)
+    workers: int = Field(default=1, ge=1)
+    max_batch: int = Field(default=1000, ge=1)
+    explain_top: int = Field(default=5, ge=1)
+    log_flush_s: float = Field(default=1.0, gt=0)
+    actions: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    models: dict[str, str] = Field(default_factory=lambda: dict(ENDPOINT_MODELS))
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(home=self.home, mlflow_tracking_uri=self.tracking_uri)
+
+    @property
+    def online_url(self) -> str:
+        from serving.online import default_url
+
+        return self.online_store or default_url(self.home, self.dataset)
+
+    @property
+    def log_root(self) -> Path:
+        return self.prediction_log or self.home / "predictions"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServeConfig:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {
+            "home": Path(env.get("PERSONALIZE_HOME", ".personalize")),
+            "tracking_uri": env.get("MLFLOW_TRACKING_URI") or None,
+            "dataset": env.get("PERSONALIZE_SERVE_DATASET", "synthetic"),
+            "online_store": env.get("PERSONALIZE_ONLINE_STORE") or None,
+            "api_key": env.get("PERSONALIZE_API_KEY") or None,
+            "shadow": env.get("PERSONALIZE_SHADOW", "0").lower() in ("1", "true", "yes", "on"),
+        }
+        if env.get("PERSONALIZE_PREDICTION_LOG"):
+            values["prediction_log"] = Path(env["PERSONALIZE_PREDICTION_LOG"])
+        for key, name, kind in (("reload_s", "PERSONALIZE_RELOAD_S", float), ("workers", "PERSONALIZE_WORKERS", int),
+                                ("max_batch", "PERSONALIZE_MAX_BATCH", int)):
+            if env.get(name):
+                values[key] = kind(env[name])
+        return cls(**values)

@@ -1,0 +1,178 @@
+"""The prediction log: every scored item, appended off the request path, in immutable Parquet segments.
+
+The server calls :meth:`PredictionLog.append` (a lock and a list append); a background thread writes what has
+gathered every ``flush_s`` seconds or ``batch_rows`` rows, whichever comes first, as one new segment file:
+
+    <root>/date=YYYY-MM-DD/part-<unix ms>-<pid>-<seq>.parquet
+
+A segment is written to a temporary name in the same folder and renamed into place (atomic on POSIX), so a reader
+never sees a half-written file and a crash loses at most the rows not yet flushed; earlier segments are never
+rewritten. :meth:`close` (graceful shutdown) flushes what is left. Several worker processes can log into one root:
+the pid in the name keeps their segments apart.
+
+One row per scored item: ``request_id``, ``ts`` (UTC), ``endpoint``, ``model``, ``version``, ``alias``,
+``customer_key`` (the customer id pseudonymized: a salted SHA-256, never the id itself), ``cold_start``,
+``features`` and ``outputs`` (JSON objects as text), ``shadow`` (the challenger's outputs and version as JSON
+text, or null). :func:`read_log` reads a time window back as one frame for monitoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([
+    ("request_id", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("endpoint", pa.string()),
+    ("model", pa.string()), ("version", pa.string()), ("alias", pa.string()), ("customer_key", pa.string()),
+    ("cold_start", pa.bool_()), ("features", pa.string()), ("outputs", pa.string()), ("shadow", pa.string()),
+])
+COLUMNS = SCHEMA.names
+
+
+def load_salt(home: Path, environ: dict[str, str] | None = None) -> bytes:
+    """The pseudonymization salt: ``PERSONALIZE_ID_SALT`` if set, else a random one kept in ``<home>/secrets``
+    (created once, readable by its owner only), so the same customer gets the same key across restarts."""
+    env = os.environ if environ is None else environ
+    if env.get("PERSONALIZE_ID_SALT"):
+        return env["PERSONALIZE_ID_SALT"].encode()
+    path = Path(home) / "secrets" / "id_salt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        try:
+            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's salt
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip().encode()
+
+
+def pseudonymize(customer_id: str | None, salt: bytes) -> str | None:
+    if customer_id is None:
+        return None
+    return hashlib.sha256(salt + b"\x00" + str(customer_id).encode()).hexdigest()[:32]
+
+
+class PredictionLog:
+    """Buffered, append-only writer of prediction segments."""
+
+    def __init__(self, root: Path, flush_s: float = 1.0, batch_rows: int = 512) -> None:
+        self.root = Path(root)
+        self.flush_s, self.batch_rows = flush_s, batch_rows
+        self._rows: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._seq = 0
+        self.written = 0  # rows in segments on disk
+        self.segments = 0
+        self.dropped = 0  # rows that failed to write (kept in memory for the next try up to a limit)
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    # --- the request path -------------------------------------------------------------------------------------
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._rows.extend(rows)
+            full = len(self._rows) >= self.batch_rows
+        if full:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    # --- the background writer --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> int:
+        """Write what has gathered as one segment; returns the rows written."""
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if not rows:
+            return 0
+        try:
+            self._write(rows)
+        except Exception as exc:  # a full disk must not take the server down: keep the rows for the next try
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("prediction log: could not write %d rows: %s", len(rows), exc)
+            with self._lock:
+                keep = rows[-100_000:]  # bounded: beyond this the oldest rows are lost, and counted
+                self.dropped += len(rows) - len(keep)
+                self._rows = keep + self._rows
+            return 0
+        self.last_error = None
+        return len(rows)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        now = time.time()
+        folder = self.root / f"date={time.strftime('%Y-%m-%d', time.gmtime(now))}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        name = f"part-{int(now * 1000)}-{os.getpid()}-{self._seq:06d}.parquet"
+        table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
+        tmp = folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, folder / name)
+        self.written += len(rows)
+        self.segments += 1
+
+    def close(self) -> None:
+        """Stop the writer and flush everything still buffered (graceful shutdown)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self.flush()
+
+    def status(self) -> dict[str, Any]:
+        return {"root": str(self.root), "written": self.written, "segments": self.segments, "pending": self.pending,
+                "dropped": self.dropped, "last_error": self.last_error}
+
+
+def make_row(request_id: str, endpoint: str, model: dict[str, str], customer_key: str | None, cold_start: bool,
+             features: dict[str, Any] | None, outputs: dict[str, Any], shadow: dict[str, Any] | None,
+             ts: pd.Timestamp | None = None) -> dict[str, Any]:
+    return {"request_id": request_id, "ts": ts if ts is not None else pd.Timestamp.now(tz="UTC"),
+            "endpoint": endpoint, "model": model.get("name"), "version": model.get("version"),
+            "alias": model.get("alias"), "customer_key": customer_key, "cold_start": cold_start,
+            "features": None if features is None else json.dumps(features, default=str),
+            "outputs": json.dumps(outputs, default=str),
+            "shadow": None if shadow is None else json.dumps(shadow, default=str)}
+
+
+def read_log(root: Path, start: pd.Timestamp | None = None, end: pd.Timestamp | None = None) -> pd.DataFrame:
+    """Every logged row with ``start <= ts < end`` (UTC), oldest first. Temporary files are never read."""
+    root = Path(root)
+    files = sorted(p for p in root.glob("date=*/part-*.parquet")) if root.exists() else []
+    if not files:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+    frame = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pandas()
+    if start is not None:
+        frame = frame[frame["ts"] >= pd.Timestamp(start, tz="UTC") if pd.Timestamp(start).tzinfo is None
+                      else frame["ts"] >= pd.Timestamp(start)]
+    if end is not None:
+        frame = frame[frame["ts"] < pd.Timestamp(end, tz="UTC") if pd.Timestamp(end).tzinfo is None
+                      else frame["ts"] < pd.Timestamp(end)]
+    return frame.sort_values("ts", kind="stable").reset_index(drop=True)

@@ -1,0 +1,210 @@
+"""The personalization API: one BentoML service over the MLflow registry's champions.
+
+    personalize serve                                   # or: bentoml serve serving.service:Personalization
+
+Endpoints (POST, JSON): ``/churn``, ``/propensity`` (a ``customer_id`` looked up in the online store, a full
+``features`` record, or a batch of ``items``; ``explain`` adds reason codes), ``/next_purchase`` (the same with a
+purchase-cycle ``summary``), ``/forecast`` (a series' daily volume over a horizon). GET ``/healthz`` (alive),
+``/readyz`` (models loaded, with their versions; 503 until then), ``/status`` (everything: versions, reload errors,
+the prediction log, the online store), ``/metrics`` (Prometheus), ``/docs`` (OpenAPI with examples).
+
+The class is thin: configuration is read once (:class:`serving.config.ServeConfig`), the work is in
+:class:`serving.api.Runtime`. Bad input is a 400 naming the field (pydantic's checks, then the model's own:
+unknown, missing or mistyped features, negative counts); a model with no champion is a 503.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from datetime import date
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.config import ServeConfig
+from serving.scoring import InputError, NotServing
+
+log = logging.getLogger(__name__)
+CONFIG = ServeConfig.from_env()
+
+Number = Annotated[float, Field(allow_inf_nan=False)]
+Value = Number | bool | Annotated[str, Field(max_length=256)] | None
+CustomerId = Annotated[str, Field(min_length=1, max_length=128, examples=["C000042"])]
+FEATURES_EXAMPLE = {"recency_days": 12.0, "frequency": 7, "monetary_total": 412.5, "tenure_days": 380.0}
+SUMMARY_EXAMPLE = {"frequency": 4, "recency": 120.0, "T": 200.0, "monetary": 35.2, "days_since_last": 80.0,
+                   "purchases_30d": 0, "purchases_90d": 1, "purchases_180d": 3, "purchases_365d": 5,
+                   "spend_total": 180.0, "spend_90d": 30.0, "gap_mean_days": 30.0}
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    customer_id: CustomerId | None = None
+    features: dict[Annotated[str, Field(max_length=128)], Value] | None = None
+
+
+class CycleItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    customer_id: CustomerId | None = None
+    summary: dict[Annotated[str, Field(max_length=128)], Value] | None = None
+
+
+Items = Annotated[list[Item], Field(min_length=1, max_length=CONFIG.max_batch)]
+CycleItems = Annotated[list[CycleItem], Field(min_length=1, max_length=CONFIG.max_batch)]
+Features = Annotated[dict[Annotated[str, Field(max_length=128)], Value],
+                     Field(description="every input feature of the model (null for unknown)",
+                           examples=[FEATURES_EXAMPLE])]
+Summary = Annotated[dict[Annotated[str, Field(max_length=128)], Value],
+                    Field(description="the customer's purchase summary", examples=[SUMMARY_EXAMPLE])]
+
+
+class ScoreRequest(BaseModel):
+    """One customer by id (features from the online store), one full feature record, or a batch of items."""
+
+    model_config = ConfigDict(extra="forbid")
+    customer_id: CustomerId | None = None
+    features: Features | None = None
+    items: Items | None = None
+    explain: bool = Field(default=False, description="add the top reason codes (TreeSHAP contributions)")
+
+
+class CycleRequest(BaseModel):
+    """One customer by id (summary from the online store), one purchase summary, or a batch of items."""
+
+    model_config = ConfigDict(extra="forbid")
+    customer_id: CustomerId | None = None
+    summary: Summary | None = None
+    items: CycleItems | None = None
+    horizon_days: Annotated[int, Field(ge=1, le=730)] | None = None
+
+
+class ForecastRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])]
+    horizon_days: Annotated[int, Field(ge=1, le=366)] = 30
+    start: date | None = None
+
+
+API_PATHS = ("/churn", "/propensity", "/next_purchase", "/forecast")
+
+
+class Guard:
+    """ASGI middleware: JSON only on the API routes (415 otherwise: BentoML would try to parse a malformed
+    multipart body and fail with a 500), the API key on scoring routes, and JSON ``/readyz`` and ``/status``
+    answers."""
+
+    OPEN = ("/healthz", "/livez", "/metrics", "/docs", "/docs.json", "/static_content", "/readyz", "/status")
+
+    def __init__(self, app: Any, api_key: str | None = None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if scope.get("method") == "GET" and path in ("/readyz", "/status") and RUNTIME.get("runtime") is not None:
+            runtime = RUNTIME["runtime"]
+            body = runtime.status()
+            ready = body["ready"]
+            if path == "/readyz":
+                body = {"ready": ready, "models": body["models"], "errors": body["errors"]}
+            return await _json(send, 200 if ready or path == "/status" else 503, body)
+        headers = dict(scope.get("headers") or [])
+        if scope.get("method") == "POST" and path in API_PATHS:
+            media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+            if media not in (b"application/json", b""):
+                return await _json(send, 415, {"error": f"content-type {media.decode(errors='replace')!r}: the API "
+                                                        "takes application/json", "field": "content-type"})
+        if self.api_key and path != "/" and not path.startswith(self.OPEN):
+            given = headers.get(b"x-api-key", b"").decode(errors="replace")
+            auth = headers.get(b"authorization", b"").decode(errors="replace")
+            if auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return await _json(send, 401, {"error": "missing or wrong API key (send X-API-Key or "
+                                                        "Authorization: Bearer)"})
+        return await self.app(scope, receive, send)
+
+
+async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
+    raw = json.dumps(body, default=str).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+RUNTIME: dict[str, Any] = {}  # this worker's Runtime, for the middleware
+
+
+def _call(ctx: bentoml.Context, fn, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run one request; a request the model cannot score is a 400 naming the field, a model not loaded a 503 saying
+    why (BentoML's own exceptions would hide a 5xx's reason)."""
+    rid = ctx.request.headers.get("x-request-id")
+    try:
+        out = fn(*args, **kwargs, request_id=rid)
+    except InputError as exc:
+        ctx.response.status_code = 400
+        return {"error": str(exc), "field": exc.field}
+    except NotServing as exc:
+        ctx.response.status_code = 503
+        return {"error": str(exc)}
+    ctx.response.headers["x-request-id"] = out["request_id"]
+    return out
+
+
+@bentoml.service(
+    name="personalization",
+    workers=CONFIG.workers,
+    traffic={"timeout": 30},
+    logging={"access": {"enabled": False}},
+    # Request spans cost about half the throughput of a scoring call; tracing stays on for everything else.
+    tracing={"excluded_urls": ["/churn", "/propensity", "/next_purchase"]},
+)
+class Personalization:
+    def __init__(self) -> None:
+        from serving.api import Runtime
+
+        self.runtime = Runtime(CONFIG)
+        RUNTIME["runtime"] = self.runtime
+
+    def __is_ready__(self) -> bool:
+        return self.runtime.models.ready
+
+    @bentoml.on_shutdown
+    def _flush(self) -> None:
+        self.runtime.close()
+
+    @bentoml.api(input_spec=ScoreRequest)
+    async def churn(self, customer_id: CustomerId | None = None, features: Features | None = None,
+                    items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Churn risk: calibrated probability, the decision at the model's threshold and its action."""
+        return _call(ctx, self.runtime.classify, "churn", customer_id, features,
+                     None if items is None else [i.model_dump() for i in items], explain)
+
+    @bentoml.api(input_spec=ScoreRequest)
+    async def propensity(self, customer_id: CustomerId | None = None, features: Features | None = None,
+                         items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Purchase propensity within the model's horizon."""
+        return _call(ctx, self.runtime.classify, "propensity", customer_id, features,
+                     None if items is None else [i.model_dump() for i in items], explain)
+
+    @bentoml.api(input_spec=CycleRequest)
+    async def next_purchase(self, customer_id: CustomerId | None = None, summary: Summary | None = None,
+                            items: CycleItems | None = None,
+                            horizon_days: Annotated[int, Field(ge=1, le=730)] | None = None,
+                            ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Expected purchases in the horizon, expected days to the next one, P(purchase), P(alive)."""
+        return _call(ctx, self.runtime.next_purchase, customer_id, summary,
+                     None if items is None else [i.model_dump() for i in items], horizon_days)
+
+    @bentoml.api(input_spec=ForecastRequest)
+    def forecast(self, series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])],
+                 horizon_days: Annotated[int, Field(ge=1, le=366)] = 30,
+                 start: date | None = None, ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Daily purchase volume of a segment/category series (Prophet), with its interval."""
+        return _call(ctx, self.runtime.forecast, series, horizon_days, None if start is None else start.isoformat())
+
+
+Personalization.add_asgi_middleware(Guard, api_key=CONFIG.api_key)

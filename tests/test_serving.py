@@ -1,0 +1,406 @@
+"""The personalization API end to end: a real BentoML server on loopback over a real registry.
+
+One module-scoped home holds small synthetic data, a churn and a propensity champion, a purchase-cycle champion
+and a forecaster, and a materialized online store; one server (``personalize serve``) answers every test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from personalize.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BATCH = 50
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PERSONALIZE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+                "PERSONALIZE_OPTUNA_STORAGE": f"sqlite:///{home / 'optuna.db'}", "BENTOML_DO_NOT_TRACK": "True",
+                "PERSONALIZE_MAX_BATCH": str(MAX_BATCH), **extra})
+    return env
+
+
+class Server:
+    """``personalize serve`` in its own process group, stopped gracefully (SIGINT) or killed."""
+
+    def __init__(self, home: Path, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(home / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "personalize"), "serve", "--port", str(self.port), "--reload-s", "0.5"],
+            env=_env(home, **env), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait_ready(self, timeout_s: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
+            try:
+                r = self.client.get("/readyz")
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(Path(self.log.name).read_text()[-3000:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.client.close()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic data, four champions and the online store (built in-process with this home's settings)."""
+    from features.pipeline import build_training_frame, ingest_synthetic
+    from features.synthetic import SyntheticConfig, generate
+    from serving.online import default_url, materialize
+    from training.cycle import CycleConfig
+    from training.cycle import train_and_register as train_cycle
+    from training.forecast import ForecastConfig
+    from training.forecast import train_and_register as train_forecast
+    from training.registry import GateConfig, connect, promote
+    from training.train import TrainConfig, train_and_register
+    from training.tune import TuneConfig
+
+    home = tmp_path_factory.mktemp("serving") / "home"
+    home.mkdir()
+    saved = dict(os.environ)
+    os.environ.update(_env(home))
+    try:
+        settings = Settings.from_env()
+        ingest_synthetic(settings, "synthetic", generate(SyntheticConfig(customers=400, days=500)))
+        build_training_frame(settings, "synthetic")
+        fast = TuneConfig(trials=2, families=("lightgbm",), max_rounds=150, early_stopping_rounds=20)
+        client = connect(settings.tracking_uri)
+        for name in ("churn", "propensity"):
+            train_and_register(settings, name, "synthetic", TrainConfig(tune=fast), model_name=name)
+            promote(client, name, GateConfig(bootstrap_rounds=100), reason="serving tests", force=True)
+        train_cycle(settings, "synthetic", CycleConfig(candidates=("aft",), horizon_days=60))
+        promote(client, "purchase_cycle", GateConfig(bootstrap_rounds=100), reason="serving tests", force=True)
+        train_forecast(settings, "synthetic", ForecastConfig(group_by=(), uncertainty_samples=20,
+                                                             changepoint_prior_scales=(0.05,), holidays_country=None))
+        promote(client, "purchase_forecast", GateConfig(bootstrap_rounds=100), reason="serving tests", force=True)
+        materialize(settings.dataset_dir("synthetic"), default_url(home, "synthetic"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return home
+
+
+API_KEY = "k3y"
+
+
+@pytest.fixture(scope="module")
+def server(home: Path):
+    """The one server of this module: API key on, its own prediction log; the last test stops it."""
+    srv = Server(home, PERSONALIZE_API_KEY=API_KEY, PERSONALIZE_PREDICTION_LOG=str(home / "predlog"))
+    srv.client.headers["x-api-key"] = API_KEY
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _known_ids(home: Path, n: int = 5) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(home / "online" / "synthetic.sqlite")
+    rows = con.execute("SELECT customer_id FROM customers WHERE cycle != '{}' ORDER BY customer_id LIMIT ?",
+                       (n,)).fetchall()
+    con.close()
+    return [r[0] for r in rows]
+
+
+def _features(home: Path, customer_id: str) -> dict[str, Any]:
+    import sqlite3
+
+    con = sqlite3.connect(home / "online" / "synthetic.sqlite")
+    row = con.execute("SELECT features FROM customers WHERE customer_id = ?", (customer_id,)).fetchone()
+    con.close()
+    return json.loads(row[0])
+
+
+def _model_features(home: Path, name: str) -> list[str]:
+    import mlflow.pyfunc
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    return model.metadata.get_input_schema().input_names()
+
+
+# --- scoring -----------------------------------------------------------------------------------------------------
+def test_readiness_lists_the_champions(server: Server) -> None:
+    ready = server.client.get("/readyz").json()
+    assert ready["ready"] is True
+    assert {e: m["version"] for e, m in ready["models"].items()} == {
+        "churn": "1", "propensity": "1", "next_purchase": "1", "forecast": "1"}
+    assert server.client.get("/healthz").status_code == 200
+    metrics = server.client.get("/metrics")
+    assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
+    spec = server.client.get("/docs.json").json()
+    assert {"/churn", "/propensity", "/next_purchase", "/forecast"} <= set(spec["paths"])
+
+
+def test_churn_by_id_by_record_and_in_a_batch_agree(server: Server, home: Path) -> None:
+    cid = _known_ids(home, 1)[0]
+    features = {c: _features(home, cid).get(c) for c in _model_features(home, "churn")}
+    by_id = server.client.post("/churn", json={"customer_id": cid, "explain": True})
+    assert by_id.status_code == 200, by_id.text
+    body = by_id.json()
+    assert body["model"] == {"name": "churn", "version": "1", "alias": "champion"}
+    assert by_id.headers["x-request-id"] == body["request_id"]
+    (one,) = body["results"]
+    assert one["customer_id"] == cid and not one["cold_start"] and 0 < one["probability"] < 1
+    assert one["decision"] == (one["probability"] >= one["threshold"])
+    assert one["action"] == ("retention_offer" if one["decision"] else "none")
+    reasons = one["reasons"]
+    assert 1 <= len(reasons) <= 5 and {r["feature"] for r in reasons} <= set(features)
+    assert all(abs(a["contribution"]) >= abs(b["contribution"]) for a, b in zip(reasons, reasons[1:]))
+
+    by_record = server.client.post("/churn", json={"features": features}).json()["results"][0]
+    assert by_record["probability"] == one["probability"]
+
+    batch = server.client.post("/churn", json={"items": [{"customer_id": cid}, {"customer_id": "no-such-customer"},
+                                                         {"features": features}]}).json()["results"]
+    assert [r["cold_start"] for r in batch] == [False, True, False]
+    assert batch[0]["probability"] == batch[2]["probability"] == one["probability"]
+    assert "prior" in batch[1]
+
+
+def test_batch_scoring_gives_the_online_answer(server: Server, home: Path) -> None:
+    from serving.batch import score_dataset
+    from training.registry import connect
+
+    cid = _known_ids(home, 1)[0]
+    online = server.client.post("/churn", json={"customer_id": cid}).json()["results"][0]["probability"]
+    client = connect(f"sqlite:///{home / 'mlflow.db'}")
+    report = score_dataset(client, "churn", home / "data" / "synthetic", home / "scores")
+    scores = pd.read_parquet(report.path).set_index("customer_id")
+    assert report.rows == len(scores) >= 300
+    assert scores.loc[cid, "probability"] == pytest.approx(online, abs=1e-6)
+
+
+def test_propensity_next_purchase_and_forecast(server: Server, home: Path) -> None:
+    cid = _known_ids(home, 1)[0]
+    prop = server.client.post("/propensity", json={"customer_id": cid}).json()["results"][0]
+    assert 0 < prop["probability"] < 1 and prop["action"] in ("purchase_offer", "none")
+
+    nxt = server.client.post("/next_purchase", json={"items": [{"customer_id": cid},
+                                                               {"customer_id": "someone-new"}]})
+    assert nxt.status_code == 200, nxt.text
+    known, new = nxt.json()["results"]
+    assert not known["cold_start"] and new["cold_start"]
+    for r in (known, new):
+        assert r["horizon_days"] == 60 and r["expected_purchases"] >= 0 and 0 <= r["p_purchase"] <= 1
+    longer = server.client.post("/next_purchase", json={"customer_id": cid, "horizon_days": 180}).json()["results"][0]
+    assert longer["expected_purchases"] >= known["expected_purchases"]
+
+    fc = server.client.post("/forecast", json={"series": "total", "horizon_days": 14})
+    assert fc.status_code == 200, fc.text
+    points = fc.json()["forecast"]
+    assert len(points) == 14 and all(p["yhat"] is not None and p["yhat"] >= 0 for p in points)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
+    cid = _known_ids(home, 1)[0]
+    features = {c: _features(home, cid).get(c) for c in _model_features(home, "churn")}
+    count = next(c for c in ("frequency", "orders_90d", "returns") if c in features)
+    return [
+        ("/churn", {"customer_id": 5}, "customer_id"),
+        ("/churn", {"features": {**features, "bogus": 1.0}}, "bogus"),
+        ("/churn", {"features": {k: v for k, v in features.items() if k != count}}, count),
+        ("/churn", {"features": {**features, count: -3}}, count),
+        ("/churn", {"features": {**features, count: "many"}}, count),
+        ("/churn", {"items": []}, "items"),
+        ("/churn", {"items": [{"customer_id": cid}] * (MAX_BATCH + 1)}, "items"),
+        ("/churn", {}, "customer_id"),
+        ("/churn", {"customer_id": cid, "items": [{"customer_id": cid}]}, "items"),
+        ("/churn", {"items": [{}]}, "items[0]"),
+        ("/churn", {"customer_id": cid, "colour": "red"}, ""),
+        ("/next_purchase", {"summary": {"frequency": 2}}, "summary."),
+        ("/next_purchase", {"customer_id": cid, "horizon_days": 0}, "horizon_days"),
+        ("/forecast", {"series": "nope"}, "series"),
+        ("/forecast", {"series": "total", "horizon_days": 10_000}, "horizon_days"),
+        ("/forecast", {"series": "total", "start": "not a date"}, "start"),
+    ]
+
+
+def test_bad_requests_get_a_4xx_naming_the_field(server: Server, home: Path) -> None:
+    for path, body, field in _bad_cases(home):
+        r = server.client.post(path, json=body)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        assert field in r.text, (path, body, r.text)
+    raw = [("/churn", b'{"customer_id": "C1"', "application/json"),  # malformed JSON
+           ("/churn", b'{"features": {"recency_days": NaN}}', "application/json"),
+           ("/churn", b'{"features": {"recency_days": Infinity}}', "application/json"),
+           ("/churn", b"customer_id=C1", "multipart/form-data"),
+           ("/churn", b"", "application/json")]
+    for path, content, media in raw:
+        r = server.client.post(path, content=content, headers={"content-type": media})
+        assert 400 <= r.status_code < 500, (content, r.status_code, r.text)
+
+
+def test_schemathesis_finds_no_server_error(server: Server) -> None:
+    out = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/docs.json",
+                          "--checks", "not_a_server_error", "--header", f"X-API-Key: {API_KEY}", "--max-examples", "25", "--seed", "1",
+                          "--exclude-path", "/metrics"],
+                         capture_output=True, text=True, timeout=600, cwd=server.log.name.rsplit("/", 1)[0])
+    assert out.returncode == 0, out.stdout[-4000:]
+
+
+# --- the prediction log and reloads ------------------------------------------------------------------------------
+def test_champion_moves_are_picked_up_without_a_failed_request_and_a_broken_one_is_not(server: Server,
+                                                                                       home: Path) -> None:
+    import mlflow
+
+    from training.registry import GateConfig, connect, promote, register
+
+    client = connect(f"sqlite:///{home / 'mlflow.db'}")
+    cid = _known_ids(home, 1)[0]
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=server.url, timeout=30, headers={"x-api-key": API_KEY}) as c:
+            while not stop.is_set():
+                r = c.post("/churn", json={"customer_id": cid})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    versions.add(r.json()["model"]["version"])
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    try:
+        # a new version of the same model becomes champion
+        v1 = client.get_model_version("churn", "1")
+        new = register(client, "churn", v1.source, v1.run_id)
+        promote(client, "churn", GateConfig(bootstrap_rounds=100), reason="reload test", force=True)
+        deadline = time.monotonic() + 60
+        while server.client.get("/readyz").json()["models"]["churn"]["version"] != new and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        worker.join()
+    assert set(statuses) == {200} and len(statuses) > 10
+    assert versions == {"1", new}
+
+    # a version that cannot load: the old one keeps serving, and the status says why
+    class Broken(mlflow.pyfunc.PythonModel):
+        def load_context(self, context: Any) -> None:
+            raise RuntimeError("corrupt artifact")
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001
+            return model_input
+
+    mlflow.set_experiment("broken")
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=Broken(), pip_requirements=["mlflow"])
+    broken = register(client, "churn", info.model_uri, run.info.run_id)
+    client.set_registered_model_alias("churn", "champion", broken)  # moved by hand, past the gate
+    try:
+        deadline = time.monotonic() + 60
+        status = server.client.get("/status").json()
+        while "churn" not in status["errors"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = server.client.get("/status").json()
+        assert f"version {broken}" in status["errors"]["churn"] and "still serving" in status["errors"]["churn"]
+        assert status["models"]["churn"]["version"] == new
+        r = server.client.post("/churn", json={"customer_id": cid})
+        assert r.status_code == 200 and r.json()["model"]["version"] == new
+        assert server.client.get("/readyz").status_code == 200
+    finally:
+        client.set_registered_model_alias("churn", "champion", new)
+
+
+def test_an_api_key_guards_scoring_but_not_the_probes(server: Server, home: Path) -> None:
+    cid = _known_ids(home, 1)[0]
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        assert anonymous.post("/churn", json={"customer_id": cid}).status_code == 401
+        assert anonymous.post("/churn", json={"customer_id": cid}, headers={"x-api-key": "nope"}).status_code == 401
+        assert anonymous.post("/churn", json={"customer_id": cid},
+                              headers={"authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert anonymous.get("/readyz").status_code == 200 and anonymous.get("/metrics").status_code == 200
+
+
+# --- in process: shadow mode ---------------------------------------------------------------------------------------
+def test_shadow_challenger_is_logged_never_returned(home: Path, tmp_path: Path) -> None:
+    from serving.api import Runtime
+    from serving.config import ServeConfig
+    from serving.predlog import read_log
+    from training.registry import connect, register
+
+    client = connect(f"sqlite:///{home / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("churn", "champion")
+    v1 = client.get_model_version("churn", "1")
+    challenger = register(client, "churn", v1.source, v1.run_id)  # gets the challenger alias
+    config = ServeConfig(home=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}", shadow=True,
+                         prediction_log=tmp_path / "log")
+    runtime = Runtime(config, client, start_reloader=False)
+    try:
+        cid = _known_ids(home, 1)[0]
+        answer = runtime.classify("churn", customer_id=cid)
+        assert answer["model"]["version"] == str(champion.version)
+        assert "shadow" not in json.dumps(answer)
+        assert runtime.status()["shadow"]["churn"]["version"] == challenger
+    finally:
+        runtime.close()
+    (row,) = read_log(tmp_path / "log").to_dict("records")
+    shadow = json.loads(row["shadow"])
+    assert shadow["version"] == challenger and 0 < shadow["probability"] < 1
+    assert np.isclose(shadow["probability"], answer["results"][0]["probability"], atol=1e-6)  # the same model
+
+
+# --- last: graceful shutdown ---------------------------------------------------------------------------------------
+def test_zz_shutdown_flushes_every_logged_prediction_pseudonymized(server: Server, home: Path) -> None:
+    from serving.predlog import read_log
+
+    ids = _known_ids(home, 5)
+    assert server.client.post("/churn", json={"items": [{"customer_id": c} for c in ids]}).status_code == 200
+    served = server.client.get("/status").json()["served"]
+    assert server.stop() is not None
+    frame = read_log(home / "predlog")
+    assert len(frame) == served  # every scored item, none lost on shutdown, none twice
+    assert frame["request_id"].nunique() < len(frame)  # batches share their request id
+    assert not frame["customer_key"].isin(ids).any()
+    last = frame[frame["endpoint"] == "churn"].tail(5)
+    assert last["customer_key"].nunique() == 5
+    assert set(json.loads(last["features"].iloc[0])) == set(_model_features(home, "churn"))
+    assert not list((home / "predlog").rglob("*.tmp"))

@@ -1,0 +1,160 @@
+"""The parts behind the API, without a server: the prediction log, the online store, the request checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from serving.online import SQLiteOnlineStore, build_records, open_store
+from serving.predlog import PredictionLog, load_salt, make_row, pseudonymize, read_log
+from serving.scoring import InputError, check_records
+
+
+def _rows(n: int, start: int = 0) -> list[dict]:
+    return [make_row(f"r{start + i}", "churn", {"name": "churn", "version": "1", "alias": "champion"},
+                     pseudonymize(f"C{start + i}", b"salt"), False, {"x": float(i)},
+                     {"probability": 0.5, "decision": False}, None) for i in range(n)]
+
+
+# --- prediction log --------------------------------------------------------------------------------------------
+def test_log_flushes_in_segments_and_reads_back_every_row(tmp_path: Path) -> None:
+    # Given a log with a small batch size
+    plog = PredictionLog(tmp_path, flush_s=60, batch_rows=10)
+    # When rows arrive in pieces and the log is closed
+    plog.append(_rows(25))
+    plog.flush()
+    plog.append(_rows(7, start=25))
+    plog.close()
+    # Then every row is in an immutable segment, none twice, no temporary file left behind
+    frame = read_log(tmp_path)
+    assert sorted(frame["request_id"]) == sorted(f"r{i}" for i in range(32))
+    assert plog.written == 32 and plog.pending == 0
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert frame["customer_key"].str.len().eq(32).all()
+    assert not frame["customer_key"].str.contains("C1").any()  # pseudonymized, never the id
+
+
+def test_log_background_writer_flushes_without_being_asked(tmp_path: Path) -> None:
+    plog = PredictionLog(tmp_path, flush_s=0.05, batch_rows=1000)
+    plog.append(_rows(3))
+    deadline = pd.Timestamp.now() + pd.Timedelta(seconds=5)
+    while plog.written < 3 and pd.Timestamp.now() < deadline:
+        pass
+    assert plog.written == 3
+    plog.close()
+
+
+def test_a_crash_loses_only_the_unflushed_rows_and_corrupts_nothing(tmp_path: Path) -> None:
+    # Given a process that logs, flushes once, logs more and is killed before the next flush
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from serving.predlog import PredictionLog, make_row
+        plog = PredictionLog({str(tmp_path)!r}, flush_s=3600, batch_rows=10**6)
+        row = lambda i: make_row(f"r{{i}}", "churn", {{"name": "churn", "version": "1"}}, None, False, {{}}, {{}}, None)
+        plog.append([row(i) for i in range(50)])
+        plog.flush()
+        plog.append([row(i) for i in range(50, 60)])
+        os._exit(9)  # no close, no flush: a crash
+    """)
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    # Then the flushed segment is whole and readable; only the last unflushed batch is gone
+    frame = read_log(tmp_path)
+    assert len(frame) == 50
+    for f in tmp_path.rglob("*.parquet"):
+        pq.read_table(f)  # every segment parses
+
+
+def test_log_keeps_rows_when_a_write_fails_and_writes_them_later(tmp_path: Path) -> None:
+    blocker = tmp_path / "root"
+    blocker.write_text("a file where the log folder should be")
+    plog = PredictionLog(blocker, flush_s=3600)
+    plog.append(_rows(5))
+    assert plog.flush() == 0 and plog.pending == 5 and plog.last_error
+    blocker.unlink()
+    assert plog.flush() == 5
+    plog.close()
+    assert len(read_log(blocker)) == 5
+
+
+def test_read_log_filters_a_time_window(tmp_path: Path) -> None:
+    plog = PredictionLog(tmp_path, flush_s=3600)
+    old = pd.Timestamp("2026-01-01", tz="UTC")
+    rows = _rows(3)
+    for i, r in enumerate(rows):
+        r["ts"] = old + pd.Timedelta(days=i)
+    plog.append(rows)
+    plog.close()
+    assert list(read_log(tmp_path, start=pd.Timestamp("2026-01-02"))["request_id"]) == ["r1", "r2"]
+    assert list(read_log(tmp_path, end=pd.Timestamp("2026-01-02"))["request_id"]) == ["r0"]
+
+
+def test_salt_is_created_once_and_kept(tmp_path: Path) -> None:
+    first = load_salt(tmp_path, environ={})
+    assert load_salt(tmp_path, environ={}) == first
+    assert oct(os.stat(tmp_path / "secrets" / "id_salt").st_mode)[-3:] == "600"
+    assert load_salt(tmp_path, environ={"PERSONALIZE_ID_SALT": "s3cret"}) == b"s3cret"
+    assert pseudonymize("C1", first) == pseudonymize("C1", first) != pseudonymize("C2", first)
+    assert pseudonymize("C1", first) != pseudonymize("C1", b"other")
+
+
+# --- online store ----------------------------------------------------------------------------------------------
+def test_build_records_keeps_feature_and_cycle_blocks_apart() -> None:
+    features = pd.DataFrame({"customer_id": ["a", "b"], "cutoff": pd.Timestamp("2026-01-01"),
+                             "frequency": [3, 0], "recency_days": [2.0, np.nan]})
+    cycle = pd.DataFrame({"customer_id": ["a"], "frequency": [1.0], "T": [10.0]})
+    records = build_records(features, cycle)
+    assert records["a"] == {"features": {"frequency": 3, "recency_days": 2.0},
+                            "cycle": {"frequency": 1.0, "T": 10.0}}
+    assert records["b"] == {"features": {"frequency": 0, "recency_days": None}, "cycle": {}}
+
+
+def test_sqlite_store_replaces_its_content_in_one_go(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'o.sqlite'}", "d")
+    assert isinstance(store, SQLiteOnlineStore)
+    store.write({"a": {"features": {"x": 1}, "cycle": {}}, "b": {"features": {"x": 2}, "cycle": {}}}, {"v": 1})
+    store.write({"b": {"features": {"x": 3}, "cycle": {}}}, {"v": 2})
+    assert store.get_many(["a", "b", "zz"]) == {"b": {"features": {"x": 3}, "cycle": {}}}
+    assert store.meta() == {"v": 2}
+    assert store.delete(["b"]) == 1 and store.get_many(["b"]) == {}
+
+
+def test_unmaterialized_store_is_a_clear_error(tmp_path: Path) -> None:
+    from serving.online import OnlineStoreError
+
+    with pytest.raises(OnlineStoreError, match="personalize materialize"):
+        open_store(f"sqlite:///{tmp_path / 'none.sqlite'}", "d").get_many(["a"])
+    with pytest.raises(OnlineStoreError, match="unknown online store URL"):
+        open_store("ftp://x", "d")
+
+
+# --- request checks --------------------------------------------------------------------------------------------
+GOOD = {"orders": 3, "spend": 10.5, "channel": "web", "member": True}
+
+
+@pytest.mark.parametrize("record, field", [
+    ({**GOOD, "extra": 1}, "features.extra"),
+    ({k: v for k, v in GOOD.items() if k != "spend"}, "features.spend"),
+    ({**GOOD, "orders": -1}, "features.orders"),
+    ({**GOOD, "spend": "ten"}, "features.spend"),
+    ({**GOOD, "spend": float("inf")}, "features.spend"),
+    ({**GOOD, "member": "maybe"}, "features.member"),
+    ({**GOOD, "channel": 1.5}, "features.channel"),
+])
+def test_bad_records_name_the_field(record: dict, field: str) -> None:
+    with pytest.raises(InputError) as error:
+        check_records([record], ["orders", "spend"], ["channel"], ["member"], frozenset({"orders"}))
+    assert error.value.field == field
+
+
+def test_good_records_pass_with_nulls() -> None:
+    check_records([GOOD, {**GOOD, "spend": None, "channel": None, "member": None}], ["orders", "spend"],
+                  ["channel"], ["member"], frozenset({"orders"}))
