@@ -4,8 +4,10 @@ Today: ingest the shared public data sets (quarantining bad rows), generate a sy
 planted truth, build point-in-time features and labels, then train and register the models and run each through
 the promotion gate: churn and propensity on the synthetic data (out of time), a bring-your-own-table churn model on
 Telco (checked for fairness by gender), Prophet purchase forecasts on Online Retail, and the purchase-cycle model
-on CDNOW. A rerun trains new challengers and gates them against the champions. Later stages (serving,
-monitoring) join the demo as they land. The last line printed is one JSON object.
+on CDNOW. A rerun trains new challengers and gates them against the champions. Then the online store is
+materialized, the BentoML API starts in the background, answers example requests (scores with reason codes, a
+cold start, a forecast, a bad request) and stops; its prediction log must hold every scored item. Monitoring
+joins the demo when it lands. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
     started = time.perf_counter()
     now = __import__("pandas").Timestamp.now(tz="UTC").tz_localize(None)
     builtins = builtin_names()
-    steps = len(builtins) + 1 + len(FRAME_DATASETS) + len(CLASSIFIERS) + 3
+    steps = len(builtins) + 1 + len(FRAME_DATASETS) + len(CLASSIFIERS) + 4
     reports, frames = [], {}
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=console, transient=False)
@@ -157,12 +159,24 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
             frames[name] = build_training_frame(settings, name)
             progress.advance(task)
         models = train_models(settings, trials, progress, task)
+        progress.update(task, description="materialize the online store, start the API, send requests")
+        from personalize.demo_serving import serve_and_query, serving_table
+
+        serving = serve_and_query(settings)
+        progress.advance(task)
         progress.update(task, description="done")
 
     console.print(summary_table(reports, frames))
     for line in quarantine_lines(reports):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(models_table(models))
+    console.print(serving_table(serving))
+    console.print(f"the API answered {serving.requests_ok} of {len(serving.answers)} requests; {serving.served_items} "
+                  f"scored items, {serving.logged_rows} rows in the prediction log ({settings.home / 'predictions'}); "
+                  "purchase_cycle is the CDNOW model answering for synthetic customers", soft_wrap=True,
+                  highlight=False)
+    console.print("serve it yourself: [bold]personalize serve[/] (docs at http://127.0.0.1:3000/docs)",
+                  soft_wrap=True)
     console.print("MLflow runs and registry: [bold]personalize mlflow-ui[/]; audit trail: [bold]personalize history "
                   "churn[/]", soft_wrap=True)
     console.print(f"data: [bold]{settings.home / 'data'}[/]  quarantine: [bold]{settings.home / 'quarantine'}[/]  "
@@ -175,6 +189,10 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
         "models": {m.name: {"dataset": m.dataset, "version": m.version, "metric": m.metric,
                             "value": round(m.value, 4), "baseline": round(m.baseline, 4), "gate": m.verdict,
                             "champion": m.champion} for m in models},
+        "served_versions": serving.versions,
+        "requests_served": serving.requests_ok,
+        "served_items": serving.served_items,
+        "logged_rows": serving.logged_rows,
     }
     console.print(json.dumps(result), soft_wrap=True, highlight=False)
     return result

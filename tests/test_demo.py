@@ -29,3 +29,6 @@ def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path
     assert all(m["gate"] == "pass" or m["gate"].startswith("fail: ") for m in models.values()), models
     assert all(models[m]["champion"] in ("1", "2") for m in ("churn_telco", "purchase_forecast", "purchase_cycle"))
     assert (isolated_home / "features" / "cdnow" / "training_frame.parquet").exists()
+    # the API answered from the champions and logged every scored item
+    assert last["served_versions"]["forecast"] in ("1", "2") and last["requests_served"] >= 1
+    assert last["served_items"] == last["logged_rows"] > 0
