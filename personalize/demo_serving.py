@@ -108,7 +108,7 @@ def query(client: Any, customers: list[str]) -> list[tuple[str, str, int, str]]:
         asks.append(("next_purchase", f"customer {cid}", {"customer_id": cid}))
     asks.append(("churn", "a customer never seen", {"customer_id": "new-visitor-1"}))
     asks.append(("forecast", "series total, 7 days", {"series": "total", "horizon_days": 7}))
-    asks.append(("churn", "a bad request (negative count)", {"features": {"frequency": -2}}))
+    asks.append(("churn", "a bad request (an incomplete record)", {"features": {"frequency": 2}}))
     out = []
     for endpoint, asked, body in asks:
         r = client.post(f"/{endpoint}", json=body)

@@ -170,6 +170,12 @@ class Runtime:
         self._emit(rows)
         return {"request_id": rid, "model": loaded.ref, "results": [r for _, r in results]}
 
+    def classify_ids(self, endpoint: str, customer_ids: list[str]) -> list[dict[str, Any]]:
+        """The adaptive-batching path: customer ids only (features from the online store, so nothing in a merged
+        batch can be a bad record); one answer per id, each with the model and its own request id."""
+        out = self.classify(endpoint, items=[{"customer_id": c} for c in customer_ids])
+        return [{**r, "model": out["model"], "request_id": out["request_id"]} for r in out["results"]]
+
     def _shadow_scores(self, endpoint: str, records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         shadow: Loaded | None = self.models.shadow.get(endpoint)
         if shadow is None or not records or shadow.kind != "classifier":

@@ -62,7 +62,9 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     from serving.online import default_as_of
     from serving.scoring import load
 
-    loaded = load(client, name, alias)
+    import os
+
+    loaded = load(client, name, alias, threads=os.cpu_count() or 1)
     if loaded.kind != "classifier":
         raise PersonalizeError(f"{name} is a {loaded.kind} model; batch scoring covers churn and propensity")
     started = time.perf_counter()

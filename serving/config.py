@@ -13,7 +13,8 @@ From the environment (``personalize serve`` sets these from its options; ``bento
 ``PERSONALIZE_SHADOW``             ``1``: the ``challenger`` scores the same requests; logged, never returned
 ``PERSONALIZE_RELOAD_S``           seconds between two checks of the registry's aliases (hot reload)
 ``PERSONALIZE_WORKERS``            server worker processes
-``PERSONALIZE_MAX_BATCH``          most items in one request
+``PERSONALIZE_MAX_BATCH``          most items in one request (and in one adaptive batch)
+``PERSONALIZE_BATCH_LATENCY_MS``   adaptive batching's latency bound (503 past it: load shedding)
 ``PERSONALIZE_ID_SALT``            the pseudonymization salt (default: a random one kept under home)
 =================================  ==========================================================================
 """
@@ -53,6 +54,8 @@ class ServeConfig(BaseModel):
     reload_s: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1)
     max_batch: int = Field(default=1000, ge=1)
+    # adaptive batching: BentoML answers 503 rather than let a merged batch's expected latency pass this
+    batch_latency_ms: int = Field(default=250, ge=1)
     explain_top: int = Field(default=5, ge=1)
     log_flush_s: float = Field(default=1.0, gt=0)
     actions: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS))
@@ -86,7 +89,8 @@ class ServeConfig(BaseModel):
         if env.get("PERSONALIZE_PREDICTION_LOG"):
             values["prediction_log"] = Path(env["PERSONALIZE_PREDICTION_LOG"])
         for key, name, kind in (("reload_s", "PERSONALIZE_RELOAD_S", float), ("workers", "PERSONALIZE_WORKERS", int),
-                                ("max_batch", "PERSONALIZE_MAX_BATCH", int)):
+                                ("max_batch", "PERSONALIZE_MAX_BATCH", int),
+                                ("batch_latency_ms", "PERSONALIZE_BATCH_LATENCY_MS", int)):
             if env.get(name):
                 values[key] = kind(env[name])
         return cls(**values)

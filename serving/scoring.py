@@ -86,7 +86,7 @@ def _counts(frame: pd.DataFrame | None, columns: list[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def load(client: Any, name: str, alias: str) -> Loaded:
+def load(client: Any, name: str, alias: str, threads: int = 1) -> Loaded:
     """The version ``alias`` points to, loaded. Raises :class:`NotServing` when there is none."""
     import mlflow.pyfunc
 
@@ -102,7 +102,7 @@ def load(client: Any, name: str, alias: str) -> Loaded:
     inner = pyfunc.unwrap_python_model()
     heldout = _heldout(mv.run_id) if not isinstance(inner, PurchaseForecastModel) else None
     if isinstance(inner, ClassifierModel):
-        kind, scorer = "classifier", Classifier(inner, heldout)
+        kind, scorer = "classifier", Classifier(inner, heldout, threads)
     elif isinstance(inner, CyclePyfunc):
         kind, scorer = "cycle", Cycle(inner, heldout)
     elif isinstance(inner, PurchaseForecastModel):
@@ -152,11 +152,15 @@ def check_records(records: list[dict[str, Any]], numeric: list[str], categorical
 class Classifier:
     """A churn or propensity champion: calibrated probability, decision at the model's threshold, reasons."""
 
-    def __init__(self, model: Any, heldout: pd.DataFrame | None) -> None:
+    def __init__(self, model: Any, heldout: pd.DataFrame | None, threads: int = 1) -> None:
         from training.train import Calibrator
 
         self.model = model
         self.booster = model._booster
+        # One thread per booster call on the request path: a one-row predict gains nothing from more, and with
+        # XGBoost's default (every core) it stalled for milliseconds whenever the machine was busy (measured by
+        # bench/serving.py: ~24 ms against ~0.3 ms per row). Batch scoring asks for more.
+        self.threads = threads
         self.columns = model.columns
         self.features: list[str] = list(model.columns.features)
         self.numeric_only = not model.columns.categorical
@@ -167,6 +171,8 @@ class Classifier:
         import lightgbm as lgb
 
         self.lightgbm = isinstance(self.booster, lgb.Booster)
+        if not self.lightgbm:
+            self.booster.set_param({"nthread": threads})
 
     def check(self, records: list[dict[str, Any]], where: str = "features") -> None:
         check_records(records, list(self.columns.numeric), list(self.columns.categorical),
@@ -186,7 +192,7 @@ class Classifier:
     def _raw(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
         rounds = self.model.rounds
         if self.lightgbm:
-            return np.asarray(self.booster.predict(x, num_iteration=rounds, num_threads=1))
+            return np.asarray(self.booster.predict(x, num_iteration=rounds, num_threads=self.threads))
         if isinstance(x, np.ndarray):
             return np.asarray(self.booster.inplace_predict(x, iteration_range=(0, rounds), validate_features=False))
         import xgboost as xgb
@@ -202,7 +208,8 @@ class Classifier:
         x = self._matrix(records)
         rounds = self.model.rounds
         if self.lightgbm:
-            contrib = np.asarray(self.booster.predict(x, num_iteration=rounds, pred_contrib=True, num_threads=1))
+            contrib = np.asarray(self.booster.predict(x, num_iteration=rounds, pred_contrib=True,
+                                                     num_threads=self.threads))
         else:
             import xgboost as xgb
 

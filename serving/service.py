@@ -15,14 +15,18 @@ unknown, missing or mistyped features, negative counts); a model with no champio
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 from datetime import date
 from typing import Annotated, Any
 
+import anyio
 import bentoml
+from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 from serving.config import ServeConfig
 from serving.scoring import InputError, NotServing
@@ -52,6 +56,7 @@ class CycleItem(BaseModel):
 
 
 Items = Annotated[list[Item], Field(min_length=1, max_length=CONFIG.max_batch)]
+Ids = Annotated[list[CustomerId], Field(min_length=1, max_length=CONFIG.max_batch, examples=[["C000042", "C000043"]])]
 CycleItems = Annotated[list[CycleItem], Field(min_length=1, max_length=CONFIG.max_batch)]
 Features = Annotated[dict[Annotated[str, Field(max_length=128)], Value],
                      Field(description="every input feature of the model (null for unknown)",
@@ -80,6 +85,13 @@ class CycleRequest(BaseModel):
     horizon_days: Annotated[int, Field(ge=1, le=730)] | None = None
 
 
+class IdsRequest(BaseModel):
+    """Customer ids only, for the adaptive-batching routes."""
+
+    model_config = ConfigDict(extra="forbid")
+    customer_ids: Ids
+
+
 class ForecastRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])]
@@ -87,7 +99,7 @@ class ForecastRequest(BaseModel):
     start: date | None = None
 
 
-API_PATHS = ("/churn", "/propensity", "/next_purchase", "/forecast")
+API_PATHS = ("/churn", "/propensity", "/next_purchase", "/forecast", "/churn/ids", "/propensity/ids")
 
 
 class Guard:
@@ -136,22 +148,37 @@ async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
 
 
 RUNTIME: dict[str, Any] = {}  # this worker's Runtime, for the middleware
+PREDICTIONS = bentoml.metrics.Counter(
+    name="personalize_predictions", documentation="Scored items by endpoint, served model version and cold start",
+    labelnames=["endpoint", "model", "version", "cold_start"])
 
 
-def _call(ctx: bentoml.Context, fn, *args: Any, **kwargs: Any) -> dict[str, Any]:
+async def _call(ctx: bentoml.Context, fn, *args: Any, offload: bool = False, **kwargs: Any) -> JSONResponse:
     """Run one request; a request the model cannot score is a 400 naming the field, a model not loaded a 503 saying
-    why (BentoML's own exceptions would hide a 5xx's reason)."""
+    why (BentoML's own exceptions would hide a 5xx's reason).
+
+    A single record is scored on the event loop (well under a millisecond); explanations and batches, which take
+    longer, run in a worker thread so they never hold up the requests behind them. The answer is a ready
+    JSONResponse: BentoML would otherwise rebuild the output model's JSON schema for every response."""
     rid = ctx.request.headers.get("x-request-id")
     try:
-        out = fn(*args, **kwargs, request_id=rid)
+        if offload:
+            out = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs, request_id=rid))
+        else:
+            out = fn(*args, **kwargs, request_id=rid)
     except InputError as exc:
         ctx.response.status_code = 400
-        return {"error": str(exc), "field": exc.field}
+        return JSONResponse({"error": str(exc), "field": exc.field}, status_code=400)
     except NotServing as exc:
         ctx.response.status_code = 503
-        return {"error": str(exc)}
+        return JSONResponse({"error": str(exc)}, status_code=503)
     ctx.response.headers["x-request-id"] = out["request_id"]
-    return out
+    model = out["model"]
+    for result in out.get("results", [None]):
+        cold = "true" if result and result.get("cold_start") else "false"
+        PREDICTIONS.labels(endpoint=ctx.request.url.path.strip("/"), model=model["name"], version=model["version"],
+                           cold_start=cold).inc()
+    return JSONResponse(out)
 
 
 @bentoml.service(
@@ -160,7 +187,7 @@ def _call(ctx: bentoml.Context, fn, *args: Any, **kwargs: Any) -> dict[str, Any]
     traffic={"timeout": 30},
     logging={"access": {"enabled": False}},
     # Request spans cost about half the throughput of a scoring call; tracing stays on for everything else.
-    tracing={"excluded_urls": ["/churn", "/propensity", "/next_purchase"]},
+    tracing={"excluded_urls": ["/churn", "/propensity", "/next_purchase", "/churn/ids", "/propensity/ids"]},
 )
 class Personalization:
     def __init__(self) -> None:
@@ -180,15 +207,40 @@ class Personalization:
     async def churn(self, customer_id: CustomerId | None = None, features: Features | None = None,
                     items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
         """Churn risk: calibrated probability, the decision at the model's threshold and its action."""
-        return _call(ctx, self.runtime.classify, "churn", customer_id, features,
-                     None if items is None else [i.model_dump() for i in items], explain)
+        return await _call(ctx, self.runtime.classify, "churn", customer_id, features,
+                           None if items is None else [i.model_dump() for i in items], explain,
+                           offload=explain or items is not None)
 
     @bentoml.api(input_spec=ScoreRequest)
     async def propensity(self, customer_id: CustomerId | None = None, features: Features | None = None,
                          items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
         """Purchase propensity within the model's horizon."""
-        return _call(ctx, self.runtime.classify, "propensity", customer_id, features,
-                     None if items is None else [i.model_dump() for i in items], explain)
+        return await _call(ctx, self.runtime.classify, "propensity", customer_id, features,
+                           None if items is None else [i.model_dump() for i in items], explain,
+                           offload=explain or items is not None)
+
+    @bentoml.api(route="/churn/ids", batchable=True, input_spec=IdsRequest, max_batch_size=CONFIG.max_batch,
+                 max_latency_ms=CONFIG.batch_latency_ms)
+    async def churn_ids(self, customer_ids: Ids) -> list[dict[str, Any]]:
+        """Churn for customer ids, with adaptive batching: concurrent calls are merged into one lookup and one
+        booster call (BentoML's dispatcher), then split back. Body: ``{"customer_ids": [...]}``."""
+        return await self._batch("churn", customer_ids)
+
+    @bentoml.api(route="/propensity/ids", batchable=True, input_spec=IdsRequest, max_batch_size=CONFIG.max_batch,
+                 max_latency_ms=CONFIG.batch_latency_ms)
+    async def propensity_ids(self, customer_ids: Ids) -> list[dict[str, Any]]:
+        """Propensity for customer ids, with adaptive batching."""
+        return await self._batch("propensity", customer_ids)
+
+    async def _batch(self, endpoint: str, customer_ids: list[str]) -> list[dict[str, Any]]:
+        try:
+            out = await anyio.to_thread.run_sync(self.runtime.classify_ids, endpoint, list(customer_ids))
+        except NotServing as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        for r in out:
+            PREDICTIONS.labels(endpoint=endpoint, model=r["model"]["name"], version=r["model"]["version"],
+                               cold_start="true" if r["cold_start"] else "false").inc()
+        return out
 
     @bentoml.api(input_spec=CycleRequest)
     async def next_purchase(self, customer_id: CustomerId | None = None, summary: Summary | None = None,
@@ -196,15 +248,16 @@ class Personalization:
                             horizon_days: Annotated[int, Field(ge=1, le=730)] | None = None,
                             ctx: bentoml.Context = None) -> dict[str, Any]:
         """Expected purchases in the horizon, expected days to the next one, P(purchase), P(alive)."""
-        return _call(ctx, self.runtime.next_purchase, customer_id, summary,
-                     None if items is None else [i.model_dump() for i in items], horizon_days)
+        return await _call(ctx, self.runtime.next_purchase, customer_id, summary,
+                           None if items is None else [i.model_dump() for i in items], horizon_days, offload=True)
 
     @bentoml.api(input_spec=ForecastRequest)
-    def forecast(self, series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])],
+    async def forecast(self, series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])],
                  horizon_days: Annotated[int, Field(ge=1, le=366)] = 30,
                  start: date | None = None, ctx: bentoml.Context = None) -> dict[str, Any]:
         """Daily purchase volume of a segment/category series (Prophet), with its interval."""
-        return _call(ctx, self.runtime.forecast, series, horizon_days, None if start is None else start.isoformat())
+        return await _call(ctx, self.runtime.forecast, series, horizon_days,
+                           None if start is None else start.isoformat(), offload=True)
 
 
 Personalization.add_asgi_middleware(Guard, api_key=CONFIG.api_key)

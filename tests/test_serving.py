@@ -200,6 +200,10 @@ def test_churn_by_id_by_record_and_in_a_batch_agree(server: Server, home: Path) 
     assert [r["cold_start"] for r in batch] == [False, True, False]
     assert batch[0]["probability"] == batch[2]["probability"] == one["probability"]
     assert "prior" in batch[1]
+    metrics = server.client.get("/metrics").text
+    counted = [line for line in metrics.splitlines() if line.startswith("personalize_predictions_total{")
+               and 'endpoint="churn"' in line and 'cold_start="true"' in line and 'version="1"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1
 
 
 def test_batch_scoring_gives_the_online_answer(server: Server, home: Path) -> None:
@@ -236,6 +240,30 @@ def test_propensity_next_purchase_and_forecast(server: Server, home: Path) -> No
     assert len(points) == 14 and all(p["yhat"] is not None and p["yhat"] >= 0 for p in points)
 
 
+def test_adaptive_batching_merges_concurrent_calls_and_answers_each_its_own(server: Server, home: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = _known_ids(home, 20) + ["never-seen"]
+
+    def call(i: int) -> tuple[str, httpx.Response]:
+        cid = ids[i % len(ids)]
+        return cid, server.client.post("/churn/ids", json={"customer_ids": [cid]})
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, range(200)))
+    assert all(r.status_code == 200 for _, r in answers), {r.status_code for _, r in answers}
+    for cid, r in answers:
+        (one,) = r.json()
+        assert one["customer_id"] == cid and one["cold_start"] == (cid == "never-seen")
+    single = server.client.post("/churn", json={"customer_id": ids[0]}).json()["results"][0]["probability"]
+    assert [r.json()[0]["probability"] for c, r in answers if c == ids[0]][0] == single
+    metrics = server.client.get("/metrics").text
+    sizes = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+             if line.startswith("bentoml_service_adaptive_batch_size_") and 'method_name="churn_ids"' in line}
+    assert sizes["bentoml_service_adaptive_batch_size_sum"] == 200
+    assert sizes["bentoml_service_adaptive_batch_size_count"] < 200  # some calls were merged
+
+
 # --- bad input ---------------------------------------------------------------------------------------------------
 def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
     cid = _known_ids(home, 1)[0]
@@ -253,6 +281,8 @@ def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
         ("/churn", {"customer_id": cid, "items": [{"customer_id": cid}]}, "items"),
         ("/churn", {"items": [{}]}, "items[0]"),
         ("/churn", {"customer_id": cid, "colour": "red"}, ""),
+        ("/churn/ids", {"customer_ids": []}, "customer_ids"),
+        ("/churn/ids", {"customer_ids": [cid], "explain": True}, ""),
         ("/next_purchase", {"summary": {"frequency": 2}}, "summary."),
         ("/next_purchase", {"customer_id": cid, "horizon_days": 0}, "horizon_days"),
         ("/forecast", {"series": "nope"}, "series"),

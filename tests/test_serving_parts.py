@@ -158,3 +158,74 @@ def test_bad_records_name_the_field(record: dict, field: str) -> None:
 def test_good_records_pass_with_nulls() -> None:
     check_records([GOOD, {**GOOD, "spend": None, "channel": None, "member": None}], ["orders", "spend"],
                   ["channel"], ["member"], frozenset({"orders"}))
+
+
+# --- the Redis online store (a real server on loopback when one can start) -------------------------------------
+@pytest.fixture
+def redis_url(tmp_path: Path):
+    import shutil
+    import socket
+    import time
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server on this machine (`apt-get install redis-server`; .ci/run installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            pytest.skip("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_redis_store_behaves_like_the_sqlite_one(redis_url: str) -> None:
+    from serving.online import RedisOnlineStore
+
+    store = open_store(redis_url, "d")
+    assert isinstance(store, RedisOnlineStore)
+    store.write({"a": {"features": {"x": 1}, "cycle": {}}, "b": {"features": {"x": 2}, "cycle": {"T": 3.0}}}, {"v": 1})
+    store.write({"b": {"features": {"x": 3}, "cycle": {}}}, {"v": 2})  # a new snapshot replaces the old one
+    assert store.get_many(["a", "b", "zz"]) == {"b": {"features": {"x": 3}, "cycle": {}}}
+    assert store.meta() == {"v": 2}
+    assert open_store(redis_url, "other").get_many(["b"]) == {}  # data sets do not see each other
+    assert store.delete(["b"]) == 1 and store.get_many(["b"]) == {}
+    store.close()
+
+
+def test_materialize_fills_the_store_with_what_training_computes(tmp_path: Path) -> None:
+    from features.definitions import FeatureSpec
+    from features.pipeline import ingest_synthetic
+    from features.store import FeatureStore
+    from features.synthetic import SyntheticConfig, generate
+    from personalize.settings import Settings
+    from serving.online import materialize
+
+    settings = Settings.from_env()
+    ingest_synthetic(settings, "s", generate(SyntheticConfig(customers=120, days=200)))
+    as_of = pd.Timestamp("2024-06-01")
+    report = materialize(settings.dataset_dir("s"), f"sqlite:///{tmp_path / 's.sqlite'}", as_of)
+    online = open_store(f"sqlite:///{tmp_path / 's.sqlite'}", "s")
+    store = FeatureStore(settings.dataset_dir("s"))
+    spec = FeatureSpec(categories=tuple(online.meta()["categories"]))
+    frame = store.offline([as_of], spec).set_index("customer_id")
+    assert report.customers == len(frame) == online.count()
+    cid = frame.index[0]
+    got = online.get_many([cid])[cid]["features"]
+    for column in spec.columns:
+        want = frame.loc[cid, column]
+        assert (got[column] is None and pd.isna(want)) or got[column] == pytest.approx(float(want)), column
