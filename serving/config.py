@@ -15,6 +15,7 @@ From the environment (``personalize serve`` sets these from its options; ``bento
 ``PERSONALIZE_WORKERS``            server worker processes
 ``PERSONALIZE_MAX_BATCH``          most items in one request (and in one adaptive batch)
 ``PERSONALIZE_BATCH_LATENCY_MS``   adaptive batching's latency bound (503 past it: load shedding)
+``PERSONALIZE_LOG_FLUSH_S``        seconds between two prediction-log segments (default 1)
 ``PERSONALIZE_ID_SALT``            the pseudonymization salt (default: a random one kept under home)
 =================================  ==========================================================================
 """
@@ -90,7 +91,8 @@ class ServeConfig(BaseModel):
             values["prediction_log"] = Path(env["PERSONALIZE_PREDICTION_LOG"])
         for key, name, kind in (("reload_s", "PERSONALIZE_RELOAD_S", float), ("workers", "PERSONALIZE_WORKERS", int),
                                 ("max_batch", "PERSONALIZE_MAX_BATCH", int),
-                                ("batch_latency_ms", "PERSONALIZE_BATCH_LATENCY_MS", int)):
+                                ("batch_latency_ms", "PERSONALIZE_BATCH_LATENCY_MS", int),
+                                ("log_flush_s", "PERSONALIZE_LOG_FLUSH_S", float)):
             if env.get(name):
                 values[key] = kind(env[name])
         return cls(**values)
