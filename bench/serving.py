@@ -163,7 +163,7 @@ def in_process_figures(scorer: Any, records: list[dict[str, Any]], config: Any, 
                "raw_1thread_us": median_us(lambda x: single.inplace_predict(x, iteration_range=(0, scorer.model.rounds),
                                                                             validate_features=False), matrices, repeat),
                "score_us": median_us(lambda r: scorer.score([r]), records, repeat)}
-    runtime = Runtime(config, client, start_reloader=False)
+    runtime = Runtime(config, client, start_reloader=False, freeze_heap=False)
     try:
         figures["classify_us"] = median_us(lambda r: runtime.classify("churn", features=r), records, repeat)
         figures["classify_explain_us"] = median_us(lambda r: runtime.classify("churn", features=r, explain=True),

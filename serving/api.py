@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class Runtime:
     """Everything one worker serves with: the models, the online store, the prediction log."""
 
-    def __init__(self, config: ServeConfig, client: Any | None = None, start_reloader: bool = True) -> None:
+    def __init__(self, config: ServeConfig, client: Any | None = None, start_reloader: bool = True,
+                 freeze_heap: bool = True) -> None:
         from training.registry import connect
 
         self.config = config
@@ -34,7 +35,9 @@ class Runtime:
         self.models = ModelSet(self.client, config.models, config.alias,
                                config.shadow_alias if config.shadow else None)
         self.models.refresh()
-        _freeze_heap()
+        self.freeze_heap = freeze_heap  # a server process; not a test or a notebook that embeds the runtime
+        if freeze_heap:
+            _freeze_heap()
         self.log = PredictionLog(config.log_root, flush_s=config.log_flush_s)
         self.salt = load_salt(config.home)
         self._store = None
@@ -51,7 +54,7 @@ class Runtime:
             try:
                 before = self.models.reloads
                 self.models.refresh()
-                if self.models.reloads != before:
+                if self.models.reloads != before and self.freeze_heap:
                     _freeze_heap(unfreeze=True)
             except Exception:  # the registry may be briefly unreachable: keep serving, try again later
                 log.exception("model refresh failed")

@@ -153,7 +153,8 @@ PREDICTIONS = bentoml.metrics.Counter(
     labelnames=["endpoint", "model", "version", "cold_start"])
 
 
-async def _call(ctx: bentoml.Context, fn, *args: Any, offload: bool = False, **kwargs: Any) -> JSONResponse:
+async def _call(ctx: bentoml.Context, endpoint: str, fn, *args: Any, offload: bool = False,
+                **kwargs: Any) -> JSONResponse:
     """Run one request; a request the model cannot score is a 400 naming the field, a model not loaded a 503 saying
     why (BentoML's own exceptions would hide a 5xx's reason).
 
@@ -175,10 +176,21 @@ async def _call(ctx: bentoml.Context, fn, *args: Any, offload: bool = False, **k
     ctx.response.headers["x-request-id"] = out["request_id"]
     model = out["model"]
     for result in out.get("results", [None]):
-        cold = "true" if result and result.get("cold_start") else "false"
-        PREDICTIONS.labels(endpoint=ctx.request.url.path.strip("/"), model=model["name"], version=model["version"],
-                           cold_start=cold).inc()
+        _count(endpoint, model, bool(result and result.get("cold_start")))
     return JSONResponse(out)
+
+
+_COUNTERS: dict[tuple[str, str, str, bool], Any] = {}
+
+
+def _count(endpoint: str, model: dict[str, str], cold_start: bool) -> None:
+    key = (endpoint, model["name"], model["version"], cold_start)
+    counter = _COUNTERS.get(key)
+    if counter is None:  # .labels() costs more than the increment: keep each child
+        counter = _COUNTERS[key] = PREDICTIONS.labels(endpoint=endpoint, model=model["name"],
+                                                      version=model["version"],
+                                                      cold_start="true" if cold_start else "false")
+    counter.inc()
 
 
 @bentoml.service(
@@ -207,7 +219,7 @@ class Personalization:
     async def churn(self, customer_id: CustomerId | None = None, features: Features | None = None,
                     items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
         """Churn risk: calibrated probability, the decision at the model's threshold and its action."""
-        return await _call(ctx, self.runtime.classify, "churn", customer_id, features,
+        return await _call(ctx, "churn", self.runtime.classify, "churn", customer_id, features,
                            None if items is None else [i.model_dump() for i in items], explain,
                            offload=explain or items is not None)
 
@@ -215,7 +227,7 @@ class Personalization:
     async def propensity(self, customer_id: CustomerId | None = None, features: Features | None = None,
                          items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
         """Purchase propensity within the model's horizon."""
-        return await _call(ctx, self.runtime.classify, "propensity", customer_id, features,
+        return await _call(ctx, "propensity", self.runtime.classify, "propensity", customer_id, features,
                            None if items is None else [i.model_dump() for i in items], explain,
                            offload=explain or items is not None)
 
@@ -238,8 +250,7 @@ class Personalization:
         except NotServing as exc:
             raise ServiceUnavailable(str(exc)) from None
         for r in out:
-            PREDICTIONS.labels(endpoint=endpoint, model=r["model"]["name"], version=r["model"]["version"],
-                               cold_start="true" if r["cold_start"] else "false").inc()
+            _count(endpoint, r["model"], r["cold_start"])
         return out
 
     @bentoml.api(input_spec=CycleRequest)
@@ -248,7 +259,7 @@ class Personalization:
                             horizon_days: Annotated[int, Field(ge=1, le=730)] | None = None,
                             ctx: bentoml.Context = None) -> dict[str, Any]:
         """Expected purchases in the horizon, expected days to the next one, P(purchase), P(alive)."""
-        return await _call(ctx, self.runtime.next_purchase, customer_id, summary,
+        return await _call(ctx, "next_purchase", self.runtime.next_purchase, customer_id, summary,
                            None if items is None else [i.model_dump() for i in items], horizon_days, offload=True)
 
     @bentoml.api(input_spec=ForecastRequest)
@@ -256,7 +267,7 @@ class Personalization:
                  horizon_days: Annotated[int, Field(ge=1, le=366)] = 30,
                  start: date | None = None, ctx: bentoml.Context = None) -> dict[str, Any]:
         """Daily purchase volume of a segment/category series (Prophet), with its interval."""
-        return await _call(ctx, self.runtime.forecast, series, horizon_days,
+        return await _call(ctx, "forecast", self.runtime.forecast, series, horizon_days,
                            None if start is None else start.isoformat(), offload=True)
 
 

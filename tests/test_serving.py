@@ -403,7 +403,7 @@ def test_shadow_challenger_is_logged_never_returned(home: Path, tmp_path: Path) 
     challenger = register(client, "churn", v1.source, v1.run_id)  # gets the challenger alias
     config = ServeConfig(home=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}", shadow=True,
                          prediction_log=tmp_path / "log")
-    runtime = Runtime(config, client, start_reloader=False)
+    runtime = Runtime(config, client, start_reloader=False, freeze_heap=False)
     try:
         cid = _known_ids(home, 1)[0]
         answer = runtime.classify("churn", customer_id=cid)
