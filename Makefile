@@ -35,6 +35,7 @@ test: install
 bench: install
 	$(VENV)/bin/python bench/features.py $(QUICK)
 	$(VENV)/bin/python bench/quality.py $(QUICK)
+	$(VENV)/bin/python bench/serving.py $(QUICK)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .personalize .pytest_cache .hypothesis

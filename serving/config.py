@@ -13,6 +13,7 @@ From the environment (``personalize serve`` sets these from its options; ``bento
 ``PERSONALIZE_SHADOW``             ``1``: the ``challenger`` scores the same requests; logged, never returned
 ``PERSONALIZE_RELOAD_S``           seconds between two checks of the registry's aliases (hot reload)
 ``PERSONALIZE_WORKERS``            server worker processes
+``PERSONALIZE_MAX_CONCURRENCY``    requests in flight per worker before the server answers 503 (default: no limit)
 ``PERSONALIZE_MAX_BATCH``          most items in one request (and in one adaptive batch)
 ``PERSONALIZE_BATCH_LATENCY_MS``   adaptive batching's latency bound (503 past it: load shedding)
 ``PERSONALIZE_LOG_FLUSH_S``        seconds between two prediction-log segments (default 1)
@@ -54,6 +55,7 @@ class ServeConfig(BaseModel):
     shadow_alias: str = "challenger"
     reload_s: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)  # requests in flight per worker before BentoML's 503
     max_batch: int = Field(default=1000, ge=1)
     # adaptive batching: BentoML answers 503 rather than let a merged batch's expected latency pass this
     batch_latency_ms: int = Field(default=250, ge=1)
@@ -92,7 +94,8 @@ class ServeConfig(BaseModel):
         for key, name, kind in (("reload_s", "PERSONALIZE_RELOAD_S", float), ("workers", "PERSONALIZE_WORKERS", int),
                                 ("max_batch", "PERSONALIZE_MAX_BATCH", int),
                                 ("batch_latency_ms", "PERSONALIZE_BATCH_LATENCY_MS", int),
-                                ("log_flush_s", "PERSONALIZE_LOG_FLUSH_S", float)):
+                                ("log_flush_s", "PERSONALIZE_LOG_FLUSH_S", float),
+                                ("max_concurrency", "PERSONALIZE_MAX_CONCURRENCY", int)):
             if env.get(name):
                 values[key] = kind(env[name])
         return cls(**values)

@@ -196,7 +196,7 @@ def _count(endpoint: str, model: dict[str, str], cold_start: bool) -> None:
 @bentoml.service(
     name="personalization",
     workers=CONFIG.workers,
-    traffic={"timeout": 30},
+    traffic={"timeout": 30, **({"max_concurrency": CONFIG.max_concurrency} if CONFIG.max_concurrency else {})},
     logging={"access": {"enabled": False}},
     # Request spans cost about half the throughput of a scoring call; tracing stays on for everything else.
     tracing={"excluded_urls": ["/churn", "/propensity", "/next_purchase", "/churn/ids", "/propensity/ids"]},
