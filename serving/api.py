@@ -169,8 +169,9 @@ class Runtime:
                                     "threshold": scorer.threshold, "cold_start": True,
                                     "prior": "global base rate of the model's held-out data"}))
         results.sort(key=lambda t: t[0])
-        for k, (i, result) in enumerate(results):
-            shadow = shadow_out[warm.index(i)] if shadow_out is not None and i in warm else None
+        position = {i: k for k, i in enumerate(warm)}
+        for i, result in results:
+            shadow = shadow_out[position[i]] if shadow_out is not None and i in position else None
             rows.append(make_row(rid, endpoint, loaded.ref, pseudonymize(pairs[i][0], self.salt),
                                  result["cold_start"], records[i], {"probability": result["probability"],
                                                                     "decision": result["decision"]}, shadow))
@@ -216,13 +217,14 @@ class Runtime:
         predicted = scorer.predict([records[i] for i in warm], h) if warm else []
         prior = scorer.prior if h == scorer.horizon_days else {}
         rid = self.request_id(request_id)
+        position = {i: k for k, i in enumerate(warm)}
         results = []
         for i in range(len(pairs)):
             if cold[i]:
                 out = {**{c: (round(v, 6) if v is not None else None) for c, v in prior.items()}, "cold_start": True,
                        "prior": "mean answer over the model's held-out customers"}
             else:
-                out = {**{c: (round(v, 6) if v is not None else None) for c, v in predicted[warm.index(i)].items()},
+                out = {**{c: (round(v, 6) if v is not None else None) for c, v in predicted[position[i]].items()},
                        "cold_start": False}
             results.append({"customer_id": pairs[i][0], "horizon_days": h, **out})
         self._emit([make_row(rid, "next_purchase", loaded.ref, pseudonymize(pairs[i][0], self.salt), cold[i],

@@ -144,7 +144,7 @@ def check_records(records: list[dict[str, Any]], numeric: list[str], categorical
                 raise InputError(f"{at}.{c}", f"must be true, false or null, got {v!r}")
         for c in categorical:
             v = record[c]
-            if v is not None and not isinstance(v, (str, int)) or isinstance(v, bool):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
                 raise InputError(f"{at}.{c}", f"must be a string or null, got {type(v).__name__}")
 
 
