@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -72,6 +71,8 @@ class Runtime:
         return self._store
 
     def status(self) -> dict[str, Any]:
+        from training.registry import _redact
+
         try:
             store = {"url": _redact(self.config.online_url), **self.store.meta()}
             store.pop("feature_columns", None)
@@ -152,31 +153,28 @@ class Runtime:
         reasons = scorer.reasons([records[i] for i in warm], self.config.explain_top) if explain and warm else None
         action = self.config.actions.get(endpoint, "act")
         rid = self.request_id(request_id)
-        results, rows = [], []
         shadow_out = self._shadow_scores(endpoint, [records[i] for i in warm])
-        for k, i in enumerate(warm):
-            p = float(probs[k])
-            results.append((i, {"customer_id": pairs[i][0], "probability": round(p, 6),
-                                "decision": p >= scorer.threshold, "action": action if p >= scorer.threshold
-                                else "none", "threshold": scorer.threshold, "cold_start": False,
-                                **({"reasons": reasons[k]} if reasons is not None else {})}))
-        for i, c in enumerate(cold):
-            if c:
-                p = scorer.prior
-                results.append((i, {"customer_id": pairs[i][0], "probability": round(p, 6),
-                                    "decision": p >= scorer.threshold,
-                                    "action": action if p >= scorer.threshold else "none",
-                                    "threshold": scorer.threshold, "cold_start": True,
-                                    "prior": "global base rate of the model's held-out data"}))
-        results.sort(key=lambda t: t[0])
         position = {i: k for k, i in enumerate(warm)}
-        for i, result in results:
-            shadow = shadow_out[position[i]] if shadow_out is not None and i in position else None
-            rows.append(make_row(rid, endpoint, loaded.ref, pseudonymize(pairs[i][0], self.salt),
-                                 result["cold_start"], records[i], {"probability": result["probability"],
-                                                                    "decision": result["decision"]}, shadow))
+
+        def answer(i: int) -> dict[str, Any]:
+            k = position.get(i)
+            p = scorer.prior if k is None else float(probs[k])
+            out = {"customer_id": pairs[i][0], "probability": round(p, 6), "decision": p >= scorer.threshold,
+                   "action": action if p >= scorer.threshold else "none", "threshold": scorer.threshold,
+                   "cold_start": k is None}
+            if k is None:
+                out["prior"] = "global base rate of the model's held-out data"
+            elif reasons is not None:
+                out["reasons"] = reasons[k]
+            return out
+
+        results = [answer(i) for i in range(len(pairs))]
+        rows = [make_row(rid, endpoint, loaded.ref, pseudonymize(pairs[i][0], self.salt), r["cold_start"],
+                         records[i], {"probability": r["probability"], "decision": r["decision"]},
+                         shadow_out[position[i]] if shadow_out is not None and i in position else None)
+                for i, r in enumerate(results)]
         self._emit(rows)
-        return {"request_id": rid, "model": loaded.ref, "results": [r for _, r in results]}
+        return {"request_id": rid, "model": loaded.ref, "results": results}
 
     def classify_ids(self, endpoint: str, customer_ids: list[str]) -> list[dict[str, Any]]:
         """The adaptive-batching path: customer ids only (features from the online store, so nothing in a merged
@@ -264,18 +262,3 @@ def _freeze_heap(unfreeze: bool = False) -> None:
         gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-def _redact(url: str) -> str:
-    from training.registry import _redact as redact
-
-    return redact(url)
-
-
-def wait_until(predicate, timeout_s: float, every_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every_s)
-    return predicate()

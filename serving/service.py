@@ -118,11 +118,12 @@ class Guard:
         path = scope.get("path", "")
         if scope.get("method") == "GET" and path in ("/readyz", "/status") and RUNTIME.get("runtime") is not None:
             runtime = RUNTIME["runtime"]
-            body = runtime.status()
-            ready = body["ready"]
-            if path == "/readyz":
-                body = {"ready": ready, "models": body["models"], "errors": body["errors"]}
-            return await _json(send, 200 if ready or path == "/status" else 503, body)
+            if path == "/readyz":  # a probe: the models' state only, no store or log queries
+                models = runtime.models
+                status = models.status()
+                body = {"ready": models.ready, "models": status["models"], "errors": status["errors"]}
+                return await _json(send, 200 if body["ready"] else 503, body)
+            return await _json(send, 200, runtime.status())
         headers = dict(scope.get("headers") or [])
         if scope.get("method") == "POST" and path in API_PATHS:
             media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
