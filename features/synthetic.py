@@ -57,6 +57,7 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticData",
     "generate",
+    "until",
     "write",
 ]
 
@@ -695,3 +696,13 @@ def write(data: SyntheticData, out_dir: Path) -> dict[str, Path]:
     data.truth.to_parquet(paths["truth"], index=False)
     logger.info("wrote %s to %s", ", ".join(f"{k} ({len(getattr(data, k)):,} rows)" for k in paths), out_dir)
     return paths
+
+
+def until(data: SyntheticData, end: datetime | pd.Timestamp) -> SyntheticData:
+    """The data set as it was known at ``end``: customers signed up, transactions and events before it (the truth
+    is kept whole). Used to train on the past of a world whose future is then replayed."""
+    end = pd.Timestamp(end)
+    return SyntheticData(customers=data.customers[data.customers["signup_at"] < end].reset_index(drop=True),
+                         transactions=data.transactions[data.transactions["timestamp"] < end].reset_index(drop=True),
+                         events=data.events[data.events["timestamp"] < end].reset_index(drop=True),
+                         truth=data.truth)

@@ -687,6 +687,187 @@ def serve(
     os.execve(str(Path(sys.executable).parent / "bentoml"), args, env)
 
 
+# --- monitoring --------------------------------------------------------------------------------------------------
+MonitorConfigOption = Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
+                                                          help="Monitoring policy YAML (thresholds, alerts, "
+                                                               "webhook, retrain); default: the built-in policy.")]
+
+
+def _pass_table(out: Any) -> Table:
+    r = out.result
+    m = r.metrics
+    table = Table(title=f"{r.model} v{r.version}: {r.window['start'][:16]} .. {r.window['end'][:16]}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("reference", justify="right")
+    table.add_row("predictions (warm / logged / cold start)",
+                  f"{m['rows']:,} / {m['logged_rows']:,} / {m['cold_start_rows']:,}", "")
+    table.add_row("drifted features", f"{m['drift_share']:.0%}", ", ".join(m["drifted_features"][:4]))
+    table.add_row("prediction drift (score)", f"{m['prediction_drift']:.3f}", "")
+    table.add_row("mean probability", f"{m['mean_probability']:.3f}", f"{m['reference_mean_probability']:.3f}")
+    table.add_row("estimated ROC-AUC (CBPE)", f"{m['estimated_roc_auc']:.3f}", f"{m['reference_estimated_roc_auc']:.3f}")
+    if "realized_roc_auc" in m:
+        table.add_row(f"realized ROC-AUC ({m['labeled_rows']:,} labeled)", f"{m['realized_roc_auc']:.3f}",
+                      f"{m['reference_roc_auc']:.3f}")
+    for a in r.alerts:
+        table.add_row(f"[red]ALERT {a.severity}[/] {a.rule}{' (suppressed: cooldown)' if a.suppressed else ''}",
+                      f"{a.value:.3f}", f"{a.bound:.3f}")
+    return table
+
+
+@app.command()
+@user_errors
+def monitor(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered classifier to monitor: churn or propensity.")],
+    window: Annotated[float | None, typer.Option(help="Window length in days (default: the policy's).")] = None,
+    end: Annotated[datetime | None, typer.Option(help="Window end, UTC (default: now).")] = None,
+    version: Annotated[str | None, typer.Option(help="Monitor this version (default: the champion).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set the delayed labels come from (default: the "
+                                                     "model's training data set).")] = None,
+    config: MonitorConfigOption = None,
+    retrain: Annotated[bool, typer.Option("--retrain/--no-retrain",
+                                          help="Retrain when the policy says it is due.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the pass as JSON.")] = False,
+) -> None:
+    """Compare a window of the prediction log with the model's reference (Evidently), estimate performance before
+    labels arrive (CBPE), measure it where they have, raise alerts and, with --retrain, retrain when due."""
+    from monitoring.config import load_config
+    from monitoring.schedule import step
+    from training.registry import check_name, connect
+
+    settings: Settings = ctx.obj
+    policy = load_config(config)
+    if window:
+        policy = policy.model_copy(update={"window_days": window})
+    client = connect(settings.tracking_uri)
+    if version:
+        from monitoring.job import run_pass, window_bounds
+
+        start, stop = window_bounds(end, policy.window_days)
+        result = run_pass(settings, client, check_name(model), start, stop, policy, version=version, dataset=dataset)
+        from monitoring.schedule import StepResult
+
+        out = StepResult(model, result, False, "a version other than the champion is never retrained")
+    else:
+        out = step(settings, client, check_name(model), end, policy, allow_retrain=retrain, dataset=dataset)
+    if as_json:
+        console.print_json(json.dumps(out.to_dict(), default=str))
+        return
+    console.print(_pass_table(out))
+    skipped = out.result.window["skipped_segments"]
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable log segment(s):[/] " + "; ".join(skipped),
+                      highlight=False, soft_wrap=True)
+    if out.result.window["extra_columns"]:
+        console.print("[yellow]logged columns the reference lacks (not compared):[/] "
+                      + ", ".join(out.result.window["extra_columns"]), highlight=False, soft_wrap=True)
+    html = out.result.persisted.get("html", {})
+    console.print("reports: " + ", ".join(html.values()) + f"; MLflow run {out.result.persisted.get('mlflow_run_id')}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"retrain: {'due' if out.due else 'not due'} ({out.why})", highlight=False)
+    if out.retrained:
+        r = out.retrained
+        console.print(f"retrained: challenger v{r.challenger}, gate {r.verdict}; champion v{r.champion_before} -> "
+                      f"v{r.champion_after}", highlight=False)
+
+
+@app.command("retrain")
+@user_errors
+def retrain_command(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered classifier to retrain like its champion.")],
+    reason: Annotated[str, typer.Option(help="Why (written to the audit trail).")] = "by hand",
+    trials: Annotated[int | None, typer.Option(min=1, help="Tuning budget (default: the policy's).")] = None,
+    config: MonitorConfigOption = None,
+) -> None:
+    """Fresh features on the data as it is now, a warm-started study, register as challenger, then the gate (which
+    asks for a real gain): champion moves only if it passes."""
+    from monitoring.config import load_config
+    from monitoring.retrain import retrain
+    from training.registry import check_name, connect
+
+    settings: Settings = ctx.obj
+    policy = load_config(config).retrain
+    if trials:
+        policy = policy.model_copy(update={"trials": trials})
+    out = retrain(settings, connect(settings.tracking_uri), check_name(model), policy, reason)
+    console.print(f"{model}: challenger v{out.challenger}, gate {out.verdict}; champion v{out.champion_before} -> "
+                  f"v{out.champion_after}", highlight=False, soft_wrap=True)
+    if not out.promoted:
+        raise typer.Exit(1)
+
+
+@app.command("schedule")
+@user_errors
+def schedule_command(
+    ctx: typer.Context,
+    models: Annotated[list[str], typer.Argument(help="Models to watch.")] = None,  # type: ignore[assignment]
+    every: Annotated[float, typer.Option(min=1, help="Seconds between two passes.")] = 3600.0,
+    iterations: Annotated[int | None, typer.Option(min=1, help="Stop after this many rounds (default: never).")] = None,
+    retrain: Annotated[bool, typer.Option("--retrain/--no-retrain", help="Retrain when due.")] = True,
+    config: MonitorConfigOption = None,
+) -> None:
+    """Monitor (and retrain when due) every interval, for people without an orchestrator."""
+    from monitoring.config import load_config
+    from monitoring.schedule import schedule
+    from training.registry import connect
+
+    settings: Settings = ctx.obj
+    names = models or ["churn", "propensity"]
+
+    def report(out: Any) -> None:
+        if out.error:
+            console.print(f"{out.model}: [red]{out.error}[/]", highlight=False, soft_wrap=True)
+        else:
+            console.print(_pass_table(out))
+            console.print(f"retrain: {'due' if out.due else 'not due'} ({out.why})", highlight=False)
+
+    failed = schedule(settings, connect(settings.tracking_uri), names, load_config(config), every, iterations,
+                      retrain, on_step=report)
+    if failed and iterations:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    ctx: typer.Context,
+    evidently_port: Annotated[int, typer.Option(help="Port of the Evidently UI.")] = 8000,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+) -> None:
+    """Start the Evidently UI (the monitoring workspace) and the MLflow UI on loopback; Ctrl-C stops both."""
+    import subprocess
+    import sys
+
+    settings: Settings = ctx.obj
+    bin_dir = Path(sys.executable).parent
+    settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([str(bin_dir / "evidently"), "ui", "--workspace", str(settings.evidently_workspace),
+                               "--host", "127.0.0.1", "--port", str(evidently_port)])]
+    if not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
+        procs.append(subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", settings.tracking_uri,
+                                       "--default-artifact-root", settings.artifact_root, "--host", "127.0.0.1",
+                                       "--port", str(mlflow_port), "--workers", "1"]))
+        mlflow_at = f"http://127.0.0.1:{mlflow_port}"
+    else:
+        mlflow_at = settings.tracking_uri
+    console.print(f"Evidently UI: http://127.0.0.1:{evidently_port}   MLflow UI: {mlflow_at}   (Ctrl-C stops)",
+                  highlight=False)
+    try:
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 # --- demo ------------------------------------------------------------------------------------------------------
 @app.command()
 @user_errors

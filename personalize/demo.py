@@ -141,7 +141,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
     started = time.perf_counter()
     now = __import__("pandas").Timestamp.now(tz="UTC").tz_localize(None)
     builtins = builtin_names()
-    steps = len(builtins) + 1 + len(FRAME_DATASETS) + len(CLASSIFIERS) + 4
+    steps = len(builtins) + 1 + len(FRAME_DATASETS) + len(CLASSIFIERS) + 5
     reports, frames = [], {}
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=console, transient=False)
@@ -164,6 +164,10 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
 
         serving = serve_and_query(settings)
         progress.advance(task)
+        progress.update(task, description="replay traffic, monitor it (Evidently), raise alerts")
+        from personalize.demo_monitoring import monitor_streams, monitoring_table
+
+        monitoring = monitor_streams(settings, customers)
         progress.update(task, description="done")
 
     console.print(summary_table(reports, frames))
@@ -175,6 +179,9 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
                   f"scored items, {serving.logged_rows} rows in the prediction log ({settings.home / 'predictions'}); "
                   "purchase_cycle is the CDNOW model answering for synthetic customers", soft_wrap=True,
                   highlight=False)
+    console.print(monitoring_table(monitoring) if monitoring.windows else monitoring.note)
+    console.print(f"Evidently reports: {monitoring.reports}; alerts: {monitoring.alert_log}; dashboards: "
+                  "[bold]personalize ui[/]", soft_wrap=True, highlight=False)
     console.print("serve it yourself: [bold]personalize serve[/] (docs at http://127.0.0.1:3000/docs)",
                   soft_wrap=True)
     console.print("MLflow runs and registry: [bold]personalize mlflow-ui[/]; audit trail: [bold]personalize history "
@@ -193,6 +200,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
         "requests_served": serving.requests_ok,
         "served_items": serving.served_items,
         "logged_rows": serving.logged_rows,
+        "monitoring": monitoring.windows,
     }
     console.print(json.dumps(result), soft_wrap=True, highlight=False)
     return result

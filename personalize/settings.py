@@ -22,6 +22,7 @@ class Settings(BaseModel):
     home: Path = Path(DEFAULT_HOME)
     mlflow_tracking_uri: str | None = None
     optuna_storage: str | None = None
+    prediction_log: Path | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -30,6 +31,7 @@ class Settings(BaseModel):
             home=Path(env.get("PERSONALIZE_HOME", DEFAULT_HOME)),
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
             optuna_storage=env.get("PERSONALIZE_OPTUNA_STORAGE") or None,
+            prediction_log=Path(env["PERSONALIZE_PREDICTION_LOG"]) if env.get("PERSONALIZE_PREDICTION_LOG") else None,
         )
 
     # --- data ---------------------------------------------------------------------------------------------------
@@ -57,6 +59,23 @@ class Settings(BaseModel):
     def optuna_storage_url(self) -> str:
         """Optuna RDB storage: SQLite under home unless configured (any SQLAlchemy URL)."""
         return self.optuna_storage or f"sqlite:///{(self.home / 'optuna.db').resolve()}"
+
+
+    # --- serving and monitoring ---------------------------------------------------------------------------------
+    @property
+    def log_root(self) -> Path:
+        """The prediction log the server writes and the monitor reads (``PERSONALIZE_PREDICTION_LOG``)."""
+        return self.prediction_log or self.home / "predictions"
+
+    @property
+    def monitoring_dir(self) -> Path:
+        """Reports, the alert log (``alerts.jsonl``) and the monitor's state."""
+        return self.home / "monitoring"
+
+    @property
+    def evidently_workspace(self) -> Path:
+        """The Evidently workspace ``personalize ui`` shows: one project per monitored model."""
+        return self.home / "evidently"
 
 
 def model_uri(name: str, alias: str) -> str:

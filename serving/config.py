@@ -66,7 +66,7 @@ class ServeConfig(BaseModel):
 
     @property
     def settings(self) -> Settings:
-        return Settings(home=self.home, mlflow_tracking_uri=self.tracking_uri)
+        return Settings(home=self.home, mlflow_tracking_uri=self.tracking_uri, prediction_log=self.prediction_log)
 
     @property
     def online_url(self) -> str:
@@ -76,7 +76,7 @@ class ServeConfig(BaseModel):
 
     @property
     def log_root(self) -> Path:
-        return self.prediction_log or self.home / "predictions"
+        return self.settings.log_root
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServeConfig:

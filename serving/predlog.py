@@ -127,17 +127,26 @@ class PredictionLog:
         return len(rows)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
+        """One segment per UTC day of the rows' own timestamps, so a day's partition holds exactly that day's rows
+        (a window read opens only its days' folders)."""
         now = time.time()
-        folder = self.root / f"date={time.strftime('%Y-%m-%d', time.gmtime(now))}"
-        folder.mkdir(parents=True, exist_ok=True)
-        self._seq += 1
-        name = f"part-{int(now * 1000)}-{os.getpid()}-{self._seq:06d}.parquet"
-        table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
-        tmp = folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, folder / name)
-        self.written += len(rows)
-        self.segments += 1
+        by_day: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            ts = r.get("ts")
+            day = pd.Timestamp(ts).strftime("%Y-%m-%d") if ts is not None else time.strftime("%Y-%m-%d",
+                                                                                              time.gmtime(now))
+            by_day.setdefault(day, []).append(r)
+        for day, part in by_day.items():
+            folder = self.root / f"date={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._seq += 1
+            name = f"part-{int(now * 1000)}-{os.getpid()}-{self._seq:06d}.parquet"
+            table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in part], schema=SCHEMA)
+            tmp = folder / f".{name}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, folder / name)
+            self.written += len(part)
+            self.segments += 1
 
     def close(self) -> None:
         """Stop the writer and flush everything still buffered (graceful shutdown)."""
@@ -162,17 +171,41 @@ def make_row(request_id: str, endpoint: str, model: dict[str, str], customer_key
             "shadow": None if shadow is None else json.dumps(shadow, default=str)}
 
 
-def read_log(root: Path, start: pd.Timestamp | None = None, end: pd.Timestamp | None = None) -> pd.DataFrame:
-    """Every logged row with ``start <= ts < end`` (UTC), oldest first. Temporary files are never read."""
+def _utc(t: pd.Timestamp | str) -> pd.Timestamp:
+    t = pd.Timestamp(t)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def log_segments(root: Path, start: pd.Timestamp | None = None, end: pd.Timestamp | None = None) -> list[Path]:
+    """The segments that can hold rows with ``start <= ts < end``: only the days' folders in range are opened."""
     root = Path(root)
-    files = sorted(p for p in root.glob("date=*/part-*.parquet")) if root.exists() else []
-    if not files:
+    if not root.exists():
+        return []
+    first = _utc(start).strftime("%Y-%m-%d") if start is not None else None
+    last = (_utc(end) - pd.Timedelta(nanoseconds=1)).strftime("%Y-%m-%d") if end is not None else None
+    days = sorted(p for p in root.glob("date=*") if p.is_dir()
+                  and (first is None or p.name[5:] >= first) and (last is None or p.name[5:] <= last))
+    return [f for d in days for f in sorted(d.glob("part-*.parquet"))]
+
+
+def read_log(root: Path, start: pd.Timestamp | None = None, end: pd.Timestamp | None = None,
+             skipped: list[tuple[Path, str]] | None = None) -> pd.DataFrame:
+    """Every logged row with ``start <= ts < end`` (UTC), oldest first. Temporary files are never read. A segment
+    that cannot be read raises, unless ``skipped`` is given: then it is appended there (path, reason) and the rest
+    is read."""
+    tables = []
+    for f in log_segments(root, start, end):
+        try:
+            tables.append(pq.read_table(f, schema=SCHEMA))
+        except Exception as exc:
+            if skipped is None:
+                raise
+            skipped.append((f, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+    if not tables:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-    frame = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pandas()
+    frame = pa.concat_tables(tables).to_pandas()
     if start is not None:
-        frame = frame[frame["ts"] >= pd.Timestamp(start, tz="UTC") if pd.Timestamp(start).tzinfo is None
-                      else frame["ts"] >= pd.Timestamp(start)]
+        frame = frame[frame["ts"] >= _utc(start)]
     if end is not None:
-        frame = frame[frame["ts"] < pd.Timestamp(end, tz="UTC") if pd.Timestamp(end).tzinfo is None
-                      else frame["ts"] < pd.Timestamp(end)]
+        frame = frame[frame["ts"] < _utc(end)]
     return frame.sort_values("ts", kind="stable").reset_index(drop=True)

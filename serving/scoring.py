@@ -86,8 +86,9 @@ def _counts(frame: pd.DataFrame | None, columns: list[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def load(client: Any, name: str, alias: str, threads: int = 1) -> Loaded:
-    """The version ``alias`` points to, loaded. Raises :class:`NotServing` when there is none."""
+def load(client: Any, name: str, alias: str, threads: int = 1, version: str | None = None) -> Loaded:
+    """The version ``alias`` points to (or ``version`` itself), loaded. Raises :class:`NotServing` when there is
+    none."""
     import mlflow.pyfunc
 
     from training.cycle import CyclePyfunc
@@ -95,9 +96,9 @@ def load(client: Any, name: str, alias: str, threads: int = 1) -> Loaded:
     from training.train import ClassifierModel
 
     try:
-        mv = client.get_model_version_by_alias(name, alias)
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
     except Exception as exc:
-        raise NotServing(f"no {name}@{alias} in the registry: {str(exc).splitlines()[0][:200]}") from None
+        raise NotServing(f"no {name}@{version or alias} in the registry: {str(exc).splitlines()[0][:200]}") from None
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}")
     inner = pyfunc.unwrap_python_model()
     heldout = _heldout(mv.run_id) if not isinstance(inner, PurchaseForecastModel) else None

@@ -32,3 +32,8 @@ def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path
     # the API answered from the champions and logged every scored item
     assert last["served_versions"]["forecast"] in ("1", "2") and last["requests_served"] >= 1
     assert last["served_items"] == last["logged_rows"] > 0
+    # replayed windows were monitored: Evidently reports persisted for each, with the stream's rows
+    if models["churn"]["champion"]:
+        assert [w["stream"] for w in last["monitoring"]] == ["stationary", "stationary", "activity -60%"]
+        assert all(w["rows"] > 0 for w in last["monitoring"])
+        assert list((isolated_home / "monitoring" / "reports" / "churn").glob("*-drift.html"))

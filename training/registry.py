@@ -212,6 +212,10 @@ class GateConfig(BaseModel):
     max_tpr_gap: float = Field(default=0.10, ge=0.0)
     max_positive_rate_gap: float = Field(default=0.10, ge=0.0)
     min_group_rows: int = Field(default=30, ge=1)
+    # None: the challenger may be as good as the champion (within the tolerance). A number: it must be better, the
+    # interval's low end above this gain (ROC-AUC points; a share of the champion's error for regressors). Retraining
+    # asks for this, so a retrained model replaces a good champion only when it is better.
+    min_gain: float | None = Field(default=None, ge=0.0)
     seed: int = 42
 
 
@@ -373,9 +377,16 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
         d = bootstrap_delta(metric, y, ours[prediction].to_numpy(), theirs[prediction].to_numpy(), **boot)
         champion_value = abs(metric(y, theirs[prediction].to_numpy()))
         report.numbers[f"champion_{metric_name}"] = champion_value
-        bound = -config.tolerance if metric_name == "roc_auc" else -config.relative_tolerance * champion_value
+        if config.min_gain is None:
+            name_, bound = "not_worse_than_champion", (-config.tolerance if metric_name == "roc_auc"
+                                                        else -config.relative_tolerance * champion_value)
+            passed = d["ci_low"] >= bound
+        else:
+            name_, bound = "better_than_champion", (config.min_gain if metric_name == "roc_auc"
+                                                     else config.min_gain * champion_value)
+            passed = d["ci_low"] > bound
         report.checks.append(Check(
-            "not_worse_than_champion", d["ci_low"] >= bound, d["ci_low"], bound,
+            name_, passed, d["ci_low"], bound,
             f"challenger - champion {d['delta']:+.4f} ({'higher' if metric_name == 'roc_auc' else 'lower error'} "
             f"is better), {config.confidence:.0%} interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
     if d is not None:

@@ -481,7 +481,11 @@ def log_classifier(trained: Trained, config: TrainConfig) -> Any:
     mlflow.log_params({"task": prepared.task, "dataset": prepared.dataset, "split": prepared.split[:500],
                        "calibration": config.calibration, "threshold_policy": config.threshold.kind,
                        "best_family": trained.tuned.family, "rounds": trained.model.rounds,
-                       "features": len(features), "test_rows": len(prepared.test)})
+                       "features": len(features), "test_rows": len(prepared.test),
+                       # the monitor joins delayed labels by this horizon (transaction data sets only)
+                       **({"horizon_days": config.horizon_days, "train_cutoffs": config.train_cutoffs,
+                           "step_days": config.step_days, "top_categories": config.top_categories}
+                          if "cutoffs" in prepared.provenance else {})})
     mlflow.set_tags({"kind": "training", "task": prepared.task, "dataset": prepared.dataset,
                      "feature_version": prepared.provenance.get("feature_version", ""),
                      "data_fingerprint": prepared.provenance.get("data_fingerprint", ""),
@@ -660,7 +664,7 @@ def train_and_register(settings: Any, task: str, dataset: str, config: TrainConf
     import hashlib
 
     fingerprint = str(prepared.provenance.get("data_fingerprint", ""))[:8]
-    space = hashlib.sha256(config.model_dump_json(exclude={"tune": {"trials", "timeout_s"}, "threshold": True,
+    space = hashlib.sha256(config.model_dump_json(exclude={"tune": {"trials", "timeout_s", "warm_start"}, "threshold": True,
                                                            "fairness_attribute": True}).encode()).hexdigest()[:6]
     study = study_name or f"{task}-{dataset}-{fingerprint}-{space}-seed{config.tune.seed}"
     settings.home.mkdir(parents=True, exist_ok=True)

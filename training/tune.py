@@ -50,6 +50,8 @@ class TuneConfig(BaseModel):
     report_every: int = Field(default=10, ge=1)  # boosting rounds between two reports to the pruner
     # Score each trial by k-fold cross-validation on the training rows (None: on the validation split).
     cv_folds: int | None = Field(default=5, ge=2)
+    # Trials to run first, as Optuna parameters (e.g. the champion's best trial when retraining): a warm start.
+    warm_start: tuple[dict[str, Any], ...] = ()
 
     @model_validator(mode="after")
     def _some_budget(self) -> TuneConfig:
@@ -295,6 +297,9 @@ def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
         storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=PRUNE_AFTER_ROUNDS))
+    for start in config.warm_start:
+        if start.get("family") in config.families:
+            study.enqueue_trial(start, skip_if_exists=True)
     for start in STARTING_POINTS:
         if start["family"] in config.families:
             study.enqueue_trial(start, skip_if_exists=True)

@@ -1,0 +1,193 @@
+"""Evidently reports for one monitoring pass, as build → extract → persist.
+
+- :func:`build_drift_report`: data drift of every feature (Evidently's ``DataDriftPreset`` with the configured
+  method and threshold per feature), prediction drift of the score column, and data-quality summaries
+  (``DataSummaryPreset``: missing values, ranges, quantiles), window against reference.
+- :func:`build_performance_report`: once labels have arrived, ``ClassificationPreset`` on the labeled rows and
+  target drift (the label's own distribution), against the reference's labeled rows.
+- :func:`extract`: a snapshot as a flat ``{name: float}`` dict, and :func:`drift_flags` the per-column verdicts.
+- :func:`persist`: the snapshot into the Evidently workspace (the UI's dashboards over time), its HTML beside the
+  alert log, and the numbers into one MLflow run per pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from monitoring.config import DriftPolicy
+from monitoring.data import Reference, Window
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_drift_report", "build_performance_report", "drift_flags", "extract", "persist"]
+
+PREDICTION = "probability"
+
+
+def _definition(reference: Reference, extra_numeric: tuple[str, ...] = ()) -> Any:
+    from evidently import DataDefinition
+
+    return DataDefinition(numerical_columns=[*reference.numeric, *extra_numeric],
+                          categorical_columns=list(reference.categorical))
+
+
+def _when(window: Window) -> datetime:
+    end = pd.Timestamp(window.end)
+    return (end.tz_convert("UTC").tz_localize(None) if end.tzinfo else end).to_pydatetime()
+
+
+def build_drift_report(reference: Reference, window: Window, policy: DriftPolicy, summary: bool = True) -> Any:
+    """The window's drift and data-quality snapshot against the reference (an Evidently ``Snapshot``)."""
+    from evidently import Dataset, Report
+    from evidently.metrics import ValueDrift
+    from evidently.presets import DataDriftPreset, DataSummaryPreset
+
+    columns = [*reference.features, PREDICTION]
+    definition = _definition(reference, (PREDICTION,))
+    items: list[Any] = [
+        DataDriftPreset(columns=reference.features, drift_share=policy.share_threshold,
+                        num_method=policy.num_method, num_threshold=policy.num_threshold,
+                        cat_method=policy.cat_method, cat_threshold=policy.cat_threshold,
+                        per_column_method={c: f.method for c, f in policy.per_feature.items() if f.method} or None,
+                        per_column_threshold={c: f.threshold for c, f in policy.per_feature.items()
+                                              if f.threshold} or None),
+        ValueDrift(column=PREDICTION, method=policy.prediction_method, threshold=policy.prediction_threshold),
+    ]
+    if summary:
+        items.append(DataSummaryPreset(columns=columns))
+    report = Report(items, include_tests=True, metadata={"model": reference.model, "version": reference.version},
+                    tags=[reference.model, f"v{reference.version}", "drift"])
+    return report.run(Dataset.from_pandas(window.frame[columns], data_definition=definition),
+                      Dataset.from_pandas(reference.frame[columns], data_definition=definition),
+                      timestamp=_when(window))
+
+
+def build_performance_report(reference: Reference, window: Window, labeled: pd.DataFrame) -> Any:
+    """Classification quality of the labeled rows of the window, and target drift, against the reference."""
+    from evidently import BinaryClassification, DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+    from evidently.presets import ClassificationPreset
+
+    definition = DataDefinition(numerical_columns=[PREDICTION], categorical_columns=["label"],
+                                classification=[BinaryClassification(target="label", prediction_probas=PREDICTION,
+                                                                     pos_label=1)])
+
+    def part(frame: pd.DataFrame) -> Any:
+        out = frame[["label", PREDICTION]].copy()
+        out["label"] = out["label"].astype(int)
+        return Dataset.from_pandas(out, data_definition=definition)
+
+    report = Report([ClassificationPreset(probas_threshold=reference.threshold), ValueDrift(column="label")],
+                    include_tests=False, metadata={"model": reference.model, "version": reference.version},
+                    tags=[reference.model, f"v{reference.version}", "performance"])
+    return report.run(part(labeled), part(reference.frame), timestamp=_when(window))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/ ]+")
+
+
+def _key(config: dict[str, Any]) -> str:
+    parts = [str(config.get("type", "metric")).rsplit(":", 1)[-1]]
+    if config.get("column"):
+        parts.append(str(config["column"]))
+    for k, v in config.items():
+        if k in ("type", "column", "columns", "method", "threshold", "tests") or v is None or isinstance(v, (dict, list)):
+            continue
+        parts.append(f"{k}_{v}")
+    return _UNSAFE.sub("_", ".".join(parts))[:240]
+
+
+def extract(snapshot: Any) -> dict[str, float]:
+    """Every numeric value of a snapshot under a stable, MLflow-safe name (``ValueDrift.recency_days``,
+    ``DriftedColumnsCount.share``, ``MissingValueCount.frequency.count``)."""
+    out: dict[str, float] = {}
+    for metric in snapshot.dict()["metrics"]:
+        key, value = _key(metric.get("config", {})), metric.get("value")
+        while key in out:
+            key += "_"
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                    out[f"{key}.{_UNSAFE.sub('_', str(sub))}"] = float(v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+def drift_flags(snapshot: Any) -> dict[str, bool]:
+    """Column → drift detected, from the report's per-column drift tests (the method's own rule: a distance above
+    its threshold, or a p-value below it)."""
+    flags: dict[str, bool] = {}
+    for test in snapshot.dict().get("tests", []):
+        params = (test.get("metric_config") or {}).get("params") or {}
+        if str(params.get("type", "")).endswith("ValueDrift") and params.get("column"):
+            flags[str(params["column"])] = test.get("status") == "FAIL"
+    return flags
+
+
+# --- persist -----------------------------------------------------------------------------------------------------
+def _project(workspace: Any, model: str) -> Any:
+    """The workspace's project of a model, created with its dashboard on first use."""
+    name = f"personalize: {model}"
+    found = workspace.search_project(name)
+    if found:
+        return found[0]
+    project = workspace.create_project(name, description=f"Monitoring of the {model} champion (personalize monitor)")
+    try:
+        from evidently.sdk.models import PanelMetric
+        from evidently.sdk.panels import line_plot_panel
+
+        dash = project.dashboard
+        dash.add_panel(line_plot_panel("Share of drifted features", [
+            PanelMetric(metric="DriftedColumnsCount", legend="share", metric_labels={"value_type": "share"})]),
+            tab="Drift")
+        dash.add_panel(line_plot_panel("Prediction drift (score)", [
+            PanelMetric(metric="ValueDrift", legend=PREDICTION, metric_labels={"column": PREDICTION})]), tab="Drift")
+        dash.add_panel(line_plot_panel("ROC-AUC on labeled predictions", [
+            PanelMetric(metric="RocAuc", legend="ROC-AUC")]), tab="Performance")
+    except Exception as exc:  # the reports are what matters; a dashboard the UI cannot draw is not worth a failed pass
+        log.warning("Evidently dashboard panels not added: %s", exc)
+    return project
+
+
+def persist(settings: Any, reference: Reference, window: Window, snapshots: dict[str, Any],
+            metrics: dict[str, float], summary: dict[str, Any]) -> dict[str, Any]:
+    """Write each snapshot to the Evidently workspace and as HTML, and log ``metrics`` with the HTML and the
+    pass's summary to an MLflow run in the experiment ``monitor-<model>``; returns where everything went."""
+    import mlflow
+    from evidently.ui.workspace import Workspace
+
+    from training.tracking import use_experiment
+
+    stamp = _when(window).strftime("%Y%m%dT%H%M%S")
+    folder = settings.monitoring_dir / "reports" / reference.model
+    folder.mkdir(parents=True, exist_ok=True)
+    workspace = Workspace(str(settings.evidently_workspace))
+    project = _project(workspace, reference.model)
+    html: dict[str, str] = {}
+    for kind, snapshot in snapshots.items():
+        workspace.add_run(project.id, snapshot)
+        path = folder / f"{stamp}-v{reference.version}-{kind}.html"
+        snapshot.save_html(str(path))
+        html[kind] = str(path)
+    summary_path = folder / f"{stamp}-v{reference.version}-summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    use_experiment(settings.tracking_uri, f"monitor-{reference.model}", settings.artifact_root)
+    with mlflow.start_run(run_name=f"{reference.model} v{reference.version} {window.start:%Y-%m-%d}..{window.end:%Y-%m-%d}") as run:
+        mlflow.set_tags({"kind": "monitoring", "model": reference.model, "version": reference.version,
+                         "window_start": str(window.start), "window_end": str(window.end),
+                         "alerts": ",".join(a["rule"] for a in summary.get("alerts", [])) or "none"})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)},
+                           timestamp=int(_when(window).timestamp() * 1000))
+        for path in html.values():
+            mlflow.log_artifact(path, artifact_path="evidently")
+        mlflow.log_artifact(str(summary_path))
+    return {"html": html, "summary": str(summary_path), "mlflow_run_id": run.info.run_id,
+            "workspace": str(settings.evidently_workspace), "project_id": str(project.id)}

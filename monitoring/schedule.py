@@ -1,0 +1,78 @@
+"""The loop for people without an orchestrator: every interval, monitor each model's last window and retrain it when
+the policy says so (``personalize schedule``). :func:`step` is one tick for one model; cron or Airflow call
+``personalize monitor MODEL --retrain`` instead, which runs the same step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+
+from monitoring.config import MonitorConfig
+from monitoring.data import MonitorError
+from monitoring.job import PassResult, run_pass, window_bounds
+from monitoring.retrain import RetrainOutcome, decide, load_state, retrain, save_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StepResult", "schedule", "step"]
+
+
+@dataclass
+class StepResult:
+    model: str
+    result: PassResult | None
+    due: bool
+    why: str
+    retrained: RetrainOutcome | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "pass": self.result.to_dict() if self.result else None, "retrain_due": self.due,
+                "why": self.why, "retrained": self.retrained.to_dict() if self.retrained else None,
+                "error": self.error}
+
+
+def step(settings: Any, client: Any, model: str, end: pd.Timestamp | None, config: MonitorConfig,
+         allow_retrain: bool = True, dataset: str | None = None, **pass_options: Any) -> StepResult:
+    """Monitor ``[end - window, end)`` (raises :class:`MonitorError` when that cannot be done), fold the alerts into
+    the model's retrain state, and retrain when due and allowed."""
+    start, end = window_bounds(end, config.window_days)
+    result = run_pass(settings, client, model, start, end, config, dataset=dataset, **pass_options)
+    folder = settings.monitoring_dir / "state"
+    reference_horizon = result.metrics.get("horizon_days")
+    state, due, why = decide(load_state(folder, model), result.alerts, start, end, config.retrain, reference_horizon)
+    out = StepResult(model, result, due, why)
+    if due and allow_retrain:
+        log.warning("%s: retraining (%s)", model, why)
+        out.retrained = retrain(settings, client, model, config.retrain, why)
+        state.last_retrain, state.last_reason, state.streak, state.first_window = str(end), why, 0, None
+    save_state(folder, model, state)
+    return out
+
+
+def schedule(settings: Any, client: Any, models: list[str], config: MonitorConfig, every_s: float,
+             iterations: int | None = None, allow_retrain: bool = True,
+             on_step: Callable[[StepResult], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Run :func:`step` for every model each ``every_s`` seconds (``iterations`` times, or forever); a model whose
+    pass fails is reported and the others go on. Returns the number of steps that failed."""
+    failed, n = 0, 0
+    while iterations is None or n < iterations:
+        began = time.monotonic()
+        for model in models:
+            try:
+                out = step(settings, client, model, None, config, allow_retrain)
+            except MonitorError as exc:
+                failed += 1
+                out = StepResult(model, None, False, "", error=str(exc))
+                log.error("%s: %s", model, exc)
+            if on_step:
+                on_step(out)
+        n += 1
+        if iterations is None or n < iterations:
+            sleep(max(0.0, every_s - (time.monotonic() - began)))
+    return failed
