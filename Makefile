@@ -36,6 +36,7 @@ bench: install
 	$(VENV)/bin/python bench/features.py $(QUICK)
 	$(VENV)/bin/python bench/quality.py $(QUICK)
 	$(VENV)/bin/python bench/serving.py $(QUICK)
+	$(VENV)/bin/python bench/monitoring.py $(QUICK)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .personalize .pytest_cache .hypothesis
