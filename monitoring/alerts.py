@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from monitoring.config import AlertPolicy, MonitorConfig, Severity
+from serving.predlog import utc
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ def evaluate(metrics: dict[str, Any], config: MonitorConfig, model: str, version
     and, with labels, ``labeled_rows`` and ``realized_roc_auc``."""
     policy: AlertPolicy = config.alerts
     out: list[Alert] = []
-    start, end = (pd.Timestamp(t) for t in (start, end))
-    start, end = (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC") for t in (start, end))
+    start, end = utc(start), utc(end)
 
     def alert(rule: str, severity: Severity, message: str, value: float, bound: float) -> None:
         out.append(Alert(model, version, rule, severity, message, round(float(value), 6), round(float(bound), 6),
@@ -108,11 +108,6 @@ def read_alerts(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _utc(text: str) -> pd.Timestamp:
-    t = pd.Timestamp(text)
-    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-
-
 def _post_json(url: str, body: dict[str, Any], timeout: float) -> int:
     import urllib.request
 
@@ -145,7 +140,7 @@ class AlertSink:
         last: dict[str, pd.Timestamp] = {}
         for r in read_alerts(self.path):
             if r.get("type") == "alert" and not r.get("suppressed"):
-                last[f"{r['model']}:{r['rule']}"] = _utc(r["window_end"])
+                last[f"{r['model']}:{r['rule']}"] = utc(r["window_end"])
         return last
 
     def emit(self, alerts: list[Alert]) -> list[Alert]:
@@ -155,10 +150,10 @@ class AlertSink:
         cooldown = pd.Timedelta(hours=self.policy.cooldown_hours)
         for a in alerts:
             seen = last.get(a.key)
-            a.suppressed = seen is not None and _utc(a.window_end) - seen < cooldown
+            a.suppressed = seen is not None and utc(a.window_end) - seen < cooldown
             self._append(a.to_dict())
             if not a.suppressed:
-                last[a.key] = _utc(a.window_end)
+                last[a.key] = utc(a.window_end)
                 log.warning("ALERT %s %s: %s", a.severity.upper(), a.key, a.message)
                 if self.policy.webhook_url:
                     t = threading.Thread(target=self._deliver, args=(a,), name=f"webhook-{a.id}", daemon=True)

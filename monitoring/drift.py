@@ -104,11 +104,11 @@ def _key(config: dict[str, Any]) -> str:
     return _UNSAFE.sub("_", ".".join(parts))[:240]
 
 
-def extract(snapshot: Any) -> dict[str, float]:
-    """Every numeric value of a snapshot under a stable, MLflow-safe name (``ValueDrift.recency_days``,
+def extract(content: dict[str, Any]) -> dict[str, float]:
+    """Every numeric value of a snapshot (its ``.dict()``) under a stable, MLflow-safe name (``ValueDrift.recency_days``,
     ``DriftedColumnsCount.share``, ``MissingValueCount.frequency.count``)."""
     out: dict[str, float] = {}
-    for metric in snapshot.dict()["metrics"]:
+    for metric in content["metrics"]:
         key, value = _key(metric.get("config", {})), metric.get("value")
         while key in out:
             key += "_"
@@ -121,11 +121,11 @@ def extract(snapshot: Any) -> dict[str, float]:
     return out
 
 
-def drift_flags(snapshot: Any) -> dict[str, bool]:
-    """Column → drift detected, from the report's per-column drift tests (the method's own rule: a distance above
+def drift_flags(content: dict[str, Any]) -> dict[str, bool]:
+    """Column → drift detected, from a snapshot's (``.dict()``) per-column drift tests (the method's own rule: a distance above
     its threshold, or a p-value below it)."""
     flags: dict[str, bool] = {}
-    for test in snapshot.dict().get("tests", []):
+    for test in content.get("tests", []):
         params = (test.get("metric_config") or {}).get("params") or {}
         if str(params.get("type", "")).endswith("ValueDrift") and params.get("column"):
             flags[str(params["column"])] = test.get("status") == "FAIL"

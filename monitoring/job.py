@@ -43,8 +43,9 @@ class PassResult:
 
 def window_bounds(end: pd.Timestamp | str | None, days: float) -> tuple[pd.Timestamp, pd.Timestamp]:
     """``[end - days, end)`` in UTC; ``end`` defaults to now."""
-    end = pd.Timestamp.now(tz="UTC") if end is None else pd.Timestamp(end)
-    end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
+    from serving.predlog import utc
+
+    end = utc(pd.Timestamp.now(tz="UTC") if end is None else end)
     return end - pd.Timedelta(days=days), end
 
 
@@ -62,8 +63,9 @@ def compare(reference: Reference, window: Window, config: MonitorConfig, summary
     from monitoring.drift import build_drift_report, build_performance_report, drift_flags, extract
 
     snapshot = build_drift_report(reference, window, config.drift, summary=summary)
-    flags = drift_flags(snapshot)
-    flat = extract(snapshot)
+    content = snapshot.dict()  # built once: it serializes every metric of the report
+    flags = drift_flags(content)
+    flat = extract(content)
     features = [c for c in reference.features if c in flags]
     drifted = sorted((c for c in features if flags[c]),
                      key=lambda c: -flat.get(f"ValueDrift.{c}", 0.0))
@@ -91,7 +93,7 @@ def compare(reference: Reference, window: Window, config: MonitorConfig, summary
             metrics["realized_positive_rate"] = float(y.mean())
             performance = build_performance_report(reference, matured, labeled)
             snapshots["performance"] = performance
-            flat.update({f"performance.{k}": v for k, v in extract(performance).items()})
+            flat.update({f"performance.{k}": v for k, v in extract(performance.dict()).items()})
     metrics.update({f"evidently.{k}": v for k, v in flat.items()})
     return metrics, snapshots
 

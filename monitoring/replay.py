@@ -33,7 +33,7 @@ def replay(client: Any, model: str, dataset_dir: Path, log_root: Path, stamps: I
     from features.definitions import FeatureSpec
     from features.store import FeatureStore
     from serving.batch import score_matrix
-    from serving.predlog import PredictionLog, make_row, pseudonymize
+    from serving.predlog import PredictionLog, make_row, pseudonymize, utc
     from serving.scoring import load
 
     store = FeatureStore(Path(dataset_dir))
@@ -63,7 +63,7 @@ def replay(client: Any, model: str, dataset_dir: Path, log_root: Path, stamps: I
                     frame[c] = 0.0  # a category share the model knows but nobody had bought yet
             p = score_matrix(scorer, frame)
             records = frame[scorer.features].astype(float).replace({np.nan: None}).to_dict("records")
-            ts = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp
+            ts = utc(stamp)
             rows = [make_row(uuid.uuid4().hex, endpoint or model, loaded.ref, pseudonymize(str(cid), salt), False,
                              rec, {"probability": round(float(q), 6), "decision": bool(q >= scorer.threshold)}, None,
                              ts=ts)

@@ -60,7 +60,6 @@ class Settings(BaseModel):
         """Optuna RDB storage: SQLite under home unless configured (any SQLAlchemy URL)."""
         return self.optuna_storage or f"sqlite:///{(self.home / 'optuna.db').resolve()}"
 
-
     # --- serving and monitoring ---------------------------------------------------------------------------------
     @property
     def log_root(self) -> Path:

@@ -171,7 +171,8 @@ def make_row(request_id: str, endpoint: str, model: dict[str, str], customer_key
             "shadow": None if shadow is None else json.dumps(shadow, default=str)}
 
 
-def _utc(t: pd.Timestamp | str) -> pd.Timestamp:
+def utc(t: pd.Timestamp | str) -> pd.Timestamp:
+    """A time as an aware UTC timestamp (a naive one means UTC, as the log's ``ts`` does)."""
     t = pd.Timestamp(t)
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
@@ -181,8 +182,8 @@ def log_segments(root: Path, start: pd.Timestamp | None = None, end: pd.Timestam
     root = Path(root)
     if not root.exists():
         return []
-    first = _utc(start).strftime("%Y-%m-%d") if start is not None else None
-    last = (_utc(end) - pd.Timedelta(nanoseconds=1)).strftime("%Y-%m-%d") if end is not None else None
+    first = utc(start).strftime("%Y-%m-%d") if start is not None else None
+    last = (utc(end) - pd.Timedelta(nanoseconds=1)).strftime("%Y-%m-%d") if end is not None else None
     days = sorted(p for p in root.glob("date=*") if p.is_dir()
                   and (first is None or p.name[5:] >= first) and (last is None or p.name[5:] <= last))
     return [f for d in days for f in sorted(d.glob("part-*.parquet"))]
@@ -205,7 +206,7 @@ def read_log(root: Path, start: pd.Timestamp | None = None, end: pd.Timestamp | 
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
     frame = pa.concat_tables(tables).to_pandas()
     if start is not None:
-        frame = frame[frame["ts"] >= _utc(start)]
+        frame = frame[frame["ts"] >= utc(start)]
     if end is not None:
-        frame = frame[frame["ts"] < _utc(end)]
+        frame = frame[frame["ts"] < utc(end)]
     return frame.sort_values("ts", kind="stable").reset_index(drop=True)
