@@ -17,7 +17,8 @@ Feature set ``customer_features_v1`` (per customer and cutoff; durations in days
 - returns: ``returns``, ``return_rate``
 - tenure: ``tenure_days`` (since signup)
 - engagement over the last 28 days: ``sessions_28d``, ``sessions_per_week``, ``pages_per_session``,
-  ``time_on_site_per_session_s``, ``searches_28d``
+  ``time_on_site_per_session_s``, ``searches_28d``, ``browse_sessions_28d`` (sessions without a purchase) and
+  ``browse_pages_per_session`` (content pages per such session: the "content explorer" signal)
 - cart: ``cart_adds_28d``, ``cart_abandonments_28d``, ``cart_abandon_rate``
 - category affinity: ``n_categories`` and one ``cat_share_<category>`` per configured category (share of spend)
 """
@@ -69,13 +70,14 @@ BASE_COLUMNS = [
     "recency_days", "frequency", "monetary_total", "monetary_mean", "orders_30d", "orders_90d", "spend_30d",
     "spend_90d", "first_purchase_days", "ipi_mean_days", "ipi_std_days", "recency_ratio", "returns",
     "return_rate", "tenure_days", "sessions_28d", "sessions_per_week", "pages_per_session",
-    "time_on_site_per_session_s", "searches_28d", "cart_adds_28d", "cart_abandonments_28d", "cart_abandon_rate",
-    "n_categories",
+    "time_on_site_per_session_s", "searches_28d", "browse_sessions_28d", "browse_pages_per_session", "cart_adds_28d",
+    "cart_abandonments_28d", "cart_abandon_rate", "n_categories",
 ]
 # Counts are 0, not missing, when a customer has no activity; ratios and recencies stay missing (NaN).
 ZERO_WHEN_ABSENT = {
     "frequency", "monetary_total", "orders_30d", "orders_90d", "spend_30d", "spend_90d", "returns",
-    "sessions_28d", "sessions_per_week", "searches_28d", "cart_adds_28d", "cart_abandonments_28d", "n_categories",
+    "sessions_28d", "sessions_per_week", "searches_28d", "browse_sessions_28d", "cart_adds_28d", "cart_abandonments_28d",
+    "n_categories",
 }
 KEYS = ["customer_id", "cutoff"]
 
@@ -178,6 +180,13 @@ def engagement_features(entities: ir.Table, events: ir.Table, transactions: ir.T
         pages_per_session=_ratio(engagement._pages, engagement.sessions_28d),
         time_on_site_per_session_s=_ratio(engagement._time.fill_null(0).cast("float64"), engagement.sessions_28d),
     ).drop("_pages", "_time")
+    # Sessions without a purchase event: how much content a customer reads when not buying.
+    per_session = ev.group_by([*KEYS, "session_id"]).aggregate(
+        _pages=is_page.cast("int64").sum(), _bought=(ev.event_type == "purchase").cast("int64").sum())
+    browse = per_session.filter(per_session._bought == 0)
+    browse = browse.group_by(KEYS).aggregate(browse_sessions_28d=browse.count(), _pages=browse._pages.sum())
+    browse = browse.mutate(browse_pages_per_session=_ratio(browse._pages, browse.browse_sessions_28d)).drop("_pages")
+    engagement = attach(engagement, browse)
 
     # Cart abandonment: an add-to-cart whose purchase window closed before the cutoff, with no purchase in it.
     window = ibis.interval(seconds=spec.cart_window_hours * 3600)

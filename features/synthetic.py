@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EVENT_TYPES",
+    "PLANTED_RESPONSE",
     "SEGMENTS",
     "DriftSpec",
     "SyntheticConfig",
@@ -128,6 +129,22 @@ SEGMENTS: tuple[_Segment, ...] = (
     _Segment("occasional", 0.22, 0.015, 2.0, 600.0, 0.9, 0.30, 0.05, 2.0, 0.3, 3.0, 1, 0.15, 1.0),
     _Segment("new_explorer", 0.13, 0.041, 2.0, 250.0, 1.0, 0.35, 0.30, 2.0, 1.5, 1.0, 1, 0.0, 0.5),
 )
+
+# Planted response: each segment's chance to convert on each variant of the default catalog's `homepage_banner`
+# (serving/catalog.yaml). Every segment has a different best variant, so a decision policy that learns per
+# segment can beat one that does not; the simulation in serving/simulation.py draws conversions from it.
+PLANTED_RESPONSE: dict[str, dict[str, float]] = {
+    "loyal_high_value": {"new_arrivals": 0.04, "discount_10": 0.03, "loyalty_points": 0.09, "bestsellers": 0.03,
+                         "premium_picks": 0.06},
+    "regular": {"new_arrivals": 0.07, "discount_10": 0.04, "loyalty_points": 0.03, "bestsellers": 0.045,
+                "premium_picks": 0.03},
+    "bargain_hunter": {"new_arrivals": 0.02, "discount_10": 0.09, "loyalty_points": 0.02, "bestsellers": 0.04,
+                       "premium_picks": 0.01},
+    "occasional": {"new_arrivals": 0.02, "discount_10": 0.035, "loyalty_points": 0.01, "bestsellers": 0.05,
+                   "premium_picks": 0.01},
+    "new_explorer": {"new_arrivals": 0.05, "discount_10": 0.03, "loyalty_points": 0.01, "bestsellers": 0.02,
+                     "premium_picks": 0.075},
+}
 
 
 def _naive_utc(value: datetime) -> datetime:

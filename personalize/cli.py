@@ -36,6 +36,12 @@ app.add_typer(features_app, name="features")
 train_app = typer.Typer(help="Train a model, log it to MLflow and register it as the `challenger`.",
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
+segments_app = typer.Typer(help="Customer segments: rule segments over the features, behavioural clusters.",
+                           no_args_is_help=True)
+app.add_typer(segments_app, name="segments")
+experiment_app = typer.Typer(help="A/B/n experiments on placements: per-arm results, uplift and significance.",
+                             no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
 
 console = Console()
 if not console.is_terminal:  # logs and CI: wide enough for the summary tables instead of 80 columns
@@ -598,6 +604,14 @@ def mlflow_ui(
 
 
 # --- serving ---------------------------------------------------------------------------------------------------
+SegmentsOption = Annotated[Path | None, typer.Option("--segments", envvar="PERSONALIZE_SEGMENTS", exists=True,
+                                                     dir_okay=False, help="Rule segments YAML (default: the "
+                                                                          "built-in features/segments.yaml).")]
+CatalogOption = Annotated[Path | None, typer.Option("--catalog", envvar="PERSONALIZE_CATALOG", exists=True,
+                                                    dir_okay=False, help="Placements, variants and experiments YAML "
+                                                                         "(default: serving/catalog.yaml).")]
+
+
 @app.command()
 @user_errors
 def materialize(
@@ -608,13 +622,17 @@ def materialize(
     store: Annotated[str | None, typer.Option(envvar="PERSONALIZE_ONLINE_STORE",
                                               help="Online store URL: sqlite:///path or redis://host:port/db "
                                                    "(default: SQLite under home).")] = None,
+    segments: SegmentsOption = None,
 ) -> None:
-    """Write every customer's latest features and purchase summary to the online store the API reads."""
+    """Write every customer's latest features, purchase summary and profile (consent, segments, cluster) to the
+    online store the API reads."""
+    from features.segments import load_segments
     from serving.online import default_url, materialize as run
 
     settings: Settings = ctx.obj
     url = store or default_url(settings.home, dataset)
-    report = run(settings.dataset_dir(dataset), url, as_of)
+    report = run(settings.dataset_dir(dataset), url, as_of, segments=load_segments(segments),
+                 tracking_uri=settings.tracking_uri)
     console.print(f"materialized [bold]{report.customers:,}[/] customers of {report.dataset} as of "
                   f"{report.as_of} ({report.feature_columns} features, {report.with_cycle:,} with a purchase "
                   f"summary) into {url} in {report.seconds:.1f}s", highlight=False, soft_wrap=True)
@@ -674,13 +692,22 @@ def serve(
                                                 help="Require this key on scoring requests.")] = None,
     reload_s: Annotated[float, typer.Option(min=0.1, help="Seconds between registry checks (hot reload).")] = 10.0,
     store: Annotated[str | None, typer.Option(envvar="PERSONALIZE_ONLINE_STORE", help="Online store URL.")] = None,
+    catalog: CatalogOption = None,
+    segments: SegmentsOption = None,
 ) -> None:
     """Start the BentoML personalization API on the registry's champions (Ctrl-C stops it and flushes the log)."""
     import os
     import sys
 
+    from features.segments import load_segments
+    from serving.decisions import load_catalog
+
     settings: Settings = ctx.obj
+    load_catalog(catalog), load_segments(segments)  # a bad file is a clear error here, not a server that won't start
     env = serve_environment(settings, dataset, workers, shadow, api_key, reload_s, store)
+    for name, path in (("PERSONALIZE_CATALOG", catalog), ("PERSONALIZE_SEGMENTS", segments)):
+        if path is not None:
+            env[name] = str(path.resolve())
     args = ["bentoml", "serve", "serving.service:Personalization", "--host", host, "--port", str(port)]
     console.print(f"serving on http://{host}:{port} (docs: /docs, readiness: /readyz, status: /status)",
                   highlight=False)
@@ -881,6 +908,172 @@ def demo(
     from personalize.demo import run_demo
 
     run_demo(ctx.obj, data_root, customers, console, trials)
+
+
+# --- segments, experiments, erasure ------------------------------------------------------------------------------
+def _segment_frame(settings: Settings, dataset: str, as_of: datetime | None):
+    """Every customer's features at ``as_of`` (default: after the data's last row), as the online store has them."""
+    import pandas as pd
+
+    from features.definitions import FeatureSpec
+    from features.store import FeatureStore
+    from serving.online import default_as_of
+
+    store = FeatureStore(settings.dataset_dir(dataset))
+    when = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
+    return store.offline([when], FeatureSpec(categories=store.top_categories(when, k=10_000))), when
+
+
+@segments_app.command("rules")
+@user_errors
+def segments_rules(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="Ingested transaction data set.")],
+    as_of: Annotated[datetime | None, typer.Option(help="Features as of this time (default: after the data's "
+                                                         "last row).")] = None,
+    segments: SegmentsOption = None,
+) -> None:
+    """How many customers each rule segment holds (members overlap; primary segments partition the base)."""
+    from features.segments import assign, check_columns, counts, load_segments
+
+    settings: Settings = ctx.obj
+    config = load_segments(segments)
+    frame, when = _segment_frame(settings, dataset, as_of)
+    check_columns(config, frame.columns)
+    out = counts(assign(frame, config), config)
+    table = Table(title=f"rule segments of {dataset} as of {when} ({out['rows']:,} customers)")
+    for column in ("segment", "rule", "members", "primary"):
+        table.add_column(column, justify="right" if column in ("members", "primary") else "left")
+    for seg in config.segments:
+        table.add_row(seg.name, seg.rule, f"{out['members'][seg.name]:,}", f"{out['primary'].get(seg.name, 0):,}")
+    table.add_row(config.fallback, "(none of the above)", "-", f"{out['primary'].get(config.fallback, 0):,}")
+    console.print(table)
+
+
+@segments_app.command("cluster")
+@user_errors
+def segments_cluster(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="Ingested transaction data set.")],
+    method: Annotated[str, typer.Option(help="kmeans (k by silhouette) or gmm (k by BIC).")] = "kmeans",
+    k: Annotated[int | None, typer.Option(min=2, help="Number of clusters (default: chosen).")] = None,
+    k_min: Annotated[int, typer.Option(min=2, help="Smallest k tried.")] = 2,
+    k_max: Annotated[int, typer.Option(min=2, help="Largest k tried.")] = 8,
+    as_of: Annotated[datetime | None, typer.Option(help="Features as of this time (default: after the data's "
+                                                         "last row).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    promote: Annotated[bool, typer.Option("--promote", help="Also make the new version the champion (clustering "
+                                                            "has no gate); the online store uses the champion.")]
+    = False,
+) -> None:
+    """Cluster customers on their behaviour, describe each cluster, and register the model as customer_segments."""
+    from features.clustering import CustomerClusters, cluster_frame, log_clusters
+
+    settings: Settings = ctx.obj
+    frame = cluster_frame(settings.dataset_dir(dataset), as_of)
+    model = CustomerClusters(method=method, k=k, k_range=(k_min, k_max), seed=seed).fit(frame)
+    run_id, version = log_clusters(model, frame, settings.tracking_uri, dataset=dataset,
+                                   artifact_root=settings.artifact_root, promote=promote)
+    scores = ", ".join(f"k={kk}: {v:.3f}" for kk, v in sorted(model.scores_.items()))
+    table = Table(title=f"{model.k_} {method} clusters of {len(frame):,} customers of {dataset} "
+                        f"({'silhouette' if method == 'kmeans' else 'BIC'}: {scores})")
+    for column in ("cluster", "share", "suggested name", "sets it apart (z vs all)"):
+        table.add_column(column)
+    for c in model.describe():
+        apart = ", ".join(f"{f['feature']} {f['z']:+.1f}" for f in c["features"][:3])
+        table.add_row(str(c["cluster"]), f"{100 * c['share']:.1f}%", c["name"], apart)
+    console.print(table)
+    alias = "champion and challenger" if promote else "challenger"
+    console.print(f"registered customer_segments v{version} ({alias}; MLflow run {run_id}); "
+                  f"{'run personalize materialize to put clusters in the online store' if promote else 'promote with --promote'}",
+                  highlight=False, soft_wrap=True)
+
+
+@experiment_app.command("report")
+@user_errors
+def experiment_report(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Experiment name (from the catalog).")],
+    catalog: CatalogOption = None,
+    control: Annotated[str, typer.Option(help="The arm the others are compared with.")] = "holdout",
+    alpha: Annotated[float, typer.Option(min=0.0001, max=0.5, help="Significance level.")] = 0.05,
+    plot_to: Annotated[Path | None, typer.Option("--plot", help="Also write the plot here (PNG).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Per arm: exposed customers, conversions, uplift over the control with its confidence interval and p-value, a
+    sample-ratio check; logged to MLflow (experiment ``ab-<name>``) with a plot."""
+    from monitoring.experiments import analyze, log_report, plot, table_rows
+    from serving.decision_store import DecisionStore
+    from serving.decisions import load_catalog
+
+    settings: Settings = ctx.obj
+    experiment = load_catalog(catalog).experiment(name)
+    if experiment is None:
+        raise PersonalizeError(f"no experiment {name!r} in the catalog")
+    store = DecisionStore(settings.decisions_path)
+    report = analyze(store.experiment_frame(name), experiment, control=control, alpha=alpha)
+    run_id = log_report(report, settings.tracking_uri, settings.artifact_root)
+    if plot_to is not None:
+        plot(report, plot_to)
+    if as_json:
+        console.print_json(json.dumps({**report.to_dict(), "mlflow_run_id": run_id}))
+        return
+    rows = table_rows(report)
+    table = Table(title=f"experiment {name} on {report.placement}: {report.customers:,} customers")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    srm = "MISMATCH" if report.srm_flag else "ok"
+    srm_p = "-" if report.srm_p_value is None else f"{report.srm_p_value:.3g}"
+    console.print(f"sample ratio: {srm} (p = {srm_p}); {report.test}; {report.interval}", highlight=False,
+                  soft_wrap=True)
+    for line in [*report.warnings, *report.notes]:
+        console.print(f"- {line}", highlight=False, soft_wrap=True)
+    console.print(f"logged to MLflow run {run_id} (experiment ab-{name})", highlight=False)
+
+
+@app.command()
+@user_errors
+def forget(
+    ctx: typer.Context,
+    customer_id: Annotated[str, typer.Argument(help="The customer to erase.")],
+    store: Annotated[str | None, typer.Option(envvar="PERSONALIZE_ONLINE_STORE",
+                                              help="Online store URL besides the SQLite ones under home.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; change nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Erase a customer from every store the platform owns (raw tables, quarantine, feature frames, online store,
+    prediction log, decisions, feedback and bandit history, local MLflow held-out frames), then search them all
+    again. Exit code 1 when something remains or could not be erased."""
+    from personalize.erasure import forget as run
+
+    settings: Settings = ctx.obj
+    report = run(settings, customer_id, online_url=store, dry_run=dry_run)
+    if as_json:
+        console.print_json(json.dumps(report.to_dict(), default=str))
+    else:
+        table = Table(title=f"{'would remove' if dry_run else 'removed'}: {report.total:,} rows "
+                            f"({report.seconds:.1f}s)")
+        table.add_column("where")
+        table.add_column("store")
+        table.add_column("rows", justify="right")
+        for where, rows in sorted(report.removed.items()):
+            table.add_row(where, report.stores.get(where, ""), f"{rows:,}")
+        console.print(table)
+        if report.bandit_trials:
+            console.print(f"{report.bandit_trials:,} impressions taken out of the bandits' posteriors")
+        for item in report.not_erased:
+            console.print(f"[yellow]not erased[/]: {item['store']} {item['where']}: {item['why']}", soft_wrap=True)
+        for model in report.trained_models:
+            console.print(f"trained on data with the customer (retrain to remove their influence): {model}",
+                          highlight=False)
+        if not dry_run:
+            left = ", ".join(f"{k} ({v})" for k, v in report.remaining.items()) or "nothing"
+            console.print(f"searched every store again: {left} remains", highlight=False)
+    if not dry_run and not report.clean:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -6,8 +6,10 @@ the promotion gate: churn and propensity on the synthetic data (out of time), a 
 Telco (checked for fairness by gender), Prophet purchase forecasts on Online Retail, and the purchase-cycle model
 on CDNOW. A rerun trains new challengers and gates them against the champions. Then the online store is
 materialized, the BentoML API starts in the background, answers example requests (scores with reason codes, a
-cold start, a forecast, a bad request) and stops; its prediction log must hold every scored item. Monitoring
-joins the demo when it lands. The last line printed is one JSON object.
+cold start, a forecast, a bad request), segments and personalization decisions (rules, a bandit, consent
+withdrawn, a new visitor) with feedback, and simulated traffic on the email experiment, then stops; its prediction
+log must hold every scored item. The experiment is reported (uplift, interval, p-value; into MLflow), one customer
+is erased from every store, and a replayed drift is monitored. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -159,8 +161,9 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
             frames[name] = build_training_frame(settings, name)
             progress.advance(task)
         models = train_models(settings, trials, progress, task)
-        progress.update(task, description="materialize the online store, start the API, send requests")
-        from personalize.demo_serving import serve_and_query, serving_table
+        progress.update(task, description="cluster customers, materialize the online store, start the API, send "
+                                          "requests and decisions, run the experiment, forget a customer")
+        from personalize.demo_serving import decisions_lines, serve_and_query, serving_table
 
         serving = serve_and_query(settings)
         progress.advance(task)
@@ -179,6 +182,8 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
                   f"scored items, {serving.logged_rows} rows in the prediction log ({settings.home / 'predictions'}); "
                   "purchase_cycle is the CDNOW model answering for synthetic customers", soft_wrap=True,
                   highlight=False)
+    for line in decisions_lines(serving):
+        console.print(line, soft_wrap=True, highlight=False)
     console.print(monitoring_table(monitoring) if monitoring.windows else monitoring.note)
     console.print(f"Evidently reports: {monitoring.reports}; alerts: {monitoring.alert_log}; dashboards: "
                   "[bold]personalize ui[/]", soft_wrap=True, highlight=False)
@@ -200,6 +205,9 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
         "requests_served": serving.requests_ok,
         "served_items": serving.served_items,
         "logged_rows": serving.logged_rows,
+        "clusters": serving.clusters,
+        "experiment": serving.experiment,
+        "erasure": serving.erasure,
         "monitoring": monitoring.windows,
     }
     console.print(json.dumps(result), soft_wrap=True, highlight=False)

@@ -72,6 +72,11 @@ class Settings(BaseModel):
         return self.home / "monitoring"
 
     @property
+    def decisions_path(self) -> Path:
+        """The decision log, feedback and bandit posteriors (:mod:`serving.decision_store`)."""
+        return self.home / "decisions" / "decisions.sqlite"
+
+    @property
     def evidently_workspace(self) -> Path:
         """The Evidently workspace ``personalize ui`` shows: one project per monitored model."""
         return self.home / "evidently"

@@ -1,5 +1,7 @@
 """The request handling behind each endpoint, with no HTTP in it: resolve records (online store or the request's
-own), score with the served model, explain on request, build the answer and the prediction-log rows.
+own), score with the served model, explain on request, build the answer and the prediction-log rows; segments and
+personalization decisions (:mod:`serving.decisions`) with their decision log, feedback and bandits
+(:mod:`serving.decision_store`).
 
 :class:`Runtime` is created once per server worker by :mod:`serving.service` and is what its endpoints call; tests
 drive it directly too.
@@ -12,9 +14,13 @@ import threading
 import uuid
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from features.segments import assign_one, load_segments
 from serving.config import ServeConfig
+from serving.decision_store import EVENTS, DecisionStore, UnknownDecision
+from serving.decisions import decide, load_catalog
 from serving.online import OnlineStoreError, open_store
 from serving.predlog import PredictionLog, load_salt, make_row, pseudonymize
 from serving.scoring import InputError, Loaded, ModelSet, NotServing
@@ -39,6 +45,11 @@ class Runtime:
             _freeze_heap()
         self.log = PredictionLog(config.log_root, flush_s=config.log_flush_s)
         self.salt = load_salt(config.home)
+        self.catalog = load_catalog(config.catalog)
+        self.segments = load_segments(config.segments)
+        self.decisions = DecisionStore(config.decisions_path)
+        self._rng = np.random.default_rng()
+        self._lock = threading.Lock()
         self._store = None
         self.served = 0
         self._stop = threading.Event()
@@ -61,6 +72,7 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         self.log.close()
+        self.decisions.close()
         if self._store is not None:
             self._store.close()
 
@@ -196,6 +208,158 @@ class Runtime:
         return [{"version": shadow.version, "probability": round(float(x), 6),
                  "decision": bool(x >= shadow.scorer.threshold)} for x in p]
 
+    # --- segments and decisions ---------------------------------------------------------------------------------
+    def _record(self, customer_id: str | None, features: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The customer's stored record (features, cycle, profile), or the request's own features; None: cold."""
+        if features is not None:
+            return {"features": features, "cycle": {}, "profile": {}}
+        if customer_id is None:
+            raise InputError("customer_id", "send a customer_id or a features record")
+        try:
+            return self.store.get_many([customer_id]).get(customer_id)
+        except OnlineStoreError as exc:
+            raise NotServing(str(exc)) from None
+
+    def _segments_of(self, record: dict[str, Any] | None) -> dict[str, Any]:
+        if record is None:
+            return assign_one(None, self.segments)
+        profile = record.get("profile") or {}
+        if "segments" in profile:  # materialized with the store
+            names = list(profile["segments"])
+            out = {"segments": names, "segment": profile.get("segment") or self.segments.fallback,
+                   "cold_start": False}
+        else:
+            out = assign_one(record.get("features") or {}, self.segments)
+        if profile.get("cluster") is not None:
+            out["cluster"] = profile["cluster"]
+        return out
+
+    def segment(self, customer_id: str | None = None, features: dict[str, Any] | None = None,
+                request_id: str | None = None) -> dict[str, Any]:
+        """The customer's rule segments (all that hold, in priority order), the primary one, and the cluster."""
+        record = self._record(customer_id, features)
+        if features is not None:
+            self._check_segment_features(features)
+        return {"request_id": self.request_id(request_id), "customer_id": customer_id, **self._segments_of(record)}
+
+    def _check_segment_features(self, features: dict[str, Any]) -> None:
+        for name in sorted(self.segments.columns()):
+            value = features.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InputError(f"features.{name}", f"must be a number or null, got {value!r}")
+
+    def _scores(self, record: dict[str, Any], customer_key: str | None, rid: str,
+                given: bool = False) -> tuple[dict[str, Any], list, list]:
+        """Churn, propensity and next-purchase scores from the record, with the prediction-log rows; a model that is
+        not served leaves its scores out (the decision works on what there is)."""
+        scores: dict[str, Any] = {}
+        models: list[dict[str, str]] = []
+        rows = []
+        features = record.get("features") or {}
+        for endpoint in ("churn", "propensity"):
+            try:
+                loaded = self.models.get(endpoint)
+            except NotServing:
+                continue
+            scorer = loaded.scorer
+            row = {c: features.get(c) for c in scorer.features}
+            if given:  # the request's own record: every feature of every served model, values checked
+                missing = [c for c in scorer.features if c not in features]
+                if missing:
+                    raise InputError(f"features.{missing[0]}", f"missing: the {endpoint} model needs it (send null "
+                                                               "for an unknown value)")
+                scorer.check([row], "features")
+            p = float(scorer.score([row])[0])
+            scores[endpoint] = round(p, 6)
+            models.append(loaded.ref)
+            rows.append(make_row(rid, "personalize", loaded.ref, customer_key, False, row,
+                                 {"probability": scores[endpoint], "decision": p >= scorer.threshold}, None))
+        cycle = record.get("cycle") or {}
+        if cycle:
+            try:
+                loaded = self.models.get("next_purchase")
+            except NotServing:
+                loaded = None
+            if loaded is not None:
+                scorer = loaded.scorer
+                inputs = {c: cycle.get(c) for c in scorer.inputs}
+                out = scorer.predict([{**inputs, "customer_id": "x"}], scorer.horizon_days)[0]
+                scores["days_to_next"] = out.get("expected_days_to_next")
+                scores["p_next"] = out.get("p_purchase")
+                models.append(loaded.ref)
+                rows.append(make_row(rid, "personalize", loaded.ref, customer_key, False, inputs,
+                                     dict(out), None))
+        return scores, models, rows
+
+    def _cold_scores(self) -> tuple[dict[str, Any], list]:
+        scores, models = {}, []
+        for endpoint in ("churn", "propensity"):
+            try:
+                loaded = self.models.get(endpoint)
+            except NotServing:
+                continue
+            scores[endpoint] = round(float(loaded.scorer.prior), 6)
+            models.append(loaded.ref)
+        return scores, models
+
+    def personalize(self, placement: str, customer_id: str | None = None, features: dict[str, Any] | None = None,
+                    consent: bool | None = None, context: dict[str, Any] | None = None,
+                    request_id: str | None = None) -> dict[str, Any]:
+        """One variant of ``placement`` for the customer, why, and the experiment arm; logged as a decision the
+        application reports impressions, clicks and conversions against (``/feedback``)."""
+        try:
+            self.catalog.placement(placement)
+        except KeyError:
+            known = ", ".join(p.name for p in self.catalog.placements)
+            raise InputError("placement", f"unknown placement {placement!r}; known: {known}") from None
+        if features is not None:
+            self._check_segment_features(features)
+        rid = self.request_id(request_id)
+        record = self._record(customer_id, features)
+        cold = record is None
+        profile = {} if cold else (record.get("profile") or {})
+        if consent is None:
+            consent = profile.get("consent")
+        consent = bool(consent) if consent is not None else self.config.assume_consent
+        out: dict[str, Any] = {"request_id": rid, "decision_id": uuid.uuid4().hex, "customer_id": customer_id,
+                               "placement": placement, "consent": consent, "cold_start": cold}
+        if not consent:
+            decision = decide(self.catalog, placement, customer_id, {}, False, self.decisions.bandit_stats, self._rng)
+            self.decisions.record_decision(out["decision_id"], _now(), decision, None, None, cold, False, None)
+            return {**out, **_public(decision), "segment": None, "segments": [], "scores": {}}
+        key = pseudonymize(customer_id, self.salt)
+        segments = self._segments_of(record)
+        if cold:
+            scores, models = self._cold_scores()
+            rows = []
+        else:
+            scores, models, rows = self._scores(record, key, rid, given=features is not None)
+        ctx = {**(context or {}), **(record or {}).get("features", {}), **scores, "segment": segments["segment"],
+               "cluster": segments.get("cluster"), "cold_start": cold,
+               **{name: name in segments["segments"] for name in self.segments.names}}
+        with self._lock:  # numpy's Generator is not thread-safe
+            decision = decide(self.catalog, placement, customer_id, ctx, True, self.decisions.bandit_stats,
+                              self._rng)
+        self.decisions.record_decision(out["decision_id"], _now(), decision, key, segments["segment"], cold, True,
+                                       scores)
+        if rows:
+            self._emit(rows)
+        return {**out, **_public(decision), "segment": segments["segment"], "segments": segments["segments"],
+                **({"cluster": segments["cluster"]} if "cluster" in segments else {}), "scores": scores,
+                "models": models}
+
+    def feedback(self, decision_id: str, event: str, value: float | None = None,
+                 request_id: str | None = None) -> dict[str, Any]:
+        """An impression, click or conversion of a decision; the bandit that made it learns from it."""
+        if event not in EVENTS:
+            raise InputError("event", f"unknown event {event!r}; one of {', '.join(EVENTS)}")
+        try:
+            out = self.decisions.record_feedback(decision_id, event, _now(), value, self.catalog.reward)
+        except UnknownDecision as exc:
+            raise InputError("decision_id", str(exc)) from None
+        return {"request_id": self.request_id(request_id), **out}
+
+
     # --- purchase cycle -----------------------------------------------------------------------------------------
     def next_purchase(self, customer_id: str | None = None, summary: dict[str, Any] | None = None,
                       items: list[dict[str, Any]] | None = None, horizon_days: int | None = None,
@@ -247,6 +411,19 @@ class Runtime:
                                                                          "horizon_days": horizon_days},
                              {"total": sum(p["yhat"] or 0.0 for p in points)}, None)])
         return {"request_id": rid, "model": loaded.ref, "series": series, "forecast": points}
+
+
+def _now() -> str:
+    return pd.Timestamp.now(tz="UTC").isoformat()
+
+
+def _public(decision: dict[str, Any]) -> dict[str, Any]:
+    """The decision's fields an application sees (the posterior only as the bandit's means)."""
+    out = {k: decision.get(k) for k in ("variant", "policy", "reason", "experiment", "arm")}
+    if decision.get("posterior"):
+        out["bandit"] = {"segment": decision.get("bandit_segment"),
+                         "means": {v: p["mean"] for v, p in decision["posterior"].items()}}
+    return out
 
 
 def _freeze_heap(unfreeze: bool = False) -> None:

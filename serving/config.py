@@ -18,6 +18,9 @@ From the environment (``personalize serve`` sets these from its options; ``bento
 ``PERSONALIZE_BATCH_LATENCY_MS``   adaptive batching's latency bound (503 past it: load shedding)
 ``PERSONALIZE_LOG_FLUSH_S``        seconds between two prediction-log segments (default 1)
 ``PERSONALIZE_ID_SALT``            the pseudonymization salt (default: a random one kept under home)
+``PERSONALIZE_CATALOG``            the placements, variants and experiments YAML (default: serving/catalog.yaml)
+``PERSONALIZE_SEGMENTS``           the rule segments YAML (default: features/segments.yaml)
+``PERSONALIZE_DECISIONS``          the decision log and bandit store (default ``<home>/decisions/decisions.sqlite``)
 =================================  ==========================================================================
 """
 
@@ -62,6 +65,11 @@ class ServeConfig(BaseModel):
     explain_top: int = Field(default=5, ge=1)
     log_flush_s: float = Field(default=1.0, gt=0)
     actions: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    catalog: Path | None = None
+    segments: Path | None = None
+    decisions: Path | None = None
+    # a customer whose consent neither the request nor the customers table states: personalize or not
+    assume_consent: bool = False
     models: dict[str, str] = Field(default_factory=lambda: dict(ENDPOINT_MODELS))
 
     @property
@@ -73,6 +81,10 @@ class ServeConfig(BaseModel):
         from serving.online import default_url
 
         return self.online_store or default_url(self.home, self.dataset)
+
+    @property
+    def decisions_path(self) -> Path:
+        return self.decisions or self.settings.decisions_path
 
     @property
     def log_root(self) -> Path:
@@ -89,8 +101,10 @@ class ServeConfig(BaseModel):
             "api_key": env.get("PERSONALIZE_API_KEY") or None,
             "shadow": env.get("PERSONALIZE_SHADOW", "0").lower() in ("1", "true", "yes", "on"),
         }
-        if env.get("PERSONALIZE_PREDICTION_LOG"):
-            values["prediction_log"] = Path(env["PERSONALIZE_PREDICTION_LOG"])
+        for key, name in (("prediction_log", "PERSONALIZE_PREDICTION_LOG"), ("catalog", "PERSONALIZE_CATALOG"),
+                          ("segments", "PERSONALIZE_SEGMENTS"), ("decisions", "PERSONALIZE_DECISIONS")):
+            if env.get(name):
+                values[key] = Path(env[name])
         for key, name, kind in (("reload_s", "PERSONALIZE_RELOAD_S", float), ("workers", "PERSONALIZE_WORKERS", int),
                                 ("max_batch", "PERSONALIZE_MAX_BATCH", int),
                                 ("batch_latency_ms", "PERSONALIZE_BATCH_LATENCY_MS", int),

@@ -13,8 +13,10 @@ Two back ends, chosen by URL:
 - ``redis://host:port/db``: one hash per customer (``personalize:<dataset>:<customer_id>``), for several servers
   sharing one store. Needs the ``redis`` package and a server.
 
-A record is ``{"features": {...}, "cycle": {...}}``: the two blocks keep their own names (both have a
-``frequency``, with different meanings).
+A record is ``{"features": {...}, "cycle": {...}, "profile": {...}}``: the blocks keep their own names (features and
+cycle both have a ``frequency``, with different meanings). The profile holds what decisions need besides scores:
+``consent`` (from the customers table), the rule ``segments`` and primary ``segment`` (:mod:`features.segments`)
+and, when a clustering model is the champion, the behavioural ``cluster``.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ class SQLiteOnlineStore:
             con = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("CREATE TABLE IF NOT EXISTS customers (customer_id TEXT PRIMARY KEY, features TEXT, "
-                        "cycle TEXT)")
+                        "cycle TEXT, profile TEXT)")
+            columns = {row[1] for row in con.execute("PRAGMA table_info(customers)")}
+            if "profile" not in columns:  # a store materialized before profiles existed
+                con.execute("ALTER TABLE customers ADD COLUMN profile TEXT")
             con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             self._local.con = con
         return con
@@ -93,18 +98,19 @@ class SQLiteOnlineStore:
         if not customer_ids:
             return {}
         marks = ",".join("?" * len(customer_ids))
-        rows = self._con().execute(f"SELECT customer_id, features, cycle FROM customers WHERE customer_id IN "
-                                   f"({marks})", customer_ids).fetchall()
-        return {cid: {"features": json.loads(f) if f else {}, "cycle": json.loads(c) if c else {}}
-                for cid, f, c in rows}
+        rows = self._con().execute(f"SELECT customer_id, features, cycle, profile FROM customers WHERE customer_id "
+                                   f"IN ({marks})", customer_ids).fetchall()
+        return {cid: {"features": json.loads(f) if f else {}, "cycle": json.loads(c) if c else {},
+                      "profile": json.loads(p) if p else {}} for cid, f, c, p in rows}
 
     def write(self, records: dict[str, Record], meta: dict[str, Any]) -> int:
         con = self._con(create=True)
-        rows = [(cid, json.dumps(r.get("features") or {}), json.dumps(r.get("cycle") or {}))
-                for cid, r in records.items()]
+        rows = [(cid, json.dumps(r.get("features") or {}), json.dumps(r.get("cycle") or {}),
+                 json.dumps(r.get("profile") or {})) for cid, r in records.items()]
         with con:  # one transaction: readers see the old snapshot or the new one
             con.execute("DELETE FROM customers")
-            con.executemany("INSERT INTO customers VALUES (?, ?, ?)", rows)
+            con.executemany("INSERT INTO customers (customer_id, features, cycle, profile) VALUES (?, ?, ?, ?)",
+                            rows)
             con.execute("DELETE FROM meta")
             con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
         return len(rows)
@@ -151,11 +157,12 @@ class RedisOnlineStore:
     def get_many(self, customer_ids: list[str]) -> dict[str, Record]:
         pipe = self.client.pipeline(transaction=False)
         for cid in customer_ids:
-            pipe.hmget(self._key(cid), "features", "cycle")
+            pipe.hmget(self._key(cid), "features", "cycle", "profile")
         out = {}
-        for cid, (f, c) in zip(customer_ids, pipe.execute()):
+        for cid, (f, c, p) in zip(customer_ids, pipe.execute()):
             if f is not None or c is not None:
-                out[cid] = {"features": json.loads(f) if f else {}, "cycle": json.loads(c) if c else {}}
+                out[cid] = {"features": json.loads(f) if f else {}, "cycle": json.loads(c) if c else {},
+                            "profile": json.loads(p) if p else {}}
         return out
 
     def write(self, records: dict[str, Record], meta: dict[str, Any]) -> int:
@@ -168,7 +175,8 @@ class RedisOnlineStore:
             for cid, r in items[start:start + self.CHUNK]:
                 key = self._key(cid)
                 pipe.hset(key, mapping={"features": json.dumps(r.get("features") or {}),
-                                        "cycle": json.dumps(r.get("cycle") or {})})
+                                        "cycle": json.dumps(r.get("cycle") or {}),
+                                        "profile": json.dumps(r.get("profile") or {})})
                 old.discard(key.encode())
             pipe.execute()
         if old:
@@ -221,35 +229,84 @@ def default_as_of(store: Any) -> pd.Timestamp:
     return max(pd.Timestamp(e) for e in ends if e is not None).floor("D") + pd.Timedelta(days=1)
 
 
-def build_records(features: pd.DataFrame, cycle: pd.DataFrame | None) -> dict[str, Record]:
-    """One record per customer from the feature rows and the cycle summary (pure; no I/O)."""
+def build_records(features: pd.DataFrame, cycle: pd.DataFrame | None,
+                  profiles: dict[str, dict[str, Any]] | None = None) -> dict[str, Record]:
+    """One record per customer from the feature rows, the cycle summary and the profiles (pure; no I/O)."""
     feature_columns = [c for c in features.columns if c not in ("customer_id", "cutoff")]
     records: dict[str, Record] = {}
     for row in features[["customer_id", *feature_columns]].itertuples(index=False, name=None):
-        records[str(row[0])] = {"features": {c: _clean(v) for c, v in zip(feature_columns, row[1:])}, "cycle": {}}
+        records[str(row[0])] = {"features": {c: _clean(v) for c, v in zip(feature_columns, row[1:])}, "cycle": {},
+                                "profile": {}}
     if cycle is not None and not cycle.empty:
         cycle_columns = [c for c in cycle.columns if c != "customer_id"]
         for row in cycle[["customer_id", *cycle_columns]].itertuples(index=False, name=None):
-            record = records.setdefault(str(row[0]), {"features": {}, "cycle": {}})
+            record = records.setdefault(str(row[0]), {"features": {}, "cycle": {}, "profile": {}})
             record["cycle"] = {c: _clean(v) for c, v in zip(cycle_columns, row[1:])}
+    for cid, profile in (profiles or {}).items():
+        if cid in records:
+            records[cid]["profile"] = {k: _clean(v) for k, v in profile.items()}
     return records
 
 
+def profiles(features: pd.DataFrame, customers: pd.DataFrame, segments: Any,
+             clusters: Any | None = None) -> dict[str, dict[str, Any]]:
+    """Each customer's consent, rule segments and primary segment (and cluster, given a fitted clustering model's
+    labels as a Series indexed like ``features``). Pure."""
+    from features.segments import assign
+
+    assigned = assign(features, segments)
+    consent = dict(zip(customers["customer_id"].astype(str), customers["consent"].fillna(False).astype(bool)))
+    out = {}
+    for i, cid in enumerate(features["customer_id"].astype(str)):
+        out[cid] = {"consent": bool(consent.get(cid, False)), "segments": list(assigned["segments"].iat[i]),
+                    "segment": assigned["segment"].iat[i]}
+        if clusters is not None:
+            out[cid]["cluster"] = int(clusters.iat[i])
+    return out
+
+
+def champion_clusters(tracking_uri: str | None, features: pd.DataFrame) -> pd.Series | None:
+    """The behavioural cluster of each row by the clustering champion (``customer_segments@champion``), or None
+    when there is none (clustering is optional)."""
+    if tracking_uri is None:
+        return None
+    try:
+        import mlflow
+
+        from personalize.settings import model_uri
+        from training.registry import connect
+
+        client = connect(tracking_uri)
+        client.get_model_version_by_alias("customer_segments", "champion")
+        mlflow.set_tracking_uri(tracking_uri)
+        model = mlflow.pyfunc.load_model(model_uri("customer_segments", "champion"))
+    except Exception as exc:  # no clustering champion: profiles without a cluster
+        log.info("no clustering champion (%s): profiles carry no cluster", str(exc).splitlines()[0][:120])
+        return None
+    labels = model.predict(features)
+    return pd.Series(list(labels), index=features.index)
+
+
 def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
-                categories: Iterable[str] | None = None) -> MaterializeReport:
-    """Compute every customer's features and cycle summary at ``as_of`` and replace the online store's content."""
+                categories: Iterable[str] | None = None, segments: Any | None = None,
+                tracking_uri: str | None = None) -> MaterializeReport:
+    """Compute every customer's features, cycle summary and profile at ``as_of`` and replace the online store's
+    content."""
     import time
 
     from features.definitions import FeatureSpec
+    from features.segments import check_columns, load_segments
     from features.store import FeatureStore
     from training.cycle import CycleError, customer_summary
 
     started = time.perf_counter()
+    segments = segments if segments is not None else load_segments()
     store = FeatureStore(dataset_dir)
     as_of = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
     # Every category's share: a model trained on the top k finds its columns among them.
     spec = FeatureSpec(categories=tuple(categories) if categories is not None
                        else store.top_categories(as_of, k=10_000))
+    check_columns(segments, spec.columns)
     features = store.offline([as_of], spec)
     transactions = store.transactions.select("customer_id", "timestamp", "amount", "is_return").to_pandas()
     transactions = transactions[~transactions["is_return"].fillna(False).astype(bool)]
@@ -257,10 +314,13 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
         cycle = customer_summary(transactions[transactions["timestamp"] < as_of], as_of.floor("D"))
     except CycleError:
         cycle = None
-    records = build_records(features, cycle)
+    customers = store.customers.select("customer_id", "consent").to_pandas()
+    clusters = champion_clusters(tracking_uri, features)
+    records = build_records(features, cycle, profiles(features, customers, segments, clusters))
     meta = {"dataset": dataset_dir.name, "as_of": str(as_of), "feature_version": spec.version,
             "feature_columns": spec.columns, "categories": list(spec.categories),
-            "data_fingerprint": store.fingerprint(), "customers": len(records)}
+            "data_fingerprint": store.fingerprint(), "customers": len(records),
+            "segments": segments.names, "clusters": clusters is not None}
     online = open_store(url, dataset_dir.name)
     try:
         written = online.write(records, meta)

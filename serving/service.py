@@ -4,7 +4,9 @@
 
 Endpoints (POST, JSON): ``/churn``, ``/propensity`` (a ``customer_id`` looked up in the online store, a full
 ``features`` record, or a batch of ``items``; ``explain`` adds reason codes), ``/next_purchase`` (the same with a
-purchase-cycle ``summary``), ``/forecast`` (a series' daily volume over a horizon). GET ``/healthz`` (alive),
+purchase-cycle ``summary``), ``/forecast`` (a series' daily volume over a horizon), ``/segment`` (a customer's
+rule segments and cluster), ``/personalize`` (a placement's variant for a customer: why, and the experiment arm),
+``/feedback`` (an impression, click or conversion of a decision; the bandits learn from it). GET ``/healthz`` (alive),
 ``/readyz`` (models loaded, with their versions; 503 until then), ``/status`` (everything: versions, reload errors,
 the prediction log, the online store), ``/metrics`` (Prometheus), ``/docs`` (OpenAPI with examples).
 
@@ -20,7 +22,7 @@ import hmac
 import json
 import logging
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import bentoml
@@ -92,6 +94,35 @@ class IdsRequest(BaseModel):
     customer_ids: Ids
 
 
+class SegmentRequest(BaseModel):
+    """One customer by id (segments materialized with the online store) or one feature record."""
+
+    model_config = ConfigDict(extra="forbid")
+    customer_id: CustomerId | None = None
+    features: Features | None = None
+
+
+class PersonalizeRequest(BaseModel):
+    """A customer and a placement; ``consent`` overrides the stored consent (false: the non-personalized default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    customer_id: CustomerId | None = None
+    placement: Annotated[str, Field(min_length=1, max_length=128, examples=["email"])]
+    features: Features | None = None
+    consent: bool | None = None
+    context: dict[Annotated[str, Field(max_length=128)], Value] | None = Field(
+        default=None, description="extra names the catalog's eligibility rules may read (e.g. the page's category)")
+
+
+class FeedbackRequest(BaseModel):
+    """An impression, click or conversion of a decision (by the ``decision_id`` /personalize returned)."""
+
+    model_config = ConfigDict(extra="forbid")
+    decision_id: Annotated[str, Field(min_length=1, max_length=64, examples=["5f0c3b8e9a7d4e21b6f1c0a2d3e4f5a6"])]
+    event: Literal["impression", "click", "conversion"]
+    value: Annotated[float, Field(allow_inf_nan=False, ge=0)] | None = None
+
+
 class ForecastRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])]
@@ -99,7 +130,8 @@ class ForecastRequest(BaseModel):
     start: date | None = None
 
 
-API_PATHS = ("/churn", "/propensity", "/next_purchase", "/forecast", "/churn/ids", "/propensity/ids")
+API_PATHS = ("/churn", "/propensity", "/next_purchase", "/forecast", "/churn/ids", "/propensity/ids", "/segment",
+             "/personalize", "/feedback")
 
 
 class Guard:
@@ -152,6 +184,9 @@ RUNTIME: dict[str, Any] = {}  # this worker's Runtime, for the middleware
 PREDICTIONS = bentoml.metrics.Counter(
     name="personalize_predictions", documentation="Scored items by endpoint, served model version and cold start",
     labelnames=["endpoint", "model", "version", "cold_start"])
+DECISIONS = bentoml.metrics.Counter(
+    name="personalize_decisions", documentation="Personalization decisions by placement, variant and policy",
+    labelnames=["placement", "variant", "policy"])
 
 
 async def _call(ctx: bentoml.Context, endpoint: str, fn, *args: Any, offload: bool = False,
@@ -175,9 +210,11 @@ async def _call(ctx: bentoml.Context, endpoint: str, fn, *args: Any, offload: bo
         ctx.response.status_code = 503
         return JSONResponse({"error": str(exc)}, status_code=503)
     ctx.response.headers["x-request-id"] = out["request_id"]
-    model = out["model"]
-    for result in out.get("results", [None]):
-        _count(endpoint, model, bool(result and result.get("cold_start")))
+    if "model" in out:
+        for result in out.get("results", [None]):
+            _count(endpoint, out["model"], bool(result and result.get("cold_start")))
+    elif endpoint == "personalize":
+        DECISIONS.labels(placement=out["placement"], variant=out["variant"], policy=out["policy"]).inc()
     return JSONResponse(out)
 
 
@@ -200,7 +237,8 @@ def _count(endpoint: str, model: dict[str, str], cold_start: bool) -> None:
     traffic={"timeout": 30, **({"max_concurrency": CONFIG.max_concurrency} if CONFIG.max_concurrency else {})},
     logging={"access": {"enabled": False}},
     # Request spans cost about half the throughput of a scoring call; tracing stays on for everything else.
-    tracing={"excluded_urls": ["/churn", "/propensity", "/next_purchase", "/churn/ids", "/propensity/ids"]},
+    tracing={"excluded_urls": ["/churn", "/propensity", "/next_purchase", "/churn/ids", "/propensity/ids", "/segment",
+                               "/personalize", "/feedback"]},
 )
 class Personalization:
     def __init__(self) -> None:
@@ -262,6 +300,30 @@ class Personalization:
         """Expected purchases in the horizon, expected days to the next one, P(purchase), P(alive)."""
         return await _call(ctx, "next_purchase", self.runtime.next_purchase, customer_id, summary,
                            None if items is None else [i.model_dump() for i in items], horizon_days, offload=True)
+
+    @bentoml.api(input_spec=SegmentRequest)
+    async def segment(self, customer_id: CustomerId | None = None, features: Features | None = None,
+                      ctx: bentoml.Context = None) -> dict[str, Any]:
+        """The customer's rule segments (every one that holds, in priority order), the primary one, the cluster."""
+        return await _call(ctx, "segment", self.runtime.segment, customer_id, features)
+
+    @bentoml.api(input_spec=PersonalizeRequest)
+    async def personalize(self, placement: Annotated[str, Field(min_length=1, max_length=128)],
+                          customer_id: CustomerId | None = None, features: Features | None = None,
+                          consent: bool | None = None,
+                          context: dict[Annotated[str, Field(max_length=128)], Value] | None = None,
+                          ctx: bentoml.Context = None) -> dict[str, Any]:
+        """One variant of a placement for the customer: the variant, why (rule or bandit, scores, segment), the
+        experiment arm, and a ``decision_id`` to report feedback against."""
+        return await _call(ctx, "personalize", self.runtime.personalize, placement, customer_id, features, consent,
+                           context, offload=True)
+
+    @bentoml.api(input_spec=FeedbackRequest)
+    async def feedback(self, decision_id: Annotated[str, Field(min_length=1, max_length=64)],
+                       event: Literal["impression", "click", "conversion"], value: float | None = None,
+                       ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Record an impression, click or conversion of a decision (idempotent: a repeat is not counted twice)."""
+        return await _call(ctx, "feedback", self.runtime.feedback, decision_id, event, value, offload=True)
 
     @bentoml.api(input_spec=ForecastRequest)
     async def forecast(self, series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])],

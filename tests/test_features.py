@@ -103,6 +103,7 @@ def test_engagement_and_cart_abandonment_match_a_hand_computation(frame: pd.Data
     a = row(frame, "A")
     assert a["sessions_28d"] == 3 and a["sessions_per_week"] == 0.75
     assert a["pages_per_session"] == 1.0  # s1: 2 pages, s2: 1, s3: 0
+    assert a["browse_sessions_28d"] == 2 and a["browse_pages_per_session"] == 0.5  # s2 and s3: no purchase in them
     assert a["time_on_site_per_session_s"] == pytest.approx(110 / 3)
     assert a["searches_28d"] == 1
     assert a["cart_adds_28d"] == 2 and a["cart_abandonments_28d"] == 1 and a["cart_abandon_rate"] == 0.5

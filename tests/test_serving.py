@@ -418,9 +418,78 @@ def test_shadow_challenger_is_logged_never_returned(home: Path, tmp_path: Path) 
     assert np.isclose(shadow["probability"], answer["results"][0]["probability"], atol=1e-6)  # the same model
 
 
+# --- segments and decisions ----------------------------------------------------------------------------------------
+NO_CONSENT_SENT: list[str] = []  # customers /personalize was asked about without consent: never in the log
+
+
+def _profiles(home: Path) -> dict[str, dict[str, Any]]:
+    import sqlite3
+
+    con = sqlite3.connect(home / "online" / "synthetic.sqlite")
+    rows = con.execute("SELECT customer_id, profile FROM customers").fetchall()
+    con.close()
+    return {cid: json.loads(p) for cid, p in rows}
+
+
+def test_personalize_segment_and_feedback_over_http(server: Server, home: Path) -> None:
+    profiles = _profiles(home)
+    cid = next(c for c in _known_ids(home, 50) if profiles[c]["consent"])
+    seg = server.client.post("/segment", json={"customer_id": cid}).json()
+    assert seg["segments"] == profiles[cid]["segments"] and seg["segment"] == profiles[cid]["segment"]
+
+    out = server.client.post("/personalize", json={"customer_id": cid, "placement": "email"}).json()
+    assert set(out["scores"]) == {"churn", "propensity", "days_to_next", "p_next"}  # every model's say
+    assert out["experiment"] == "email_rules" and out["arm"] in ("holdout", "rules")
+    if out["arm"] == "rules":  # the rule engine's answer, recomputed from the scores it reports
+        s = out["scores"]
+        expected = ("retention_offer" if s["churn"] >= 0.7 else "cart_discount" if "cart_abandoner" in
+                    out["segments"] else "replenish_reminder" if s["days_to_next"] <= 7 else "newsletter")
+        assert out["variant"] == expected
+    again = server.client.post("/personalize", json={"customer_id": cid, "placement": "email"}).json()
+    assert again["arm"] == out["arm"] and again["decision_id"] != out["decision_id"]  # sticky arm, new decision
+
+    banner = server.client.post("/personalize", json={"customer_id": cid, "placement": "homepage_banner"}).json()
+    assert banner["policy"] == "bandit" and banner["bandit"]["segment"] == profiles[cid]["segment"]
+    first = server.client.post("/feedback", json={"decision_id": banner["decision_id"], "event": "conversion",
+                                                 "value": 25.0}).json()
+    assert first["bandit_updated"] and first["implied_impression"]
+    assert server.client.post("/feedback", json={"decision_id": banner["decision_id"],
+                                                 "event": "conversion"}).json()["duplicate"] is True
+
+    nocid = next(c for c, p in profiles.items() if not p["consent"])
+    NO_CONSENT_SENT.append(nocid)
+    plain = server.client.post("/personalize", json={"customer_id": nocid, "placement": "homepage_banner"}).json()
+    assert plain["variant"] == "new_arrivals" and plain["scores"] == {} and plain["consent"] is False
+    revoked = server.client.post("/personalize", json={"customer_id": cid, "placement": "email",
+                                                       "consent": False}).json()
+    assert revoked["variant"] == "newsletter" and revoked["policy"] == "default"
+
+    cold = server.client.post("/personalize", json={"customer_id": "nobody-yet", "placement": "homepage_banner",
+                                                    "consent": True}).json()
+    assert cold["cold_start"] is True and "exploring" in cold["reason"]
+    assert set(cold["scores"]) == {"churn", "propensity"}  # the models' priors
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/personalize", {"customer_id": "C1", "placement": "billboard"}, "placement"),
+    ("/personalize", {"customer_id": "C1"}, "placement"),
+    ("/personalize", {"placement": "email"}, "customer_id"),
+    ("/personalize", {"placement": "email", "features": {"monetary_total": "lots"}}, "monetary_total"),
+    ("/personalize", {"customer_id": "C1", "placement": "email", "consent": "maybe"}, "consent"),
+    ("/segment", {}, "customer_id"),
+    ("/feedback", {"decision_id": "nope", "event": "click"}, "decision_id"),
+    ("/feedback", {"decision_id": "nope", "event": "purchase"}, "event"),
+    ("/feedback", {"decision_id": "nope", "event": "conversion", "value": -5}, "value"),
+])
+def test_bad_decision_requests_get_a_4xx_naming_the_field(server: Server, path: str, body: dict, field: str) -> None:
+    r = server.client.post(path, json=body)
+    assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+    assert field in r.text, (path, body, r.text)
+
+
 # --- last: graceful shutdown ---------------------------------------------------------------------------------------
 def test_zz_shutdown_flushes_every_logged_prediction_pseudonymized(server: Server, home: Path) -> None:
-    from serving.predlog import read_log
+    from serving.predlog import load_salt, pseudonymize, read_log
 
     ids = _known_ids(home, 5)
     assert server.client.post("/churn", json={"items": [{"customer_id": c} for c in ids]}).status_code == 200
@@ -430,6 +499,10 @@ def test_zz_shutdown_flushes_every_logged_prediction_pseudonymized(server: Serve
     assert len(frame) == served  # every scored item, none lost on shutdown, none twice
     assert frame["request_id"].nunique() < len(frame)  # batches share their request id
     assert not frame["customer_key"].isin(ids).any()
+    salt = load_salt(home)
+    decided = frame[frame["endpoint"] == "personalize"]  # decisions log the scores they used ...
+    assert len(decided) and NO_CONSENT_SENT  # ... but never for a customer without consent
+    assert not decided["customer_key"].isin([pseudonymize(c, salt) for c in NO_CONSENT_SENT]).any()
     last = frame[frame["endpoint"] == "churn"].tail(5)
     assert last["customer_key"].nunique() == 5
     assert set(json.loads(last["features"].iloc[0])) == set(_model_features(home, "churn"))

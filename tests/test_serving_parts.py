@@ -111,10 +111,11 @@ def test_build_records_keeps_feature_and_cycle_blocks_apart() -> None:
     features = pd.DataFrame({"customer_id": ["a", "b"], "cutoff": pd.Timestamp("2026-01-01"),
                              "frequency": [3, 0], "recency_days": [2.0, np.nan]})
     cycle = pd.DataFrame({"customer_id": ["a"], "frequency": [1.0], "T": [10.0]})
-    records = build_records(features, cycle)
+    records = build_records(features, cycle, {"a": {"consent": True, "segments": ["x"], "segment": "x"}})
     assert records["a"] == {"features": {"frequency": 3, "recency_days": 2.0},
-                            "cycle": {"frequency": 1.0, "T": 10.0}}
-    assert records["b"] == {"features": {"frequency": 0, "recency_days": None}, "cycle": {}}
+                            "cycle": {"frequency": 1.0, "T": 10.0},
+                            "profile": {"consent": True, "segments": ["x"], "segment": "x"}}
+    assert records["b"] == {"features": {"frequency": 0, "recency_days": None}, "cycle": {}, "profile": {}}
 
 
 def test_sqlite_store_replaces_its_content_in_one_go(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_sqlite_store_replaces_its_content_in_one_go(tmp_path: Path) -> None:
     assert isinstance(store, SQLiteOnlineStore)
     store.write({"a": {"features": {"x": 1}, "cycle": {}}, "b": {"features": {"x": 2}, "cycle": {}}}, {"v": 1})
     store.write({"b": {"features": {"x": 3}, "cycle": {}}}, {"v": 2})
-    assert store.get_many(["a", "b", "zz"]) == {"b": {"features": {"x": 3}, "cycle": {}}}
+    assert store.get_many(["a", "b", "zz"]) == {"b": {"features": {"x": 3}, "cycle": {}, "profile": {}}}
     assert store.meta() == {"v": 2}
     assert store.delete(["b"]) == 1 and store.get_many(["b"]) == {}
 
@@ -200,7 +201,7 @@ def test_redis_store_behaves_like_the_sqlite_one(redis_url: str) -> None:
     assert isinstance(store, RedisOnlineStore)
     store.write({"a": {"features": {"x": 1}, "cycle": {}}, "b": {"features": {"x": 2}, "cycle": {"T": 3.0}}}, {"v": 1})
     store.write({"b": {"features": {"x": 3}, "cycle": {}}}, {"v": 2})  # a new snapshot replaces the old one
-    assert store.get_many(["a", "b", "zz"]) == {"b": {"features": {"x": 3}, "cycle": {}}}
+    assert store.get_many(["a", "b", "zz"]) == {"b": {"features": {"x": 3}, "cycle": {}, "profile": {}}}
     assert store.meta() == {"v": 2}
     assert open_store(redis_url, "other").get_many(["b"]) == {}  # data sets do not see each other
     assert store.delete(["b"]) == 1 and store.get_many(["b"]) == {}
