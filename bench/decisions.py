@@ -22,7 +22,8 @@ reads the truth except to score against it.
   and the customer converts with the planted probability of their true segment and the chosen variant. Regret =
   expected conversions lost to the oracle. Policies: oracle (0 by construction), uniform random, Thompson sampling
   (the serving code's :func:`serving.decisions.thompson`, one Beta posterior per variant and key) keyed by the K-Means
-  cluster (the product's ``bandit_by: cluster``; ``regret_thompson``), keyed by the rule segments' primary segment
+  cluster (the product's ``bandit_by: cluster``; ``regret_thompson``), keyed by a finer K-Means partition (k=8,
+  ``regret_thompson_k8``), keyed by the rule segments' primary segment
   (``bandit_by: segment``, the catalog's default), keyed by the planted segment (perfect keys: the floor any keying
   can reach) and one posterior for everyone (``thompson_global``). The cluster and rule-segment keys are computed from
   the features only, never from the truth. ``regret_ratio`` = regret_thompson / regret_random.
@@ -30,9 +31,10 @@ reads the truth except to score against it.
   and force-promoted, the online store is materialized (:func:`serving.online.materialize`), and
   ``personalize serve --dataset shop`` is started (one server, ``--workers`` workers; stopped with its whole process
   group at the end). Bodies: ``--ids`` consenting known customers (``profile.consent`` in the online store), cycled in
-  the same order. ``/personalize`` with ``placement: homepage_banner`` (the bandit path: features, three scores,
-  segments, Thompson sampling over the posteriors in the decision store, one decision row written),
-  ``placement: email`` (rules behind the ``email_rules`` experiment), and ``/churn`` by id beside them. Each is
+  the same order. ``/personalize`` with ``placement: homepage_banner`` (the bandit path: the stored profile's
+  segments, Thompson sampling over the posteriors in the decision store, one decision row written; its rules read no
+  score, so none is computed), ``placement: email`` (rules behind the ``email_rules`` experiment: churn and the
+  purchase cycle are scored), and ``/churn`` by id beside them. Each is
   checked (200, a variant / a probability), warmed up, then loaded at concurrency 1 and 32 for ``--duration`` seconds
   by ``wrk`` or, without ``/usr/bin/wrk``, by the asyncio load generator of ``bench/serving.py`` in its own process.
   Load generator and server share the machine: absolute figures move with the host, the ratio to ``/churn``
@@ -96,13 +98,17 @@ def quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def counts(values: np.ndarray) -> dict[str, int]:
+    return {str(k): int(v) for k, v in pd.Series(values).value_counts().items()}
+
+
 # --- clustering ----------------------------------------------------------------------------------------------------
 def clustering_figures(frame: pd.DataFrame, truth: np.ndarray) -> dict[str, Any]:
     from features.clustering import CustomerClusters, adjusted_rand
 
     out: dict[str, Any] = {}
-    for label, method, k in (("kmeans", "kmeans", None), ("kmeans_k5", "kmeans", 5), ("gmm", "gmm", None),
-                             ("gmm_k5", "gmm", 5)):
+    for label, method, k in (("kmeans", "kmeans", None), ("kmeans_k5", "kmeans", 5), ("kmeans_k8", "kmeans", 8),
+                             ("gmm", "gmm", None), ("gmm_k5", "gmm", 5)):
         t = time.perf_counter()
         model = CustomerClusters(method=method, k=k, seed=0).fit(frame)
         labels = model.predict(frame)
@@ -138,7 +144,8 @@ def regret_figures(keys: dict[str, np.ndarray], truth: np.ndarray, impressions: 
     from serving.simulation import simulate
 
     runs = {"oracle": ("oracle", keys["planted"]), "random": ("random", keys["planted"]),
-            "thompson": ("thompson", keys["cluster"]), "thompson_segment": ("thompson", keys["segment"]),
+            "thompson": ("thompson", keys["cluster"]), "thompson_k8": ("thompson", keys["cluster_k8"]),
+            "thompson_segment": ("thompson", keys["segment"]),
             "thompson_planted": ("thompson", keys["planted"]), "thompson_global": ("thompson_global", keys["planted"])}
     out = {}
     for label, (policy, k) in runs.items():
@@ -253,7 +260,7 @@ def print_tables(clusters: dict[str, Any], regret: dict[str, Any], http: dict[st
     for col in ("method", "k", "ARI", "seconds"):
         t.add_column(col, justify="left" if col == "method" else "right")
     names = {"kmeans": "K-Means, k by silhouette (product default)", "kmeans_k5": "K-Means, k=5",
-             "gmm": "Gaussian mixture, k by BIC", "gmm_k5": "Gaussian mixture, k=5"}
+             "kmeans_k8": "K-Means, k=8", "gmm": "Gaussian mixture, k by BIC", "gmm_k5": "Gaussian mixture, k=5"}
     for key, label in names.items():
         c = clusters[key]
         t.add_row(label, str(c["k"]), f"{c['ari']:.3f}", f"{c['seconds']:.1f}")
@@ -268,6 +275,7 @@ def print_tables(clusters: dict[str, Any], regret: dict[str, Any], http: dict[st
         t.add_column(col, justify="left" if col == "policy" else "right")
     labels = {"oracle": "oracle (true segment's best variant)", "random": "uniform random",
               "thompson": "Thompson by K-Means cluster (bandit_by: cluster)",
+              "thompson_k8": "Thompson by K-Means cluster, k=8",
               "thompson_segment": "Thompson by rule segment (bandit_by: segment)",
               "thompson_planted": "Thompson by planted segment (perfect keys)",
               "thompson_global": "Thompson, one posterior (no segments)"}
@@ -335,14 +343,14 @@ def main() -> None:
         frame = frame[frame["customer_id"].isin(planted.index)].reset_index(drop=True)
         truth = planted.loc[frame["customer_id"]].astype(str).to_numpy()
         print(f"shop: {customers:,} customers, {DAYS} days; {len(frame):,} known at {frame.attrs.get('as_of')}; "
-              f"planted: {dict(pd.Series(truth).value_counts())}", flush=True)
+              f"planted: {counts(truth)}", flush=True)
 
         print("clustering:", flush=True)
         clusters = clustering_figures(frame, truth)
         rule = assign(frame, load_segments())["segment"].astype(str).to_numpy()
         keys = {"cluster": np.array([f"cluster_{c}" for c in clusters["kmeans"]["labels"]]), "segment": rule,
-                "planted": truth}
-        print(f"rule segments (primary): {dict(pd.Series(rule).value_counts())}", flush=True)
+                "cluster_k8": np.array([f"cluster_{c}" for c in clusters["kmeans_k8"]["labels"]]), "planted": truth}
+        print(f"rule segments (primary): {counts(rule)}", flush=True)
         print(f"bandit regret ({impressions:,} impressions, seeds {seeds}):", flush=True)
         regret = regret_figures(keys, truth, impressions, seeds)
 
@@ -367,6 +375,8 @@ def main() -> None:
         "ari_supervised": round(clusters["supervised"]["ari"], 4),
         "regret_thompson": round(regret["thompson"]["regret"], 1),
         "regret_thompson_segment": round(regret["thompson_segment"]["regret"], 1),
+        "regret_thompson_k8": round(regret["thompson_k8"]["regret"], 1),
+        "ari_kmeans_k8": round(clusters["kmeans_k8"]["ari"], 4),
         "regret_thompson_planted": round(regret["thompson_planted"]["regret"], 1),
         "regret_thompson_global": round(regret["thompson_global"]["regret"], 1),
         "regret_random": round(regret["random"]["regret"], 1),

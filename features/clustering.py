@@ -483,7 +483,7 @@ def log_clusters(model: CustomerClusters, frame: pd.DataFrame, tracking_uri: str
     import mlflow
     from mlflow.models import infer_signature
 
-    from training.registry import CHAMPION, _audit, _version_of, check_name, connect, register
+    from training.registry import check_name, connect, register, set_champion
     from training.tracking import use_experiment
 
     model._check()
@@ -528,10 +528,7 @@ def log_clusters(model: CustomerClusters, frame: pd.DataFrame, tracking_uri: str
                                    f"{', '.join(model.features_)}: {names}"[:4000],
                        kind="clustering")
     if promote:  # no gate for clustering: the caller decides; the audit trail keeps rollback working
-        previous = _version_of(client, name, CHAMPION)
-        client.set_registered_model_alias(name, CHAMPION, version)
-        _audit(client, name, {"action": "promote", "from": previous, "to": version,
-                              "reason": "clustering: promoted on registration (no gate)"})
+        set_champion(client, name, version, "clustering: promoted on registration (no gate)")
     log.info("logged %s clusters in run %s, registered %s version %s%s", model.method, run.info.run_id, name,
              version, " (champion)" if promote else "")
     return run.info.run_id, version

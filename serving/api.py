@@ -26,6 +26,8 @@ from serving.predlog import PredictionLog, load_salt, make_row, pseudonymize
 from serving.scoring import InputError, Loaded, ModelSet, NotServing
 
 log = logging.getLogger(__name__)
+CYCLE_SCORES = frozenset({"days_to_next", "p_next"})
+SCORES = frozenset({"churn", "propensity"}) | CYCLE_SCORES
 
 
 class Runtime:
@@ -48,6 +50,9 @@ class Runtime:
         self.catalog = load_catalog(config.catalog)
         self.segments = load_segments(config.segments)
         self.decisions = DecisionStore(config.decisions_path)
+        # the scores each placement's rules read: a decision computes only those (the purchase cycle costs ~10 ms)
+        self._needed = {p.name: frozenset(self.catalog.rule_names(p.name)) & SCORES
+                        for p in self.catalog.placements}
         self._rng = np.random.default_rng()
         self._lock = threading.Lock()
         self._store = None
@@ -248,7 +253,7 @@ class Runtime:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise InputError(f"features.{name}", f"must be a number or null, got {value!r}")
 
-    def _scores(self, record: dict[str, Any], customer_key: str | None, rid: str,
+    def _scores(self, record: dict[str, Any], customer_key: str | None, rid: str, needed: frozenset[str],
                 given: bool = False) -> tuple[dict[str, Any], list, list]:
         """Churn, propensity and next-purchase scores from the record, with the prediction-log rows; a model that is
         not served leaves its scores out (the decision works on what there is)."""
@@ -257,6 +262,8 @@ class Runtime:
         rows = []
         features = record.get("features") or {}
         for endpoint in ("churn", "propensity"):
+            if endpoint not in needed:
+                continue
             try:
                 loaded = self.models.get(endpoint)
             except NotServing:
@@ -275,7 +282,7 @@ class Runtime:
             rows.append(make_row(rid, "personalize", loaded.ref, customer_key, False, row,
                                  {"probability": scores[endpoint], "decision": p >= scorer.threshold}, None))
         cycle = record.get("cycle") or {}
-        if cycle:
+        if cycle and needed & CYCLE_SCORES:
             try:
                 loaded = self.models.get("next_purchase")
             except NotServing:
@@ -283,7 +290,12 @@ class Runtime:
             if loaded is not None:
                 scorer = loaded.scorer
                 inputs = {c: cycle.get(c) for c in scorer.inputs}
-                out = scorer.predict([{**inputs, "customer_id": "x"}], scorer.horizon_days)[0]
+                stored = (record.get("profile") or {}).get("cycle_scores") or {}
+                if stored.get("cycle_version") == loaded.version:  # materialized by this champion: no live call
+                    out = {"expected_days_to_next": stored.get("days_to_next"), "p_purchase": stored.get("p_next"),
+                           "precomputed": True}
+                else:
+                    out = scorer.predict([{**inputs, "customer_id": "x"}], scorer.horizon_days)[0]
                 scores["days_to_next"] = out.get("expected_days_to_next")
                 scores["p_next"] = out.get("p_purchase")
                 models.append(loaded.ref)
@@ -291,9 +303,11 @@ class Runtime:
                                      dict(out), None))
         return scores, models, rows
 
-    def _cold_scores(self) -> tuple[dict[str, Any], list]:
+    def _cold_scores(self, needed: frozenset[str]) -> tuple[dict[str, Any], list]:
         scores, models = {}, []
         for endpoint in ("churn", "propensity"):
+            if endpoint not in needed:
+                continue
             try:
                 loaded = self.models.get(endpoint)
             except NotServing:
@@ -329,11 +343,12 @@ class Runtime:
             return {**out, **_public(decision), "segment": None, "segments": [], "scores": {}}
         key = pseudonymize(customer_id, self.salt)
         segments = self._segments_of(record)
+        needed = self._needed[placement]
         if cold:
-            scores, models = self._cold_scores()
+            scores, models = self._cold_scores(needed)
             rows = []
         else:
-            scores, models, rows = self._scores(record, key, rid, given=features is not None)
+            scores, models, rows = self._scores(record, key, rid, needed, given=features is not None)
         ctx = {**(context or {}), **(record or {}).get("features", {}), **scores, "segment": segments["segment"],
                "cluster": segments.get("cluster"), "cold_start": cold,
                **{name: name in segments["segments"] for name in self.segments.names}}

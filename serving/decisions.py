@@ -175,8 +175,10 @@ class Catalog(BaseModel):
     def experiment(self, name: str) -> Experiment | None:
         return next((e for e in self.experiments if e.name == name), None)
 
-    def rule_names(self) -> set[str]:
-        return set().union(*(compiled(v.eligible).names for p in self.placements for v in p.variants if v.eligible))
+    def rule_names(self, placement: str | None = None) -> set[str]:
+        """The names the eligibility rules read (of one placement, or all)."""
+        return set().union(*(compiled(v.eligible).names for p in self.placements for v in p.variants
+                             if v.eligible and placement in (None, p.name)))
 
 
 def load_catalog(path: Path | str | None = None) -> Catalog:

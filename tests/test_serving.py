@@ -114,7 +114,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train_forecast(settings, "synthetic", ForecastConfig(group_by=(), uncertainty_samples=20,
                                                              changepoint_prior_scales=(0.05,), holidays_country=None))
         promote(client, "purchase_forecast", GateConfig(bootstrap_rounds=100), reason="serving tests", force=True)
-        materialize(settings.dataset_dir("synthetic"), default_url(home, "synthetic"))
+        materialize(settings.dataset_dir("synthetic"), default_url(home, "synthetic"), tracking_uri=settings.tracking_uri)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -438,13 +438,17 @@ def test_personalize_segment_and_feedback_over_http(server: Server, home: Path) 
     assert seg["segments"] == profiles[cid]["segments"] and seg["segment"] == profiles[cid]["segment"]
 
     out = server.client.post("/personalize", json={"customer_id": cid, "placement": "email"}).json()
-    assert set(out["scores"]) == {"churn", "propensity", "days_to_next", "p_next"}  # every model's say
+    assert set(out["scores"]) == {"churn", "days_to_next", "p_next"}  # what the email rules read, no more
     assert out["experiment"] == "email_rules" and out["arm"] in ("holdout", "rules")
     if out["arm"] == "rules":  # the rule engine's answer, recomputed from the scores it reports
         s = out["scores"]
         expected = ("retention_offer" if s["churn"] >= 0.7 else "cart_discount" if "cart_abandoner" in
                     out["segments"] else "replenish_reminder" if s["days_to_next"] <= 7 else "newsletter")
         assert out["variant"] == expected
+    cycle = server.client.post("/next_purchase", json={"customer_id": cid}).json()["results"][0]
+    assert profiles[cid]["cycle_scores"]["cycle_version"] == out["models"][-1]["version"]  # materialized by it ...
+    assert out["scores"]["days_to_next"] == pytest.approx(cycle["expected_days_to_next"], rel=1e-6)  # ... = live
+    assert out["scores"]["p_next"] == pytest.approx(cycle["p_purchase"], rel=1e-6)
     again = server.client.post("/personalize", json={"customer_id": cid, "placement": "email"}).json()
     assert again["arm"] == out["arm"] and again["decision_id"] != out["decision_id"]  # sticky arm, new decision
 
@@ -467,7 +471,10 @@ def test_personalize_segment_and_feedback_over_http(server: Server, home: Path) 
     cold = server.client.post("/personalize", json={"customer_id": "nobody-yet", "placement": "homepage_banner",
                                                     "consent": True}).json()
     assert cold["cold_start"] is True and "exploring" in cold["reason"]
-    assert set(cold["scores"]) == {"churn", "propensity"}  # the models' priors
+    assert cold["scores"] == {}  # the banner's rules read no score
+    page = server.client.post("/personalize", json={"customer_id": "nobody-yet", "placement": "product_page",
+                                                    "consent": True}).json()
+    assert set(page["scores"]) == {"propensity"} and page["cold_start"] is True  # the model's prior
 
 
 @pytest.mark.parametrize("path, body, field", [

@@ -466,6 +466,15 @@ def promote(client, name: str, config: GateConfig = GateConfig(), reason: str = 
     return report
 
 
+def set_champion(client, name: str, version: str, reason: str) -> str | None:
+    """Make ``version`` the champion without a gate (models that have none, like clustering), recorded in the audit
+    trail so ``rollback`` works; returns the previous champion."""
+    previous = _version_of(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    _audit(client, name, {"action": "promote", "from": previous, "to": str(version), "reason": reason})
+    return previous
+
+
 def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
     """Champion versions in the order they took over, replaying promotions (push) and rollbacks (pop)."""
     stack: list[str] = []
