@@ -8,7 +8,8 @@ validation split instead. Either way optuna-integration's pruning callbacks repo
 ``report_every`` rounds, so a median pruner stops hopeless trials (each report is a storage round trip, which
 reporting every round made the dominant cost). The best trials can be refitted on all rows (:func:`refit_best`). Studies live in
 Optuna's RDB storage: SQLite by default, or any SQLAlchemy URL (PostgreSQL), so several ``personalize tune``
-processes can join one study by name. The budget is a number of trials, a wall time, or both.
+processes can join one study by name (:func:`open_study`; each trial records the ``worker``, host:pid, that ran
+it). The budget is a number of trials, a wall time, or both.
 
 Class imbalance is searched as ``scale_pos_weight`` (1 up to the negative/positive ratio); it skews the raw
 probabilities, which calibration on held-out data is meant to correct before any threshold is chosen.
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -26,6 +30,7 @@ import lightgbm as lgb
 import numpy as np
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 import xgboost as xgb
 from optuna_integration import LightGBMPruningCallback, XGBoostPruningCallback
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -284,27 +289,61 @@ class TuneResult:
     valid_auc: float  # the best trial's score: cross-validated on the training rows, or on the validation split
     baseline_auc: float  # a constant score (the prior rate): the floor every trial must beat
     holdout_auc: float | None = None  # the chosen model (training rows, ``rounds``) on the validation split
+    trial: int | None = None  # the best trial's number in the study
+
+
+def worker_id() -> str:
+    """This process as a tuning worker: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at ``url``. The first use of an empty database creates the tables, which races when
+    several workers start at once (PostgreSQL: "relation already exists", a duplicate key); a loser retries once
+    the tables exist. An unreachable database fails at once."""
+    for attempt in range(1, attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(0.5 * attempt)
+    return optuna.storages.RDBStorage(url)
+
+
+def open_study(storage: str, study_name: str, sampler_seed: int | None) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists; says whether this call created it. Creation is atomic in the
+    storage (a unique name), so of several workers starting at once exactly one creates the study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per created study or already queued trial
+    kwargs = dict(storage=rdb_storage(storage), study_name=study_name,
+                  sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+                  pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=PRUNE_AFTER_ROUNDS))
+    try:
+        return optuna.create_study(direction="maximize", **kwargs), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**kwargs), False
+
+
+def enqueue_starts(study: optuna.Study, config: TuneConfig) -> None:
+    """Queue the warm starts and :data:`STARTING_POINTS` of the searched families, unless the study has them."""
+    for start in (*config.warm_start, *STARTING_POINTS):
+        if start.get("family") in config.families:
+            study.enqueue_trial(start, skip_if_exists=True)
 
 
 def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
-         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> TuneResult:
-    """Run (or join, by name) a study maximising ROC-AUC, and return its best trial.
+         on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+         study: optuna.Study | None = None) -> TuneResult:
+    """Run (or join, by name) a study maximising ROC-AUC, and return its best trial (:func:`best_of`). ``study``,
+    when given, is the study already opened (:func:`open_study`, e.g. with a worker's own sampler seed).
 
     With ``config.cv_folds`` (the default), trials are scored by cross-validation on the training rows only, and
     the validation split stays untouched by the search: ``holdout_auc`` is then an honest estimate. Without it,
     trials are scored on the validation split, so ``holdout_auc`` equals ``valid_auc`` and is optimistic."""
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=PRUNE_AFTER_ROUNDS))
-    for start in config.warm_start:
-        if start.get("family") in config.families:
-            study.enqueue_trial(start, skip_if_exists=True)
-    for start in STARTING_POINTS:
-        if start["family"] in config.families:
-            study.enqueue_trial(start, skip_if_exists=True)
+    study = study if study is not None else open_study(storage, study_name, config.seed)[0]
+    enqueue_starts(study, config)
+    worker = worker_id()
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker)
         family = trial.suggest_categorical("family", list(config.families))
         params = suggest(trial, family, split, config.seed)
         trial.set_user_attr("params", params)
@@ -317,11 +356,14 @@ def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
         return float(roc_auc_score(split.y_valid, predict(booster, split.x_valid, rounds)))
 
     callbacks = [on_trial] if on_trial else []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=config.trials, timeout=config.timeout_s, callbacks=callbacks)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not done:
-        raise PersonalizeError(f"study {study_name!r}: no trial completed within the budget")
+    return best_of(study, split, config)
+
+
+def best_of(study: optuna.Study, split: Split, config: TuneConfig) -> TuneResult:
+    """The study's best trial as it stands (every worker's trials), scored on ``split``."""
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise PersonalizeError(f"study {study.study_name!r}: no trial completed within the budget")
     best = study.best_trial
     family, params, rounds = best.params["family"], best.user_attrs["params"], best.user_attrs["rounds"]
     if config.cv_folds:
@@ -330,4 +372,4 @@ def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
     else:
         holdout = float(best.value)
     baseline = float(roc_auc_score(split.y_valid, np.full(len(split.y_valid), split.y_train.mean())))
-    return TuneResult(study, family, params, rounds, float(best.value), baseline, holdout)
+    return TuneResult(study, family, params, rounds, float(best.value), baseline, holdout, best.number)
