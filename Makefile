@@ -21,7 +21,7 @@ $(UV):
 	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(VENV)/.installed: $(UV) uv.lock pyproject.toml
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --all-extras --python $(PYTHON)
 	@touch $@
 
 install: $(VENV)/.installed
@@ -37,6 +37,7 @@ bench: install
 	$(VENV)/bin/python bench/quality.py $(QUICK)
 	$(VENV)/bin/python bench/serving.py $(QUICK)
 	$(VENV)/bin/python bench/monitoring.py $(QUICK)
+	$(VENV)/bin/python bench/decisions.py $(QUICK)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .personalize .pytest_cache .hypothesis

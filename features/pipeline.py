@@ -206,9 +206,12 @@ class FrameSummary:
 
 def build_training_frame(settings: Settings, dataset: str, horizon_days: int = 90, cutoffs: int = 3,
                          step_days: int = 30, top_categories: int = 8,
-                         as_of: list[pd.Timestamp] | None = None) -> FrameSummary:
-    """Build and write a data set's training frame; cutoffs end where the latest full horizon does."""
-    store = FeatureStore(settings.dataset_dir(dataset))
+                         as_of: list[pd.Timestamp] | None = None, engine: str = "duckdb") -> FrameSummary:
+    """Build and write a data set's training frame; cutoffs end where the latest full horizon does. ``engine``
+    runs the definitions on DuckDB or Spark (:mod:`features.engines`): the frame is the same."""
+    from features.engines import connect
+
+    store = FeatureStore(settings.dataset_dir(dataset), connect(engine) if engine != "duckdb" else None)
     observed_until = store.observed_until()
     cuts = sorted(as_of) if as_of else default_cutoffs(observed_until, horizon_days, cutoffs, step_days)
     spec = FeatureSpec(categories=store.top_categories(cuts[0], top_categories))

@@ -5,8 +5,8 @@ Layout under a data set's directory (``<home>/data/<dataset>/``): ``customers.pa
 their provenance in the Parquet metadata (feature version, cutoffs, horizon, categories, data fingerprint), so the
 version travels with every training frame; :func:`read_frame` gives it back in ``frame.attrs``.
 
-:class:`FeatureStore` binds those files to an Ibis backend (DuckDB in memory by default; any Ibis connection that
-can ``read_parquet`` works) and runs the same definitions for a training frame (:meth:`FeatureStore.offline`) and
+:class:`FeatureStore` binds those files to an Ibis backend (DuckDB in memory by default, or Spark:
+:mod:`features.engines`) and runs the same definitions for a training frame (:meth:`FeatureStore.offline`) and
 for one customer (:meth:`FeatureStore.features_for`).
 """
 
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from features.contracts import RAW_TABLES
 from features.definitions import KEYS, FeatureSpec, attach, customer_features
+from features.engines import read_table
 from features.labels import LABEL_COLUMNS, category_label_columns, check_horizon, customer_labels
 from personalize.errors import PersonalizeError
 
@@ -118,6 +119,15 @@ def definition_fingerprint(spec: FeatureSpec) -> str:
     return hashlib.sha256(str(ibis.to_sql(expr, dialect="duckdb")).encode()).hexdigest()[:16]
 
 
+def collect(expr: ir.Table) -> pd.DataFrame:
+    """An expression's rows as pandas, with the cutoff in microseconds whatever the engine (DuckDB gives
+    microseconds, Spark through Arrow nanoseconds), so the same data gives the same frame on every engine."""
+    frame = expr.to_pandas()
+    if "cutoff" in frame.columns:
+        frame["cutoff"] = frame["cutoff"].astype("datetime64[us]")
+    return frame
+
+
 def default_cutoffs(observed_until: pd.Timestamp, horizon_days: int, count: int, step_days: int) -> list[pd.Timestamp]:
     """``count`` cutoffs at midnight, ``step_days`` apart, the latest one whose horizon ends within the data."""
     last = (observed_until - timedelta(days=horizon_days)).floor("D")
@@ -137,9 +147,8 @@ class FeatureStore:
             raise PersonalizeError(
                 f"{self.dataset_dir}: no {', '.join(missing)} table; run `personalize ingest` for this data set first")
         self.con = con if con is not None else ibis.duckdb.connect()
-        self.customers = self.con.read_parquet(self.dataset_dir / "customers.parquet")
-        self.transactions = self.con.read_parquet(self.dataset_dir / "transactions.parquet")
-        self.events = self.con.read_parquet(self.dataset_dir / "events.parquet")
+        self.customers, self.transactions, self.events = (
+            read_table(self.con, self.dataset_dir / f"{t}.parquet", t) for t in ("customers", "transactions", "events"))
 
     @property
     def paths(self) -> list[Path]:
@@ -180,12 +189,12 @@ class FeatureStore:
         return customer_features(entities, self.customers, self.transactions, self.events, spec)
 
     def offline(self, cutoffs: list[pd.Timestamp], spec: FeatureSpec) -> pd.DataFrame:
-        return self.features(self.entities(cutoffs), spec).to_pandas()
+        return collect(self.features(self.entities(cutoffs), spec))
 
     def features_for(self, customer_id: str, as_of: pd.Timestamp, spec: FeatureSpec) -> dict[str, Any]:
         """The online path: one customer's features at ``as_of`` from the same definitions and the same entity
         rule as a training frame (a known customer who had signed up before ``as_of``)."""
-        row = self.features(self.entities([as_of], customer_id), spec).to_pandas()
+        row = collect(self.features(self.entities([as_of], customer_id), spec))
         if row.empty:
             raise UnknownCustomer(f"customer {customer_id!r} is not known in {self.dataset_dir.name} before {as_of}")
         return {k: (None if pd.isna(v) else v) for k, v in row.iloc[0].items()}
@@ -198,7 +207,7 @@ class FeatureStore:
         entities = self.entities(cutoffs)
         features = self.features(entities, spec)
         labels = customer_labels(entities, self.transactions, horizon_days, spec)
-        frame = attach(features, labels).order_by(KEYS).to_pandas()
+        frame = collect(attach(features, labels).order_by(KEYS))
         frame.attrs.update(self.provenance(cutoffs, horizon_days, spec, observed_until))
         return frame
 

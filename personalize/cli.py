@@ -66,6 +66,7 @@ def _configure(
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own progress bars only
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a tracking server's "View run" lines
     for noisy in ("cmdstanpy", "prophet", "urllib3", "alembic", "numexpr", "mlflow.store.db.utils",
                   "mlflow.utils.uv_utils", "mlflow.tracking.fluent", "arviz", "pymc", "pymc_marketing",
                   "pytensor", "optuna"):
@@ -167,6 +168,17 @@ def synth(
 
 
 # --- features --------------------------------------------------------------------------------------------------
+def _engine(value: str) -> str:
+    if value not in ("duckdb", "spark"):
+        raise typer.BadParameter(f"{value!r} is not an engine: choose duckdb or spark")
+    return value
+
+
+EngineOption = Annotated[str, typer.Option(
+    callback=_engine, metavar="duckdb|spark",
+    help="Where the feature definitions run: DuckDB in process, or Spark (PERSONALIZE_SPARK_MASTER, default "
+         "local[*]; needs the spark extra and Java 17+).")]
+
 @features_app.command("build")
 @user_errors
 def features_build(
@@ -177,6 +189,7 @@ def features_build(
     step: Annotated[int, typer.Option(min=1, help="Days between cutoffs.")] = 30,
     categories: Annotated[int, typer.Option(min=0, help="Category-affinity columns (top by spend).")] = 8,
     as_of: Annotated[list[datetime] | None, typer.Option(help="Explicit cutoff(s), instead of the default.")] = None,
+    engine: EngineOption = "duckdb",
 ) -> None:
     """Build the point-in-time training frame (features + labels) of a data set."""
     import pandas as pd
@@ -184,7 +197,7 @@ def features_build(
     from features.pipeline import build_training_frame
 
     summary = build_training_frame(ctx.obj, dataset, horizon, cutoffs, step, categories,
-                                   [pd.Timestamp(a) for a in as_of] if as_of else None)
+                                   [pd.Timestamp(a) for a in as_of] if as_of else None, engine)
     console.print(frames_table([summary]))
     console.print(f"written [bold]{summary.path}[/] ({summary.feature_version})")
 
@@ -623,6 +636,7 @@ def materialize(
                                               help="Online store URL: sqlite:///path or redis://host:port/db "
                                                    "(default: SQLite under home).")] = None,
     segments: SegmentsOption = None,
+    engine: EngineOption = "duckdb",
 ) -> None:
     """Write every customer's latest features, purchase summary and profile (consent, segments, cluster) to the
     online store the API reads."""
@@ -632,7 +646,7 @@ def materialize(
     settings: Settings = ctx.obj
     url = store or default_url(settings.home, dataset)
     report = run(settings.dataset_dir(dataset), url, as_of, segments=load_segments(segments),
-                 tracking_uri=settings.tracking_uri)
+                 tracking_uri=settings.tracking_uri, engine=engine)
     console.print(f"materialized [bold]{report.customers:,}[/] customers of {report.dataset} as of "
                   f"{report.as_of} ({report.feature_columns} features, {report.with_cycle:,} with a purchase "
                   f"summary) into {url} in {report.seconds:.1f}s", highlight=False, soft_wrap=True)
@@ -647,6 +661,7 @@ def score(
     as_of: Annotated[datetime | None, typer.Option(help="Features as of this time (default: after the data's "
                                                          "last row).")] = None,
     alias: Annotated[str, typer.Option(help="Which version: the alias to score with.")] = "champion",
+    engine: EngineOption = "duckdb",
 ) -> None:
     """Score every customer of a data set with a model's champion and write the scores to Parquet."""
     from serving.batch import score_dataset
@@ -655,7 +670,7 @@ def score(
     settings: Settings = ctx.obj
     client = connect(settings.tracking_uri)
     report = score_dataset(client, check_name(model), settings.dataset_dir(dataset), settings.home / "scores", as_of,
-                           alias)
+                           alias, engine)
     console.print(f"scored [bold]{report.rows:,}[/] customers with {report.model} v{report.version} (as of "
                   f"{report.as_of}): features {report.features_s:.1f}s, scoring {report.score_s:.2f}s "
                   f"({report.rows_per_s:,.0f} rows/s) -> {report.path}", highlight=False, soft_wrap=True)
@@ -903,11 +918,12 @@ def demo(
     data_root: DataRoot = Path("../shared/data"),
     customers: Annotated[int, typer.Option(min=100, help="Synthetic customers.")] = 3_000,
     trials: Annotated[int, typer.Option(min=1, help="Tuning trials per model.")] = 10,
+    spark: Annotated[bool, typer.Option(help="Also batch-score on Spark (local mode) and compare with DuckDB.")] = True,
 ) -> None:
     """Run everything that exists end to end on the embedded defaults and print a summary."""
     from personalize.demo import run_demo
 
-    run_demo(ctx.obj, data_root, customers, console, trials)
+    run_demo(ctx.obj, data_root, customers, console, trials, spark)
 
 
 # --- segments, experiments, erasure ------------------------------------------------------------------------------

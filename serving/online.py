@@ -314,9 +314,9 @@ def champion_cycle_scores(tracking_uri: str | None, cycle: pd.DataFrame | None) 
 
 def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
                 categories: Iterable[str] | None = None, segments: Any | None = None,
-                tracking_uri: str | None = None) -> MaterializeReport:
+                tracking_uri: str | None = None, engine: str = "duckdb") -> MaterializeReport:
     """Compute every customer's features, cycle summary and profile at ``as_of`` and replace the online store's
-    content."""
+    content. ``engine`` computes the features on DuckDB or Spark (:mod:`features.engines`)."""
     import time
 
     from features.definitions import FeatureSpec
@@ -326,7 +326,9 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
 
     started = time.perf_counter()
     segments = segments if segments is not None else load_segments()
-    store = FeatureStore(dataset_dir)
+    from features.engines import connect
+
+    store = FeatureStore(dataset_dir, connect(engine) if engine != "duckdb" else None)
     as_of = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
     # Every category's share: a model trained on the top k finds its columns among them.
     spec = FeatureSpec(categories=tuple(categories) if categories is not None

@@ -12,11 +12,17 @@ from personalize.cli import app
 
 def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path) -> None:
     runner = CliRunner()
-    for _ in range(2):  # rerunnable without cleaning by hand
-        result = runner.invoke(app, ["demo", "--customers", "300", "--trials", "2", "--data-root", str(data_root)],
-                               catch_exceptions=False)
+    outputs = []
+    for spark in ("--spark", "--no-spark"):  # rerunnable without cleaning by hand; Spark's JVM once is enough
+        result = runner.invoke(app, ["demo", "--customers", "300", "--trials", "2", "--data-root", str(data_root),
+                                     spark], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-    last = json.loads(result.output.strip().splitlines()[-1])
+        outputs.append(json.loads(result.output.strip().splitlines()[-1]))
+    first, last = outputs
+    if "skipped" not in first["spark"]:  # pyspark and Java are there: the two engines agree
+        assert first["spark"]["same_customers"] and first["spark"]["max_abs_diff"] < 1e-9
+        assert first["spark"]["rows"] > 250
+    assert last["spark"] == {"skipped": "--no-spark"}
     assert last["demo"] == "ok"
     assert last["datasets"]["online_retail"] == {"rows_in": 541_909, "quarantined": 140_307}
     assert set(last["frames"]) == {"online_retail", "cdnow", "synthetic"}
