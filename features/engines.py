@@ -14,7 +14,7 @@ settings of ``PERSONALIZE_SPARK_CONF`` (:func:`spark_conf`). Two session
 settings are the platform's, never the cluster's: timestamps are read and computed in UTC (the store's timestamps
 are naive UTC), and Parquet ``TIMESTAMP(NANOS)`` columns, which Spark refuses to read as timestamps, are read as
 integers and converted to microsecond timestamps (the raw tables hold whole seconds; nothing is lost). Results
-reach pandas through Arrow.
+reach pandas through Arrow; Parquet that Spark writes has microsecond timestamps.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def spark_session(master: str | None = None, app_name: str = "personalize") -> A
     session.conf.set("spark.sql.session.timeZone", "UTC")
     session.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
     session.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")  # results reach pandas through Arrow
+    # Parquet written by Spark (batch scores) with standard microsecond timestamps, not the legacy INT96 that
+    # other readers widen to nanoseconds and so rewrite in a type Spark then refuses (an erasure rewrites parts)
+    session.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     return session
 
 

@@ -117,7 +117,7 @@ def _score_spark(store: Any, spec: Any, loaded: Any, as_of: pd.Timestamp, path: 
         F.col("customer_id").cast("string").alias("customer_id"),
         predict(*[F.col(c) for c in loaded.scorer.features]).alias("out"))
     out = scored.select(
-        "customer_id", F.lit(as_of.to_pydatetime()).cast("timestamp").alias("as_of"),
+        "customer_id", F.lit(as_of.to_pydatetime()).cast("timestamp_ntz").alias("as_of"),  # naive UTC, as the store
         F.col("out.probability").alias("probability"), F.col("out.decision").alias("decision"),
         F.lit(loaded.name).alias("model"), F.lit(loaded.version).alias("version"))
     _clear(path)

@@ -91,6 +91,15 @@ def test_spark_batch_scores_through_spark_udf_equal_the_duckdb_path(home: Path, 
     assert (spark_scores["as_of"] == local_scores["as_of"]).all()
     assert not list(distributed.path.glob(".*.crc"))
 
+    # an erasure reaches Spark's part files, and Spark still reads the rewritten directory
+    from personalize.erasure import forget
+
+    gone = spark_scores.index[0]
+    report = forget(Settings(home=home), gone, environ={})
+    assert not report.remaining, report.remaining
+    again = spark.read.parquet(str(distributed.path)).toPandas()
+    assert len(again) == len(spark_scores) - 1 and gone not in set(again["customer_id"])
+
 
 def test_materialize_on_spark_fills_the_online_store_like_duckdb(home: Path, spark) -> None:
     import sqlite3
