@@ -66,6 +66,13 @@ def _configure(
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own progress bars only
+    # Started by `mlflow run` (an MLflow Project entry point), MLFLOW_RUN_ID names the entry point's run, and
+    # MLflow's first start_run would resume it instead of starting ours (and refuse when our experiment differs).
+    # Our commands start runs of their own, in their own experiments; each carries the launcher's id as a tag.
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launcher:
+        context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+        os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "personalize.launcher_run_id": launcher})
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a tracking server's "View run" lines
     for noisy in ("cmdstanpy", "prophet", "urllib3", "alembic", "numexpr", "mlflow.store.db.utils",
                   "mlflow.utils.uv_utils", "mlflow.tracking.fluent", "arviz", "pymc", "pymc_marketing",
@@ -516,18 +523,38 @@ ModelName = Annotated[str, typer.Argument(help="A registered model: churn, prope
                                                "purchase_forecast or a name given with --name.")]
 
 
+Tolerance = Annotated[float, typer.Option(min=0, help="ROC-AUC the challenger may lose (interval's low end).")]
+RelativeTolerance = Annotated[float, typer.Option(min=0, help="Regressors: share of the champion's error.")]
+MaxEce = Annotated[float, typer.Option(min=0, help="Largest expected calibration error allowed.")]
+FairnessAttribute = Annotated[str | None, typer.Option(help="Column whose groups are compared (default: the one the "
+                                                            "model was trained with).")]
+MaxTprGap = Annotated[float, typer.Option(min=0, help="Largest true-positive-rate gap between groups.")]
+MaxPositiveRateGap = Annotated[float, typer.Option(min=0, help="Largest positive-rate gap.")]
+
+
+def gate_table(model: str, report: Any) -> Table:
+    table = Table(title=f"{model}: challenger v{report.challenger} vs "
+                        f"{'champion v' + report.champion if report.champion else 'a constant (first version)'} "
+                        f"on {report.heldout_rows:,} held-out rows")
+    for col in ("check", "result", "value", "bound", "detail"):
+        table.add_column(col, justify="right" if col in ("value", "bound") else "left")
+    for c in report.checks:
+        table.add_row(c.name, "[green]pass" if c.passed else "[red]FAIL", "-" if c.value is None else f"{c.value:.4f}",
+                      "-" if c.bound is None else f"{c.bound:.4f}", c.detail)
+    return table
+
+
 @app.command()
 @user_errors
 def promote(
     ctx: typer.Context,
     model: ModelName,
-    tolerance: Annotated[float, typer.Option(min=0, help="ROC-AUC the challenger may lose (interval's low end).")] = 0.01,
-    relative_tolerance: Annotated[float, typer.Option(min=0, help="Regressors: share of the champion's error.")] = 0.02,
-    max_ece: Annotated[float, typer.Option(min=0, help="Largest expected calibration error allowed.")] = 0.05,
-    fairness_attribute: Annotated[str | None, typer.Option(help="Column whose groups are compared (default: the "
-                                                                "one the model was trained with).")] = None,
-    max_tpr_gap: Annotated[float, typer.Option(min=0, help="Largest true-positive-rate gap between groups.")] = 0.10,
-    max_positive_rate_gap: Annotated[float, typer.Option(min=0, help="Largest positive-rate gap.")] = 0.10,
+    tolerance: Tolerance = 0.01,
+    relative_tolerance: RelativeTolerance = 0.02,
+    max_ece: MaxEce = 0.05,
+    fairness_attribute: FairnessAttribute = None,
+    max_tpr_gap: MaxTprGap = 0.10,
+    max_positive_rate_gap: MaxPositiveRateGap = 0.10,
     force: Annotated[bool, typer.Option(help="Promote even if the gate fails (needs --reason; audited).")] = False,
     reason: Annotated[str, typer.Option(help="Why: written to the audit trail.")] = "",
 ) -> None:
@@ -540,15 +567,7 @@ def promote(
                       max_positive_rate_gap=max_positive_rate_gap)
     client = connect(settings.tracking_uri)
     report = run_gate(client, model, gate, reason, force)
-    table = Table(title=f"{model}: challenger v{report.challenger} vs "
-                        f"{'champion v' + report.champion if report.champion else 'a constant (first version)'} "
-                        f"on {report.heldout_rows:,} held-out rows")
-    for col in ("check", "result", "value", "bound", "detail"):
-        table.add_column(col, justify="right" if col in ("value", "bound") else "left")
-    for c in report.checks:
-        table.add_row(c.name, "[green]pass" if c.passed else "[red]FAIL", "-" if c.value is None else f"{c.value:.4f}",
-                      "-" if c.bound is None else f"{c.bound:.4f}", c.detail)
-    console.print(table)
+    console.print(gate_table(model, report))
     if report.passed or force:
         console.print(f"[bold]{model}@champion[/] -> version {report.challenger}"
                       + (" (forced)" if not report.passed else ""), highlight=False)
@@ -556,6 +575,37 @@ def promote(
         console.print(f"[red]refused[/]: {model}@champion stays at version {report.champion or '(none)'}",
                       highlight=False)
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    ctx: typer.Context,
+    model: ModelName,
+    tolerance: Tolerance = 0.01,
+    relative_tolerance: RelativeTolerance = 0.02,
+    max_ece: MaxEce = 0.05,
+    fairness_attribute: FairnessAttribute = None,
+    max_tpr_gap: MaxTprGap = 0.10,
+    max_positive_rate_gap: MaxPositiveRateGap = 0.10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """The promotion gate's verdict on the challenger against the champion, without promoting: no alias moves and
+    nothing is written to the registry (`promote` runs the same gate and acts on it)."""
+    from training.registry import GateConfig, connect, evaluate_gate, report_dict
+
+    settings: Settings = ctx.obj
+    gate = GateConfig(tolerance=tolerance, relative_tolerance=relative_tolerance, max_ece=max_ece,
+                      fairness_attribute=fairness_attribute, max_tpr_gap=max_tpr_gap,
+                      max_positive_rate_gap=max_positive_rate_gap)
+    report = evaluate_gate(connect(settings.tracking_uri), model, gate)
+    if as_json:
+        console.print_json(json.dumps(report_dict(report), default=str))
+        return
+    console.print(gate_table(model, report))
+    console.print(f"verdict: {report.verdict}; `personalize promote {model}` would "
+                  + (f"move {model}@champion to version {report.challenger}" if report.passed
+                     else f"keep {model}@champion at version {report.champion or '(none)'}"), highlight=False)
 
 
 @app.command()
@@ -812,6 +862,39 @@ def monitor(
         r = out.retrained
         console.print(f"retrained: challenger v{r.challenger}, gate {r.verdict}; champion v{r.champion_before} -> "
                       f"v{r.champion_after}", highlight=False)
+
+
+@app.command("replay")
+@user_errors
+def replay_command(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Registered classifier whose champion scores the traffic.")],
+    dataset: Annotated[str | None, typer.Option(help="Data set whose customers are replayed (default: the "
+                                                     "champion's training data set).")] = None,
+    sample: Annotated[int, typer.Option(min=1, help="Customers replayed (a seeded sample).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+) -> None:
+    """Simulated traffic: a seeded sample of a data set's customers, with their features at the champion's reference
+    moment (a stationary stream), scored by the champion and written to the prediction log as the API logs requests,
+    stamped now, so `monitor` has a window to read where no API serves."""
+    from monitoring.data import load_reference
+    from monitoring.replay import replay
+    from serving.predlog import load_salt
+    from training.registry import check_name, connect
+
+    settings: Settings = ctx.obj
+    client = connect(settings.tracking_uri)
+    name = check_name(model)
+    try:
+        version = str(client.get_model_version_by_alias(name, "champion").version)
+    except Exception:
+        raise PersonalizeError(f"{name} has no champion to replay traffic through (promote one first)") from None
+    reference = load_reference(client, name, version)
+    source, stamp = dataset or reference.dataset, _now()
+    written = replay(client, name, settings.dataset_dir(source), settings.log_root, [stamp], load_salt(settings.home),
+                     sample=sample, seed=seed, as_of=reference.moment)
+    console.print(f"replayed {sum(written.values()):,} predictions of {name} v{version} on {source} (features as of "
+                  f"{reference.moment}) into {settings.log_root}, stamped {stamp}", highlight=False, soft_wrap=True)
 
 
 @app.command("retrain")

@@ -145,6 +145,12 @@ def test_a_new_churn_table_trains_registers_and_is_promoted_by_the_gate(tmp_path
     # A much weaker challenger is refused and the champion stays
     weak = TuneConfig(trials=1, families=("xgboost",), max_rounds=1, early_stopping_rounds=1)
     second = train_and_register(settings(), "churn", name, TrainConfig(tune=weak), model_name="mychurn")
+    before = history(client, "mychurn")
+    dry = CliRunner().invoke(app, ["evaluate", "mychurn", "--json"])  # the gate's verdict, nothing moved or written
+    assert dry.exit_code == 0, dry.output
+    assert "not_worse_than_champion" in json.loads(dry.output)["verdict"]
+    assert aliases(client, "mychurn") == {CHAMPION: "1", CHALLENGER: second.version}
+    assert history(client, "mychurn") == before
     report = promote(client, "mychurn", GateConfig(bootstrap_rounds=300))
     assert not report.passed and "not_worse_than_champion" in report.verdict
     assert aliases(client, "mychurn") == {CHAMPION: "1", CHALLENGER: second.version}
