@@ -779,6 +779,56 @@ def serve(
     os.execve(str(Path(sys.executable).parent / "bentoml"), args, env)
 
 
+# --- bento -------------------------------------------------------------------------------------------------------
+bento_app = typer.Typer(help="Package the API with its champions as a Bento (then `bentoml containerize`).",
+                        no_args_is_help=True)
+app.add_typer(bento_app, name="bento")
+
+
+@bento_app.command("build")
+@user_errors
+def bento_build(
+    ctx: typer.Context,
+    models: Annotated[str | None, typer.Option(help="Comma-separated registered models to carry (default: every "
+                                                    "model the API serves that has the alias).")] = None,
+    alias: Annotated[str, typer.Option(help="Which version of each model: the alias to carry.")] = "champion",
+    out: Annotated[Path | None, typer.Option(help="Where to write bentofile.yaml (default: <home>/bento).")] = None,
+    requirements: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                      help="A requirements file to use instead of pinning this "
+                                                           "environment (e.g. `uv export --frozen --no-dev "
+                                                           "--no-emit-project --no-hashes`).")] = None,
+    build: Annotated[bool, typer.Option(help="Run `bentoml build` (--no-build: import and write the files "
+                                             "only).")] = True,
+) -> None:
+    """Import the champions into the BentoML model store and build a Bento that serves them without the registry
+    (BENTOML_HOME chooses the store)."""
+    import os
+
+    from serving.bento import build as build_bento
+    from serving.config import ENDPOINT_MODELS
+    from training.registry import check_name, connect
+
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    settings: Settings = ctx.obj
+    names = ([check_name(n.strip()) for n in models.split(",") if n.strip()] if models
+             else list(ENDPOINT_MODELS.values()))
+    client = connect(settings.tracking_uri)
+    report = build_bento(client, names, out or settings.home / "bento", alias, required=models is not None,
+                         requirements=requirements, run_build=build)
+    table = Table(title=f"models carried ({alias})")
+    for col in ("model", "version", "BentoML tag", ""):
+        table.add_column(col)
+    for m in report.models:
+        table.add_row(m.name, m.version, m.tag, "already imported" if m.reused else "imported")
+    for name, why in report.missing.items():
+        table.add_row(name, "-", "-", f"[yellow]left out[/]: {why}")
+    console.print(table)
+    console.print(f"build file: {report.bentofile}", highlight=False, soft_wrap=True)
+    if report.tag:
+        console.print(f"built [bold]{report.tag}[/]\n  serve:        bentoml serve {report.tag}\n"
+                      f"  containerize: {report.containerize}", highlight=False, soft_wrap=True)
+
+
 # --- monitoring --------------------------------------------------------------------------------------------------
 MonitorConfigOption = Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
                                                           help="Monitoring policy YAML (thresholds, alerts, "

@@ -12,7 +12,11 @@ From the environment (``personalize serve`` sets these from its options; ``bento
                                    ``X-API-Key: <key>`` (401 otherwise)
 ``PERSONALIZE_SHADOW``             ``1``: the ``challenger`` scores the same requests; logged, never returned
 ``PERSONALIZE_RELOAD_S``           seconds between two checks of the registry's aliases (hot reload)
-``PERSONALIZE_WORKERS``            server worker processes
+``PERSONALIZE_MODEL_SOURCE``       ``auto`` (default): the champions a Bento carries when served from one that
+                                   carries them (``personalize bento build``), the registry otherwise;
+                                   ``registry`` or ``bento`` (the last champions imported into the BentoML model
+                                   store) to choose; bento-sourced models are never hot-reloaded
+``PERSONALIZE_WORKERS``            server worker processes (each loads the models and logs on its own)
 ``PERSONALIZE_MAX_CONCURRENCY``    requests in flight per worker before the server answers 503 (default: no limit)
 ``PERSONALIZE_MAX_BATCH``          most items in one request (and in one adaptive batch)
 ``PERSONALIZE_BATCH_LATENCY_MS``   adaptive batching's latency bound (503 past it: load shedding)
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,6 +62,8 @@ class ServeConfig(BaseModel):
     shadow: bool = False
     shadow_alias: str = "challenger"
     reload_s: float = Field(default=10.0, gt=0)
+    # where the champions come from: the registry (hot reload) or a Bento's own model store (fixed at build)
+    model_source: Literal["auto", "registry", "bento"] = "auto"
     workers: int = Field(default=1, ge=1)
     max_concurrency: int | None = Field(default=None, ge=1)  # requests in flight per worker before BentoML's 503
     max_batch: int = Field(default=1000, ge=1)
@@ -100,6 +107,7 @@ class ServeConfig(BaseModel):
             "online_store": env.get("PERSONALIZE_ONLINE_STORE") or None,
             "api_key": env.get("PERSONALIZE_API_KEY") or None,
             "shadow": env.get("PERSONALIZE_SHADOW", "0").lower() in ("1", "true", "yes", "on"),
+            "model_source": env.get("PERSONALIZE_MODEL_SOURCE") or "auto",
         }
         for key, name in (("prediction_log", "PERSONALIZE_PREDICTION_LOG"), ("catalog", "PERSONALIZE_CATALOG"),
                           ("segments", "PERSONALIZE_SEGMENTS"), ("decisions", "PERSONALIZE_DECISIONS")):

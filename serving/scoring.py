@@ -88,7 +88,11 @@ def _counts(frame: pd.DataFrame | None, columns: list[str]) -> frozenset[str]:
 
 def load(client: Any, name: str, alias: str, threads: int = 1, version: str | None = None) -> Loaded:
     """The version ``alias`` points to (or ``version`` itself), loaded. Raises :class:`NotServing` when there is
-    none."""
+    none.
+
+    ``client`` is an ``MlflowClient`` on the registry, or a store that answers the same two look-ups and also
+    loads the pyfunc and the held-out frame itself (``load_pyfunc`` and ``heldout``: the champions a Bento
+    carries, :class:`serving.bento.BentoRegistry`)."""
     import mlflow.pyfunc
 
     from training.cycle import CyclePyfunc
@@ -99,9 +103,13 @@ def load(client: Any, name: str, alias: str, threads: int = 1, version: str | No
         mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
     except Exception as exc:
         raise NotServing(f"no {name}@{version or alias} in the registry: {str(exc).splitlines()[0][:200]}") from None
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}")
+    own_store = hasattr(client, "load_pyfunc")
+    pyfunc = (client.load_pyfunc(name, str(mv.version)) if own_store
+              else mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}"))
     inner = pyfunc.unwrap_python_model()
-    heldout = _heldout(mv.run_id) if not isinstance(inner, PurchaseForecastModel) else None
+    heldout = None
+    if not isinstance(inner, PurchaseForecastModel):
+        heldout = client.heldout(name, str(mv.version)) if own_store else _heldout(mv.run_id)
     if isinstance(inner, ClassifierModel):
         kind, scorer = "classifier", Classifier(inner, heldout, threads)
     elif isinstance(inner, CyclePyfunc):

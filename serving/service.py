@@ -8,7 +8,13 @@ purchase-cycle ``summary``), ``/forecast`` (a series' daily volume over a horizo
 rule segments and cluster), ``/personalize`` (a placement's variant for a customer: why, and the experiment arm),
 ``/feedback`` (an impression, click or conversion of a decision; the bandits learn from it). GET ``/healthz`` (alive),
 ``/readyz`` (models loaded, with their versions; 503 until then), ``/status`` (everything: versions, reload errors,
-the prediction log, the online store), ``/metrics`` (Prometheus), ``/docs`` (OpenAPI with examples).
+the prediction log, the online store), ``/metrics`` (Prometheus), ``/docs`` (OpenAPI with examples). ``/readyz``
+and ``/status`` also name the worker process that answered (``worker``: its pid) and where its models come from.
+
+Models come from the MLflow registry (hot-reloaded when an alias moves), or, when the service runs from a Bento that
+carries them (``personalize bento build``; ``PERSONALIZE_MODEL_SOURCE`` chooses), from the Bento's own model store:
+fixed at build time, no registry needed (:mod:`serving.bento`). With ``PERSONALIZE_WORKERS`` > 1 every worker
+process loads the models, checks the registry and writes its own prediction-log segments.
 
 The class is thin: configuration is read once (:class:`serving.config.ServeConfig`), the work is in
 :class:`serving.api.Runtime`. Bad input is a 400 naming the field (pydantic's checks, then the model's own:
@@ -21,6 +27,7 @@ import functools
 import hmac
 import json
 import logging
+import os
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -153,9 +160,11 @@ class Guard:
             if path == "/readyz":  # a probe: the models' state only, no store or log queries
                 models = runtime.models
                 status = models.status()
-                body = {"ready": models.ready, "models": status["models"], "errors": status["errors"]}
+                body = {"ready": models.ready, "models": status["models"], "errors": status["errors"],
+                        "worker": os.getpid(), "source": RUNTIME["source"]["source"]}
                 return await _json(send, 200 if body["ready"] else 503, body)
-            return await _json(send, 200, runtime.status())
+            return await _json(send, 200, {**runtime.status(), "worker": os.getpid(),
+                                           "model_source": RUNTIME["source"]})
         headers = dict(scope.get("headers") or [])
         if scope.get("method") == "POST" and path in API_PATHS:
             media = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
@@ -180,7 +189,7 @@ async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": raw})
 
 
-RUNTIME: dict[str, Any] = {}  # this worker's Runtime, for the middleware
+RUNTIME: dict[str, Any] = {}  # this worker's Runtime and where its models come from, for the middleware
 PREDICTIONS = bentoml.metrics.Counter(
     name="personalize_predictions", documentation="Scored items by endpoint, served model version and cold start",
     labelnames=["endpoint", "model", "version", "cold_start"])
@@ -244,7 +253,18 @@ class Personalization:
     def __init__(self) -> None:
         from serving.api import Runtime
 
-        self.runtime = Runtime(CONFIG)
+        bento_models = _bento_models()
+        if bento_models is None:
+            RUNTIME["source"] = {"source": "registry"}
+            self.runtime = Runtime(CONFIG)
+        else:  # a Bento's models are fixed at build time: nothing to hot-reload, no registry to ask
+            RUNTIME["source"] = {"source": "bento", "bento": None if Personalization.bento is None else
+                                 str(Personalization.bento.tag), "models": bento_models.describe()}
+            if not bento_models.models:
+                log.warning("no champion in the BentoML model store (`personalize bento build` imports them)")
+            if CONFIG.shadow:
+                log.warning("shadow mode needs the registry's challenger: off for models served from a Bento")
+            self.runtime = Runtime(CONFIG, bento_models, start_reloader=False)
         RUNTIME["runtime"] = self.runtime
 
     def __is_ready__(self) -> bool:
@@ -332,6 +352,21 @@ class Personalization:
         """Daily purchase volume of a segment/category series (Prophet), with its interval."""
         return await _call(ctx, "forecast", self.runtime.forecast, series, horizon_days,
                            None if start is None else start.isoformat(), offload=True)
+
+
+def _bento_models():
+    """The champions to serve from the BentoML model store (:class:`serving.bento.BentoRegistry`), or None for the
+    registry: the Bento's own when it is served from one that carries them (``auto``), always with ``bento`` (the
+    Bento's, else the last imported)."""
+    if CONFIG.model_source == "registry":
+        return None
+    from serving.bento import BentoRegistry
+
+    bento = Personalization.bento  # set by BentoML when the service is loaded from a Bento
+    models = BentoRegistry.of_bento(bento) if bento is not None else None
+    if CONFIG.model_source == "auto":
+        return models if models is not None and models.models else None
+    return models if models is not None and models.models else BentoRegistry.latest()
 
 
 Personalization.add_asgi_middleware(Guard, api_key=CONFIG.api_key)
