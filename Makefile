@@ -38,6 +38,7 @@ bench: install
 	$(VENV)/bin/python bench/serving.py $(QUICK)
 	$(VENV)/bin/python bench/monitoring.py $(QUICK)
 	$(VENV)/bin/python bench/decisions.py $(QUICK)
+	$(VENV)/bin/python bench/scale.py $(QUICK)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .personalize .pytest_cache .hypothesis
