@@ -18,6 +18,8 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("PERSONALIZE_OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
     monkeypatch.setenv("PERSONALIZE_DATA_ROOT", str(DATA_ROOT))
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID: an earlier test's experiment must not steer this one's
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     return home
 
 

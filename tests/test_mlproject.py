@@ -115,7 +115,10 @@ def test_mlflow_run_main_goes_from_data_to_a_monitored_champion(isolated_home: P
     client = MlflowClient(uri, registry_uri=uri)
     # (the project's runs in an experiment of their own, whose artifact location is under tmp_path, not ./mlruns)
     client.create_experiment("mlproject", artifact_location=(tmp_path / "project-artifacts").as_uri())
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # (an experiment or run chosen by an earlier test of this process must not reach `mlflow run`)
+    leaked = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    env = {**{k: v for k, v in os.environ.items() if k not in leaked},
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     tiny = {"customers": 1000, "days": 540, "trials": 1, "family": "lightgbm", "replay": 300, "retrain_trials": 1}
     # When the front door runs the whole loop
     result = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "run", "mlproject", "-e", "main",
