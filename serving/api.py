@@ -262,11 +262,8 @@ class Runtime:
         rows = []
         features = record.get("features") or {}
         for endpoint in ("churn", "propensity"):
-            if endpoint not in needed:
-                continue
-            try:
-                loaded = self.models.get(endpoint)
-            except NotServing:
+            loaded = self._served(endpoint, needed)
+            if loaded is None:
                 continue
             scorer = loaded.scorer
             row = {c: features.get(c) for c in scorer.features}
@@ -283,10 +280,7 @@ class Runtime:
                                  {"probability": scores[endpoint], "decision": p >= scorer.threshold}, None))
         cycle = record.get("cycle") or {}
         if cycle and needed & CYCLE_SCORES:
-            try:
-                loaded = self.models.get("next_purchase")
-            except NotServing:
-                loaded = None
+            loaded = self._served("next_purchase")
             if loaded is not None:
                 scorer = loaded.scorer
                 inputs = {c: cycle.get(c) for c in scorer.inputs}
@@ -303,14 +297,20 @@ class Runtime:
                                      dict(out), None))
         return scores, models, rows
 
+    def _served(self, endpoint: str, needed: frozenset[str] | None = None) -> Any | None:
+        """The loaded champion of ``endpoint``, or None when the decision does not need it or none is served."""
+        if needed is not None and endpoint not in needed:
+            return None
+        try:
+            return self.models.get(endpoint)
+        except NotServing:
+            return None
+
     def _cold_scores(self, needed: frozenset[str]) -> tuple[dict[str, Any], list]:
         scores, models = {}, []
         for endpoint in ("churn", "propensity"):
-            if endpoint not in needed:
-                continue
-            try:
-                loaded = self.models.get(endpoint)
-            except NotServing:
+            loaded = self._served(endpoint, needed)
+            if loaded is None:
                 continue
             scores[endpoint] = round(float(loaded.scorer.prior), 6)
             models.append(loaded.ref)
