@@ -36,10 +36,9 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from personalize.errors import ConfigError
+from personalize.errors import ConfigError, load_yaml_model
 
 DEFAULT_PATH = Path(__file__).with_name("segments.yaml")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -292,18 +291,7 @@ class SegmentConfig(BaseModel):
 def load_segments(path: Path | str | None = None) -> SegmentConfig:
     """The segment catalog from YAML (the embedded default when ``path`` is None); errors name the field."""
     path = Path(path) if path is not None else DEFAULT_PATH
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no segment file at {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return SegmentConfig.model_validate(raw or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+    return load_yaml_model(path, SegmentConfig, f"no segment file at {path}")
 
 
 # --- assignment ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, TypeVar
+
+M = TypeVar("M")
+
 
 class PersonalizeError(Exception):
     """Base class: the message is the whole story, written for the person at the terminal."""
@@ -23,3 +28,23 @@ class DataFileError(PersonalizeError):
 
 class ContractError(PersonalizeError):
     """A frame breaks its declared contract where quarantining rows is not an option (e.g. a built frame)."""
+
+
+def load_yaml_model(path: Path, model: type[M], missing: str) -> M:
+    """A YAML file validated as a pydantic ``model``: a missing file is ``missing``, bad YAML or a bad field one
+    :class:`ConfigError` naming the file and the field."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        raw: Any = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return model.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None

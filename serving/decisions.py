@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.segments import NAME, Rule, RuleError, compiled
-from personalize.errors import ConfigError
+from personalize.errors import load_yaml_model
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
 HOLDOUT = "holdout"
@@ -183,18 +182,7 @@ class Catalog(BaseModel):
 
 def load_catalog(path: Path | str | None = None) -> Catalog:
     path = Path(path) if path is not None else DEFAULT_CATALOG
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no catalog file at {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return Catalog.model_validate(raw or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+    return load_yaml_model(path, Catalog, f"no catalog file at {path}")
 
 
 # --- assignment ---------------------------------------------------------------------------------------------------
