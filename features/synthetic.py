@@ -10,7 +10,8 @@ changes the customers or the planted truth):
    starts, loyal customers rarely churn), category affinity (Dirichlet favouring one or two
    categories), price level (lognormal multiplier of the order value) and browsing-session rate
    (gamma). ``signup_at`` is spread over the first 60 % of the window, with a share of customers
-   existing from the window's start. A customer is active on ``[signup_at, min(churn_at, end))``.
+   existing from the window's start. A customer is active on ``[signup_at, min(churn_at, end))``. With
+   ``drift.dropout``, the dropout hazard of a category's fans is multiplied from ``drift.start`` on (a concept drift).
 2. **Purchases.** A homogeneous Poisson process with the customer's rate over the active interval.
    The interval is cut at ``drift.start`` and the part after it uses ``rate * (1 + drift.activity)``
    (clamped at 0.05x). Each purchase is one order line: a category drawn from the affinity (after
@@ -26,8 +27,8 @@ changes the customers or the planted truth):
    purchase arrive as a second Poisson process (same drift of activity), made of page views,
    searches and product views; some end with an ``add_to_cart`` (cart abandonment).
 
-The ``truth`` frame holds the planted per-customer parameters (before drift) so that models and
-monitors can be checked against what was planted. Timestamps are naive ``datetime64[ns]`` meaning UTC,
+The ``truth`` frame holds the planted per-customer parameters (rates and prices before drift; ``churn_at`` as it
+happened, after a dropout drift) so that models and monitors can be checked against what was planted. Timestamps are naive ``datetime64[ns]`` meaning UTC,
 at one-second resolution.
 """
 
@@ -43,7 +44,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.contracts import EVENT_TYPES
 from features.store import write_raw
@@ -155,7 +156,12 @@ def _naive_utc(value: datetime) -> datetime:
 
 
 class DriftSpec(BaseModel):
-    """A planted shift of prices, activity and category mix from ``start`` on."""
+    """A planted shift of prices, activity, category mix and who drops out, from ``start`` on.
+
+    ``dropout`` is a concept drift: per category, the factor on the dropout hazard, after ``start``, of the customers
+    whose favourite it is (``{"books": 10}``: a competitor opens a book shop, and book lovers now leave ten times as
+    fast). The other knobs move the features; this one moves who churns, so a model trained before it ranks customers
+    worse after it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -163,11 +169,20 @@ class DriftSpec(BaseModel):
     price: float = Field(default=0.0, gt=-1.0, allow_inf_nan=False)
     activity: float = Field(default=0.0, allow_inf_nan=False)
     mix: float = Field(default=0.0, ge=0.0, le=1.0)
+    dropout: dict[str, float] = {}
 
     @field_validator("start")
     @classmethod
     def _start_naive_utc(cls, value: datetime | None) -> datetime | None:
         return None if value is None else _naive_utc(value)
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_factors(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, factor in value.items():
+            if not (0 < factor < math.inf):
+                raise ValueError(f"{name}: the dropout factor must be a positive number, not {factor}")
+        return value
 
 
 class SyntheticConfig(BaseModel):
@@ -207,6 +222,14 @@ class SyntheticConfig(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("category names must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _dropout_categories(self) -> SyntheticConfig:
+        unknown = sorted(set(self.drift.dropout) - set(self.categories))
+        if unknown:
+            raise ValueError(f"drift.dropout names unknown categories {unknown} (categories: "
+                             f"{', '.join(self.categories)})")
+        return self
 
     @property
     def end(self) -> datetime:
@@ -407,6 +430,7 @@ def _draw_population(rng: np.random.Generator, config: SyntheticConfig) -> _Popu
     churn_days = rng.exponential(per_segment("churn_mean_days")[segment])
     churn_s = signup_s + np.ceil(np.minimum(churn_days, 1e6) * _SECONDS_PER_DAY).astype(np.int64)
     churn_s = np.maximum(churn_s, signup_s + 1)
+    churn_s = _dropout_drift(config, np.argmax(affinity, axis=1), signup_s, churn_s)
     stop_s = np.minimum(churn_s, window_s)
 
     return _Population(
@@ -419,6 +443,24 @@ def _draw_population(rng: np.random.Generator, config: SyntheticConfig) -> _Popu
         churn_s=churn_s,
         stop_s=stop_s,
     )
+
+
+def _dropout_drift(config: SyntheticConfig, favourite: np.ndarray, signup_s: np.ndarray,
+                   churn_s: np.ndarray) -> np.ndarray:
+    """Churn times under ``drift.dropout``: the hazard of a category's fans times ``factor`` from the drift start on
+    (a fan: the category of the customer's largest planted affinity, the truth's ``top_category``). The lifetime
+    is exponential, so the part of it left at ``max(signup, drift start)`` is exponential too, and dividing that part
+    by the factor is a draw at the new hazard; it needs no random numbers, so nothing else in the data moves."""
+    if not config.drift.dropout:
+        return churn_s
+    drift_s = _drift_offset_s(config)
+    factor = np.ones(len(config.categories))
+    for name, f in config.drift.dropout.items():
+        factor[config.categories.index(name)] = f
+    origin = np.maximum(signup_s, drift_s)
+    moved = churn_s > origin
+    residual = (churn_s - origin) / factor[favourite]
+    return np.where(moved, origin + np.maximum(np.ceil(residual), 1).astype(np.int64), churn_s)
 
 
 def _draw_catalog(rng: np.random.Generator, categories: tuple[str, ...]) -> _Catalog:

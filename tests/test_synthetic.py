@@ -355,6 +355,41 @@ def test_mix_drift_moves_transactions_to_the_drift_category(drift_baseline: Synt
     assert after > 0.7
 
 
+def test_dropout_drift_makes_one_categorys_fans_leave_faster_and_no_one_else(drift_baseline: SyntheticData) -> None:
+    # Given a tripled dropout hazard, from the drift start, for the fans of one category
+    fan_of = DRIFT_BASE.categories[0]
+    drifted = generate(DRIFT_BASE.model_copy(update={"drift": DriftSpec(start=DRIFT_START, dropout={fan_of: 3.0})}))
+    base, moved = drift_baseline.truth, drifted.truth
+    fans = (base["top_category"] == fan_of).to_numpy()
+    cut = pd.Timestamp(DRIFT_START)
+
+    alive = ((base["churn_at"].isna() | (base["churn_at"] > cut)).to_numpy() & fans
+             & (drift_baseline.customers["signup_at"] < cut).to_numpy())
+
+    def hazard_after(truth: pd.DataFrame) -> float:
+        """Dropouts per customer-day after the drift start, over the fans alive at the start (censored at the end)."""
+        churn = truth.loc[alive, "churn_at"]
+        exposure = (churn.fillna(pd.Timestamp(DRIFT_BASE.end)) - cut).dt.total_seconds().sum() / 86_400
+        return churn.notna().sum() / exposure
+
+    # Then the fans alive at the start drop out about three times as fast, nobody else's churn moves, and no
+    # dropout moves before the start
+    assert alive.sum() > 50
+    ratio = hazard_after(moved) / hazard_after(base)
+    assert 2.3 < ratio < 3.9, ratio
+    pd.testing.assert_series_equal(moved.loc[~fans, "churn_at"], base.loc[~fans, "churn_at"])
+    early = (base["churn_at"] <= cut).to_numpy()
+    pd.testing.assert_series_equal(moved.loc[early, "churn_at"], base.loc[early, "churn_at"])
+    # And the transactions stop at the new dropout: nobody buys after their churn_at
+    tx = _purchases(drifted).merge(moved[["customer_id", "churn_at"]], on="customer_id")
+    assert not (tx["timestamp"] >= tx["churn_at"]).any()
+    # And an unknown category is refused, naming the categories
+    with pytest.raises(ValidationError, match="unknown categories"):
+        SyntheticConfig(customers=10, drift=DriftSpec(start=DRIFT_START, dropout={"cars": 2.0}))
+    with pytest.raises(ValidationError, match="positive number"):
+        DriftSpec(dropout={fan_of: 0.0})
+
+
 def test_drift_before_the_window_applies_everywhere_and_after_it_nowhere(
     drift_baseline: SyntheticData,
 ) -> None:
