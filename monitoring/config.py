@@ -14,6 +14,7 @@ Every field has a default, so the file only names what differs. Example::
     retrain:
       consecutive: 2                 # hysteresis: this many alerting windows in a row
       cooldown_days: 30
+      gate_metric: log_loss          # what the retrained model must be significantly better at
 """
 
 from __future__ import annotations
@@ -80,7 +81,13 @@ class RetrainPolicy(_Strict):
     # since the first qualifying window, or the gate would compare both models on data from before the change.
     wait_for_labels: bool = True
     trials: int = Field(default=5, ge=1)  # the warm-started study's budget (the champion's best trial comes first)
-    min_gain: float = Field(default=0.0, ge=0)  # ROC-AUC points the challenger must gain at the interval's low end
+    # What the retrained model must be better at, on the held-out data of the world as it is now. The decisions
+    # read the probabilities (a threshold, an expected value), and a changed world breaks a calibrated model's
+    # probabilities before its ranking: the default is log-loss, a proper scoring rule that rewards both. roc_auc
+    # asks for better ranking only.
+    gate_metric: Literal["log_loss", "brier", "roc_auc"] = "log_loss"
+    # What the challenger must gain at the interval's low end: ROC-AUC points, or a share of the champion's loss.
+    min_gain: float = Field(default=0.0, ge=0)
 
 
 class MonitorConfig(_Strict):

@@ -156,15 +156,34 @@ def synth(
     drift_activity: Annotated[float, typer.Option(help="Relative activity shift after drift start.")] = 0.0,
     drift_mix: Annotated[float, typer.Option(min=0.0, max=1.0,
                                              help="Share of category affinity moved to one category.")] = 0.0,
+    drift_dropout: Annotated[list[str] | None, typer.Option(
+        metavar="CATEGORY=FACTOR", help="After drift start, the dropout hazard of the customers whose favourite "
+                                        "category this is, times FACTOR (a concept drift); repeatable.")] = None,
     name: Annotated[str, typer.Option(help="Data set name to store it under.")] = "synthetic",
 ) -> None:
     """Generate a seeded synthetic data set with planted ground truth and an optional drift."""
     from features.synthetic import DriftSpec, SyntheticConfig, generate
     from features.pipeline import ingest_synthetic
 
-    config = SyntheticConfig(
-        customers=customers, start=start, days=days, seed=seed, events=events,
-        drift=DriftSpec(start=drift_start, price=drift_price, activity=drift_activity, mix=drift_mix))
+    dropout = {}
+    for pair in drift_dropout or []:
+        category, _, factor = pair.partition("=")
+        try:
+            dropout[category] = float(factor)
+        except ValueError:
+            raise typer.BadParameter(f"{pair!r}: expected CATEGORY=FACTOR, e.g. books=3",
+                                     param_hint="--drift-dropout") from None
+    from pydantic import ValidationError
+
+    try:
+        config = SyntheticConfig(
+            customers=customers, start=start, days=days, seed=seed, events=events,
+            drift=DriftSpec(start=drift_start, price=drift_price, activity=drift_activity, mix=drift_mix,
+                            dropout=dropout))
+    except ValidationError as exc:  # the knobs' own checks (e.g. an unknown category): a usage error, not a crash
+        first = exc.errors()[0]
+        raise typer.BadParameter(first["msg"].removeprefix("Value error, "),
+                                 param_hint="--drift-" + str(first["loc"][0]) if first["loc"] else None) from None
     started = time.perf_counter()
     with console.status(f"generating {customers:,} customers"):
         data = generate(config)
@@ -532,6 +551,29 @@ MaxTprGap = Annotated[float, typer.Option(min=0, help="Largest true-positive-rat
 MaxPositiveRateGap = Annotated[float, typer.Option(min=0, help="Largest positive-rate gap.")]
 
 
+def _gate_metric(value: str | None) -> str | None:
+    if value is not None and value not in ("roc_auc", "log_loss", "brier"):
+        raise typer.BadParameter(f"{value!r} is not a gate metric: choose roc_auc, log_loss or brier")
+    return value
+
+
+GateMetric = Annotated[str | None, typer.Option(
+    "--metric", callback=_gate_metric, metavar="roc_auc|log_loss|brier",
+    help="Classifiers: compare by this instead of ROC-AUC (log_loss and brier also reward calibration; "
+         "--relative-tolerance and --min-gain are then shares of the champion's loss).")]
+MinGain = Annotated[float | None, typer.Option(
+    min=0, help="Ask for a real gain, not 'not worse': the interval's low end above this (what retraining asks).")]
+
+
+def gate_config(tolerance: float, relative_tolerance: float, max_ece: float, fairness_attribute: str | None,
+                max_tpr_gap: float, max_positive_rate_gap: float, metric: str | None, min_gain: float | None) -> Any:
+    from training.registry import GateConfig
+
+    return GateConfig(tolerance=tolerance, relative_tolerance=relative_tolerance, max_ece=max_ece,
+                      fairness_attribute=fairness_attribute, max_tpr_gap=max_tpr_gap,
+                      max_positive_rate_gap=max_positive_rate_gap, metric=metric, min_gain=min_gain)
+
+
 def gate_table(model: str, report: Any) -> Table:
     table = Table(title=f"{model}: challenger v{report.challenger} vs "
                         f"{'champion v' + report.champion if report.champion else 'a constant (first version)'} "
@@ -555,16 +597,17 @@ def promote(
     fairness_attribute: FairnessAttribute = None,
     max_tpr_gap: MaxTprGap = 0.10,
     max_positive_rate_gap: MaxPositiveRateGap = 0.10,
+    metric: GateMetric = None,
+    min_gain: MinGain = None,
     force: Annotated[bool, typer.Option(help="Promote even if the gate fails (needs --reason; audited).")] = False,
     reason: Annotated[str, typer.Option(help="Why: written to the audit trail.")] = "",
 ) -> None:
     """Run the promotion gate on the challenger and, if it passes, move `champion` to it."""
-    from training.registry import GateConfig, connect, promote as run_gate
+    from training.registry import connect, promote as run_gate
 
     settings: Settings = ctx.obj
-    gate = GateConfig(tolerance=tolerance, relative_tolerance=relative_tolerance, max_ece=max_ece,
-                      fairness_attribute=fairness_attribute, max_tpr_gap=max_tpr_gap,
-                      max_positive_rate_gap=max_positive_rate_gap)
+    gate = gate_config(tolerance, relative_tolerance, max_ece, fairness_attribute, max_tpr_gap, max_positive_rate_gap,
+                       metric, min_gain)
     client = connect(settings.tracking_uri)
     report = run_gate(client, model, gate, reason, force)
     console.print(gate_table(model, report))
@@ -588,16 +631,17 @@ def evaluate(
     fairness_attribute: FairnessAttribute = None,
     max_tpr_gap: MaxTprGap = 0.10,
     max_positive_rate_gap: MaxPositiveRateGap = 0.10,
+    metric: GateMetric = None,
+    min_gain: MinGain = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """The promotion gate's verdict on the challenger against the champion, without promoting: no alias moves and
     nothing is written to the registry (`promote` runs the same gate and acts on it)."""
-    from training.registry import GateConfig, connect, evaluate_gate, report_dict
+    from training.registry import connect, evaluate_gate, report_dict
 
     settings: Settings = ctx.obj
-    gate = GateConfig(tolerance=tolerance, relative_tolerance=relative_tolerance, max_ece=max_ece,
-                      fairness_attribute=fairness_attribute, max_tpr_gap=max_tpr_gap,
-                      max_positive_rate_gap=max_positive_rate_gap)
+    gate = gate_config(tolerance, relative_tolerance, max_ece, fairness_attribute, max_tpr_gap, max_positive_rate_gap,
+                       metric, min_gain)
     report = evaluate_gate(connect(settings.tracking_uri), model, gate)
     if as_json:
         console.print_json(json.dumps(report_dict(report), default=str))

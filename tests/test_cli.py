@@ -103,3 +103,14 @@ def test_synth_then_features_then_lookup(isolated_home: Path) -> None:
     assert result.exit_code == 0, result.output
     values = json.loads(result.output)
     assert values["frequency"] == one["frequency"] and values["monetary_total"] == one["monetary_total"]
+
+
+def test_synth_drift_dropout_is_parsed_and_a_bad_one_is_a_usage_error(isolated_home: Path) -> None:
+    result = run("synth", "--customers", "100", "--days", "200", "--drift-start", "2024-04-01",
+                 "--drift-dropout", "books=3", "--drift-dropout", "toys=0.5", "--name", "changed")
+    assert result.exit_code == 0, result.output
+    assert (isolated_home / "data" / "changed" / "truth.parquet").exists()
+    for bad, says in (("books", "expected CATEGORY=FACTOR"), ("cars=2", "unknown categories ['cars']"),
+                      ("books=-1", "positive number")):
+        result = run("synth", "--customers", "10", "--drift-dropout", bad)
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output

@@ -118,3 +118,48 @@ def test_when_no_threshold_pays_nobody_is_acted_on() -> None:
     choice = choose_threshold(y, p, ExpectedValueThreshold(value_tp=1.0, cost_fp=10.0))
     assert choice["action_rate"] == 0.0 and choice["expected_value"] == 0.0
     assert FixedThreshold(value=0.5).kind == "fixed"
+
+
+def test_the_gate_can_compare_classifiers_by_a_proper_scoring_rule() -> None:
+    """log_loss and brier (higher is better, so minus the loss) agree with scikit-learn, and a calibrated model
+    beats one that ranks as well but is off by a factor: ROC-AUC cannot tell them apart, log-loss can."""
+    from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+    from training.evaluate import bootstrap_delta
+    from training.registry import _neg_error
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.95, 4000)
+    y = (rng.random(4000) < p).astype(int)
+    stale = p * 0.6  # same ranking, probabilities too low: a world that moved under a calibrated model
+    assert _neg_error("log_loss")(y, p) == pytest.approx(-log_loss(y, p))
+    assert _neg_error("brier")(y, p) == pytest.approx(-brier_score_loss(y, p))
+    assert roc_auc_score(y, p) == pytest.approx(roc_auc_score(y, stale))
+    d = bootstrap_delta(_neg_error("log_loss"), y, p, stale, rounds=200)
+    assert d["ci_low"] > 0.01
+
+
+def test_fairness_noise_is_what_random_groups_reach_and_a_real_gap_stands_out() -> None:
+    """Groups drawn at random: small ones show gaps above 0.10 by chance alone, which the noise bound covers, and it
+    shrinks with the groups' size; a model that acts twice as often on one group is beyond it."""
+    from training.evaluate import fairness_gaps, fairness_noise
+
+    rng = np.random.default_rng(3)
+
+    def shop(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = rng.random(n) < 0.4
+        act = np.where(y, rng.random(n) < 0.7, rng.random(n) < 0.2)
+        return y, act, rng.choice(["18-24", "25-34", "35-44", "45-54", "55-64", "65+"], n)
+
+    y, act, groups = shop(300)
+    tpr_small, rate_small = fairness_noise(y, act, groups)
+    gaps = fairness_gaps(y, act, groups)
+    assert tpr_small > 0.10 and rate_small > 0.10  # chance alone on groups of ~50 rows
+    assert gaps["tpr_gap"] <= tpr_small * 1.5 and gaps["positive_rate_gap"] <= rate_small * 1.5
+    y, act, groups = shop(20_000)
+    tpr_big, rate_big = fairness_noise(y, act, groups, rounds=50)
+    assert tpr_big < tpr_small / 3 and rate_big < 0.05
+    biased = act | ((groups == "65+") & (rng.random(len(act)) < 0.3))
+    assert fairness_gaps(y, biased, groups)["positive_rate_gap"] > 3 * rate_big
+    # groups too small to compare: no noise to speak of
+    assert np.isnan(fairness_noise(y[:40], act[:40], groups[:40])[1])

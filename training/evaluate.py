@@ -225,6 +225,39 @@ def bootstrap_delta(metric, y: np.ndarray, challenger: np.ndarray, champion: np.
             "confidence": confidence, "rounds": float(len(deltas))}
 
 
+def fairness_noise(y: np.ndarray, act: np.ndarray, groups: np.ndarray, min_rows: int = 30, quantile: float = 0.95,
+                   rounds: int = 200, seed: int = 42) -> tuple[float, float]:
+    """(true-positive-rate gap, positive-rate gap) that :func:`fairness_gaps` reaches, at ``quantile``, when the rows
+    are dealt into groups of the same sizes at random: what the sample's noise alone produces, with no group treated
+    differently. On groups of a few dozen rows that is well above 0.10, so a bound below it would refuse a model
+    for the sample's size (the same reasoning as :func:`calibration_noise`)."""
+    import pandas as pd
+
+    y, act = np.asarray(y).astype(bool), np.asarray(act).astype(bool)
+    labels = pd.Series(np.asarray(groups, dtype=object))
+    valid = labels.notna().to_numpy()
+    codes, uniques = pd.factorize(labels[valid].astype(str))
+    y, act, k = y[valid], act[valid], len(uniques)
+    sizes = np.bincount(codes, minlength=k)
+    big = sizes >= min_rows
+    if big.sum() < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    tpr_gaps, rate_gaps = [], []
+    for _ in range(rounds):
+        dealt = rng.permutation(codes)
+        positives = np.bincount(dealt, weights=y, minlength=k)
+        hits = np.bincount(dealt, weights=y & act, minlength=k)
+        rate = np.bincount(dealt, weights=act, minlength=k)[big] / sizes[big]
+        rate_gaps.append(rate.max() - rate.min())
+        enough = big & (positives >= max(5, min_rows // 6))
+        if enough.sum() >= 2:
+            tpr = hits[enough] / positives[enough]
+            tpr_gaps.append(tpr.max() - tpr.min())
+    tpr_noise = float(np.quantile(tpr_gaps, quantile)) if tpr_gaps else float("nan")
+    return tpr_noise, float(np.quantile(rate_gaps, quantile))
+
+
 def fairness_gaps(y: np.ndarray, act: np.ndarray, groups: np.ndarray, min_rows: int = 30) -> dict[str, object]:
     """True-positive rate and positive (action) rate per group, and the largest gap between groups.
 

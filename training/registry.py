@@ -29,14 +29,15 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalize.errors import PersonalizeError
-from training.evaluate import bootstrap_delta, calibration_noise, expected_calibration_error, fairness_gaps
+from training.evaluate import (bootstrap_delta, calibration_noise, expected_calibration_error, fairness_gaps,
+                               fairness_noise)
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,10 @@ class GateConfig(BaseModel):
     # interval's low end above this gain (ROC-AUC points; a share of the champion's error for regressors). Retraining
     # asks for this, so a retrained model replaces a good champion only when it is better.
     min_gain: float | None = Field(default=None, ge=0.0)
+    # What "better" means. None: the model's own (ROC-AUC for classifiers, the error for regressors). For classifiers
+    # also log_loss or brier: proper scoring rules, which reward calibration as well as ranking; relative_tolerance
+    # and min_gain are then shares of the champion's loss, as for regressors.
+    metric: Literal["roc_auc", "log_loss", "brier"] | None = None
     seed: int = 42
 
 
@@ -327,10 +332,20 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p))
 
 
+LOSSES = ("log_loss", "brier")
+
+
 def _neg_error(kind: str):
+    """Higher is better: minus the error (rmse, mae) or minus the loss of a probability (log_loss, brier)."""
     def metric(y: np.ndarray, p: np.ndarray) -> float:
-        err = np.asarray(y, dtype=float) - np.asarray(p, dtype=float)
-        return -float(np.sqrt(np.mean(err ** 2))) if kind == "rmse" else -float(np.mean(np.abs(err)))
+        y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+        if kind == "log_loss":
+            p = np.clip(p, 1e-7, 1 - 1e-7)
+            return float(np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        err = y - p
+        if kind == "rmse":
+            return -float(np.sqrt(np.mean(err ** 2)))
+        return -float(np.mean(err ** 2)) if kind == "brier" else -float(np.mean(np.abs(err)))
     return metric
 
 
@@ -347,6 +362,10 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
     heldout, tags = _heldout(client, run_id)
     target, prediction = tags.get("heldout_target", "label"), tags.get("heldout_prediction", "probability")
     metric_name = tags.get("gate_metric", "roc_auc")
+    if config.metric and config.metric != metric_name:
+        if kind != "classifier":
+            raise RegistryError(f"{name} is a {kind} model: its gate compares {metric_name}, not {config.metric}")
+        metric_name = config.metric
     if target not in heldout.columns:
         raise RegistryError(f"the held-out frame of run {run_id} has no target column {target!r}")
     y = heldout[target].to_numpy()
@@ -387,8 +406,9 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
             passed = d["ci_low"] > bound
         report.checks.append(Check(
             name_, passed, d["ci_low"], bound,
-            f"challenger - champion {d['delta']:+.4f} ({'higher' if metric_name == 'roc_auc' else 'lower error'} "
-            f"is better), {config.confidence:.0%} interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
+            f"{metric_name}: challenger - champion {d['delta']:+.4f} ("
+            f"{'higher' if metric_name == 'roc_auc' else 'lower loss' if metric_name in LOSSES else 'lower error'} is better), {config.confidence:.0%} interval "
+            f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
     if d is not None:
         report.numbers.update({"delta": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
     if kind == "classifier":
@@ -424,11 +444,20 @@ def _fairness_checks(heldout: pd.DataFrame, y: np.ndarray, scored: pd.DataFrame,
                       f"{attribute}: fewer than two groups of {config.min_group_rows}+ rows; cannot compare")]
     groups = ", ".join(f"{g}: TPR {s['tpr']:.2f}, positive rate {s['positive_rate']:.2f}"
                        for g, s in gaps["groups"].items() if s["rows"] >= config.min_group_rows)
+    # A gap that random groups of the same sizes reach 95% of the time is the sample's noise, not the model's
+    # treatment of a group: the bound is the configured one or that noise, whichever is larger (as for calibration).
+    tpr_noise, rate_noise = fairness_noise(y, act, heldout[attribute].to_numpy(), config.min_group_rows,
+                                           seed=config.seed)
+    numbers.update({"tpr_gap_noise95": tpr_noise, "positive_rate_gap_noise95": rate_noise})
+    tpr_bound = max(config.max_tpr_gap, tpr_noise) if tpr_noise == tpr_noise else config.max_tpr_gap
+    rate_bound = max(config.max_positive_rate_gap, rate_noise)
+    noise = "the bound is max(--max-{} {:.2f}, {:.3f} = what random groups of these sizes reach 95% of the time)"
     return [
-        Check("fairness_tpr_gap", bool(gaps["tpr_gap"] <= config.max_tpr_gap), gaps["tpr_gap"],
-              config.max_tpr_gap, f"by {attribute} ({groups})"),
-        Check("fairness_positive_rate_gap", bool(gaps["positive_rate_gap"] <= config.max_positive_rate_gap),
-              gaps["positive_rate_gap"], config.max_positive_rate_gap, f"by {attribute}, {compared} groups"),
+        Check("fairness_tpr_gap", bool(gaps["tpr_gap"] <= tpr_bound), gaps["tpr_gap"], tpr_bound,
+              f"by {attribute} ({groups}); " + noise.format("tpr-gap", config.max_tpr_gap, tpr_noise)),
+        Check("fairness_positive_rate_gap", bool(gaps["positive_rate_gap"] <= rate_bound),
+              gaps["positive_rate_gap"], rate_bound, f"by {attribute}, {compared} groups; "
+              + noise.format("positive-rate-gap", config.max_positive_rate_gap, rate_noise)),
     ]
 
 
