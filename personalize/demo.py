@@ -1,15 +1,19 @@
 """``make demo``: everything that exists, end to end, on the embedded defaults.
 
-Today: ingest the shared public data sets (quarantining bad rows), generate a synthetic data set with events and
-planted truth, build point-in-time features and labels, then train and register the models and run each through
+Today: ingest the shared public data sets (quarantining bad rows), generate a synthetic shop with events, planted
+truth and a planted change on 2025-07-01 (known, at first, only up to the change), build point-in-time features and
+labels, then train and register the models and run each through
 the promotion gate: churn and propensity on the synthetic data (out of time), a bring-your-own-table churn model on
 Telco (checked for fairness by gender), Prophet purchase forecasts on Online Retail, and the purchase-cycle model
 on CDNOW. A rerun trains new challengers and gates them against the champions. Then the online store is
 materialized, the BentoML API starts in the background, answers example requests (scores with reason codes, a
 cold start, a forecast, a bad request), segments and personalization decisions (rules, a bandit, consent
-withdrawn, a new visitor) with feedback, and simulated traffic on the email experiment, then stops; its prediction
-log must hold every scored item. The experiment is reported (uplift, interval, p-value; into MLflow), one customer
-is erased from every store, and a replayed drift is monitored. Finally every customer is batch-scored on DuckDB and
+withdrawn, a new visitor) with feedback, and simulated traffic on the email experiment. While it still runs, the
+shop's customers before the change and six months after it are replayed through it and monitored; the alerts call
+for a retrain, the gate judges it, and the server is asked until it answers with the new champion
+(:mod:`personalize.demo_monitoring`). Then it stops; its prediction log must hold every scored item. The experiment
+is reported (uplift, interval, p-value; into MLflow) and one customer is erased from every store. Finally every
+customer is batch-scored on DuckDB and
 on Spark (local mode, when pyspark and Java are there) and the two are compared. The last line printed is one JSON
 object.
 """
@@ -32,8 +36,8 @@ from personalize.settings import Settings
 log = logging.getLogger(__name__)
 FRAME_DATASETS = ("online_retail", "cdnow", "synthetic")
 # (registered model, task, data set, fairness attribute) trained and gated by the demo
-# churn and propensity learn from the synthetic data set (stationary, with planted truth, as serving and monitoring
-# use it); on Online Retail they are reported by bench/quality.py: a year of data starting in December 2010 makes
+# churn and propensity learn from the synthetic data set (the shop before its change, with planted truth, as serving
+# and monitoring use it); on Online Retail they are reported by bench/quality.py: a year of data starting in December 2010 makes
 # tenure-like features grow past their training range by the test cutoff, and its calibration fails the gate.
 CLASSIFIERS = (("churn", "churn", "synthetic", "age_band"), ("propensity", "propensity", "synthetic", "age_band"),
                ("churn_telco", "churn", "telco_churn", "gender"))
@@ -178,7 +182,8 @@ def spark_parity(settings: Settings, dataset: str = "synthetic") -> dict[str, An
 def run_demo(settings: Settings, data_root: Path, customers: int, console: Console,
              trials: int = 10, spark: bool = True) -> dict[str, Any]:
     from features.pipeline import build_training_frame, builtin_names, ingest_builtin, ingest_synthetic
-    from features.synthetic import SyntheticConfig, generate
+    from features.synthetic import SyntheticConfig, generate, until
+    from personalize.demo_monitoring import CHANGE, drift_spec, loop_lines, monitor_loop, monitoring_table
 
     started = time.perf_counter()
     now = __import__("pandas").Timestamp.now(tz="UTC").tz_localize(None)
@@ -193,8 +198,9 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
             progress.update(task, description=f"ingest {name}")
             reports.append(ingest_builtin(settings, name, now, data_root))
             progress.advance(task)
-        progress.update(task, description=f"synthesize {customers:,} customers")
-        reports.append(ingest_synthetic(settings, "synthetic", generate(SyntheticConfig(customers=customers))))
+        progress.update(task, description=f"synthesize {customers:,} customers (known until {CHANGE.date()})")
+        world = generate(SyntheticConfig(customers=customers, drift=drift_spec()))
+        reports.append(ingest_synthetic(settings, "synthetic", until(world, CHANGE)))
         progress.advance(task)
         for name in FRAME_DATASETS:
             progress.update(task, description=f"features + labels {name}")
@@ -202,16 +208,15 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
             progress.advance(task)
         models = train_models(settings, trials, progress, task)
         progress.update(task, description="cluster customers, materialize the online store, start the API, send "
-                                          "requests and decisions, run the experiment, forget a customer")
+                                          "requests and decisions, run the experiment; replay traffic before and "
+                                          "after the change through it, monitor (Evidently), alert, retrain, gate, "
+                                          "hot-reload; stop it, forget a customer")
         from personalize.demo_serving import decisions_lines, serve_and_query, serving_table
 
-        serving = serve_and_query(settings)
-        progress.advance(task)
-        progress.update(task, description="replay traffic, monitor it (Evidently), raise alerts")
-        from personalize.demo_monitoring import monitor_streams, monitoring_table
-
-        monitoring = monitor_streams(settings, customers)
-        progress.advance(task)
+        serving = serve_and_query(settings, lambda http, probe: monitor_loop(settings, http, world, min(trials, 5),
+                                                                              probe))
+        loop = serving.loop
+        progress.advance(task, 2)
         progress.update(task, description="batch-score every customer on DuckDB and on Spark, compare")
         scale = spark_parity(settings) if spark else {"skipped": "--no-spark"}
         progress.update(task, description="done")
@@ -227,14 +232,17 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
                   highlight=False)
     for line in decisions_lines(serving):
         console.print(line, soft_wrap=True, highlight=False)
-    console.print(monitoring_table(monitoring) if monitoring.windows else monitoring.note)
+    if loop.windows:
+        console.print(monitoring_table(loop))
+    for line in loop_lines(loop):
+        console.print(line, soft_wrap=True, highlight=False)
     if "skipped" in scale:
         console.print(f"Spark batch scoring skipped: {scale['skipped']}", highlight=False)
     else:
         console.print(f"batch scores of {scale['rows']:,} customers on Spark (local mode, mlflow.pyfunc.spark_udf) "
                       f"equal DuckDB's to {scale['max_abs_diff']:.1e} -> {scale['scores']} ({scale['spark_s']}s "
                       "with the JVM start)", soft_wrap=True, highlight=False)
-    console.print(f"Evidently reports: {monitoring.reports}; alerts: {monitoring.alert_log}; dashboards: "
+    console.print(f"Evidently reports: {loop.reports}; alerts: {loop.alert_log}; dashboards: "
                   "[bold]personalize ui[/]", soft_wrap=True, highlight=False)
     console.print("serve it yourself: [bold]personalize serve[/] (docs at http://127.0.0.1:3000/docs)",
                   soft_wrap=True)
@@ -247,17 +255,23 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
         "wall_s": round(time.perf_counter() - started, 1),
         "datasets": {r.dataset: {"rows_in": r.rows_in, "quarantined": r.quarantined} for r in reports},
         "frames": {k: {"rows": f.rows, "feature_version": f.feature_version} for k, f in frames.items()},
-        "models": {m.name: {"dataset": m.dataset, "version": m.version, "metric": m.metric,
+        # before / after: the champion before and after the monitoring loop's retrain
+        "models": {m.name: {"before": m.champion, "after": loop.champion_after if m.name == "churn" else m.champion,
+                            "dataset": m.dataset, "version": m.version, "metric": m.metric,
                             "value": round(m.value, 4), "baseline": round(m.baseline, 4), "gate": m.verdict,
                             "champion": m.champion} for m in models},
         "served_versions": serving.versions,
-        "requests_served": serving.requests_ok,
+        "requests_served": serving.requests_served,
+        "alerts": loop.alerts,
+        "retrained": loop.retrain is not None,
+        "served_version_changed": loop.served_version_changed,
+        "retrain": loop.retrain,
         "served_items": serving.served_items,
         "logged_rows": serving.logged_rows,
         "clusters": serving.clusters,
         "experiment": serving.experiment,
         "erasure": serving.erasure,
-        "monitoring": monitoring.windows,
+        "monitoring": loop.windows,
         "spark": scale,
     }
     console.print(json.dumps(result), soft_wrap=True, highlight=False)

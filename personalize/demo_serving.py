@@ -7,6 +7,7 @@ SIGINT so it flushes its log); the requests are plain HTTP, as an application wo
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -38,6 +39,8 @@ class ServingOutcome:
     experiment: dict[str, Any] = field(default_factory=dict)
     clusters: dict[str, Any] = field(default_factory=dict)
     erasure: dict[str, Any] = field(default_factory=dict)
+    requests_served: int = 0  # HTTP requests the server answered with 200, every step's
+    loop: Any = None
 
     @property
     def requests_ok(self) -> int:
@@ -165,12 +168,15 @@ def run_experiment(client: Any, customers: list[str], decisions: int, seed: int 
     return arms
 
 
-def serve_and_query(settings: Settings) -> ServingOutcome:
+def serve_and_query(settings: Settings, while_serving: Any = None) -> ServingOutcome:
+    """Start the API, send the example requests and the experiment's traffic, then ``while_serving(http, probe)``
+    (the monitoring loop) while it still runs, and stop it; ``outcome.loop`` is what that returned."""
     import httpx
 
     from serving.online import default_url, materialize
     from serving.predlog import read_log
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the demo's output
     outcome_clusters = cluster_customers(settings)
     materialize(settings.dataset_dir(DATASET), default_url(settings.home, DATASET),
                 tracking_uri=settings.tracking_uri)
@@ -181,8 +187,12 @@ def serve_and_query(settings: Settings) -> ServingOutcome:
     proc = start_server(settings, port, log_path, log_root)
     consenting: list[str] = []
     outcome = ServingOutcome(url=f"http://127.0.0.1:{port}", clusters=outcome_clusters)
+
+    def count(response: Any) -> None:
+        outcome.requests_served += response.status_code == 200
+
     try:
-        with httpx.Client(base_url=outcome.url, timeout=60) as client:
+        with httpx.Client(base_url=outcome.url, timeout=60, event_hooks={"response": [count]}) as client:
             ready = wait_ready(client, proc, log_path)
             outcome.versions = {e: (m or {}).get("version") for e, m in ready["models"].items()}
             from serving.online import open_store
@@ -197,6 +207,8 @@ def serve_and_query(settings: Settings) -> ServingOutcome:
             outcome.answers = query(client, ids)
             consenting = [c for c in sorted(found) if found[c]["profile"].get("consent")]
             outcome.experiment_arms = run_experiment(client, consenting, EXPERIMENT_DECISIONS)
+            if while_serving is not None:
+                outcome.loop = while_serving(client, (ids or sorted(found))[0])
             outcome.served_items = client.get("/status").json()["served"]
     finally:
         stop_server(proc)
