@@ -23,7 +23,8 @@ it); an alert is any rule that fired, suppressed by the cooldown or not.
 - **False alarms**: windows scored from independent shops of the same process (seeds 1000, 1001, ..., no drift;
   several windows per shop, each a fresh sample). False-alarm rate = share of these windows with an alert. Each
   shop's realized ROC-AUC at M is printed beside, to show how much independent shops of one process differ.
-- **Detection delay**, per drift size (a ``DriftSpec`` from M - 28 days: activity, price or category mix): the
+- **Detection delay**, per drift size (a ``DriftSpec`` from M - 28 days: activity, price, category mix, or every
+  customer's dropout hazard tripled): the
   champion's own shop without drift for 3 windows (``--quick``: 2), then the same shop (same seed, same customers)
   with the drift for 4 windows (``--quick``: 3). Delay = windows from the first drifted one to the first that alerts
   (0: caught at once), "not detected" when none does. The drift *hurts the model* when the champion's realized
@@ -82,9 +83,14 @@ PREFIX, DRIFTED = 3, 4  # windows before and after the change in a drifted strea
 FEATURES = 40  # pass-time section
 SEGMENT_ROWS = 1_000
 # (label, DriftSpec fields)
+# "dropout x3": every customer's dropout hazard tripled (a concept drift: who churns changes, not only the features)
+EVERYONE_X3 = {"dropout": {c: 3.0 for c in ("electronics", "fashion", "home", "beauty", "sports", "books", "toys",
+                                             "grocery")}}  # SyntheticConfig's categories
 SIZES = [("activity -0.2", {"activity": -0.2}), ("activity -0.4", {"activity": -0.4}),
-         ("activity -0.6", {"activity": -0.6}), ("price +0.5", {"price": 0.5}), ("mix 0.8", {"mix": 0.8})]
-QUICK_SIZES = [("activity -0.3", {"activity": -0.3}), ("activity -0.6", {"activity": -0.6}), ("mix 0.8", {"mix": 0.8})]
+         ("activity -0.6", {"activity": -0.6}), ("price +0.5", {"price": 0.5}), ("mix 0.8", {"mix": 0.8}),
+         ("dropout x3", EVERYONE_X3)]
+QUICK_SIZES = [("activity -0.3", {"activity": -0.3}), ("activity -0.6", {"activity": -0.6}), ("mix 0.8", {"mix": 0.8}),
+               ("dropout x3", EVERYONE_X3)]
 RULES = {"dataset_drift": "D", "prediction_drift": "P", "estimated_performance_drop": "E",
          "realized_performance_drop": "R"}
 
