@@ -1,5 +1,6 @@
-"""The demo's serving step: materialize the online store, start the API in the background, ask it questions, stop
-it, and check that the prediction log holds every answer.
+"""The demo's serving step: materialize the online store, start the API in the background, ask it questions, run
+the monitoring loop against it (:mod:`personalize.demo_monitoring`), stop it, and check that the prediction log
+holds every answer.
 
 The server is a real ``personalize serve`` process on a free loopback port (its own process group, stopped with
 SIGINT so it flushes its log); the requests are plain HTTP, as an application would send them.
