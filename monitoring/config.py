@@ -22,10 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from personalize.errors import ConfigError
+from personalize.errors import load_yaml_model
 
 Severity = Literal["info", "warning", "critical"]
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
@@ -101,13 +100,4 @@ def load_config(path: Path | None) -> MonitorConfig:
     """The config at ``path`` (YAML), or the defaults; a bad file is one clear error naming the field."""
     if path is None:
         return MonitorConfig()
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the monitoring config: {exc}") from None
-    try:
-        return MonitorConfig.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+    return load_yaml_model(path, MonitorConfig, f"{path}: cannot read the monitoring config: no such file")
