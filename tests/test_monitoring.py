@@ -239,13 +239,16 @@ def test_harmful_drift_alerts_in_its_first_window_and_the_policy_retrains_throug
     outs = [step(settings, client, "churn", s + pd.Timedelta(hours=1), config, dataset="shop") for s in drifted[:2]]
     assert not outs[0].due and outs[1].due and outs[1].retrained is not None
     retrained = outs[1].retrained
-    # On this small shop the retrained model's gain is not significant, so the gate may keep the champion; either
-    # way the verdict is recorded and the server serves whatever the registry's champion now is.
+    # The champion's probabilities no longer fit the changed shop; the retrained model's log-loss is significantly
+    # lower on the new held-out cutoff (measured: 0.436 vs 0.543, interval [+0.066, +0.147]), so the gate promotes
+    # it, the audit trail says so, and a server polling the registry now serves it.
+    assert retrained.promoted, retrained.gate
+    assert retrained.gate["ci_low"] > 0 and retrained.gate["challenger_log_loss"] < retrained.gate["champion_log_loss"]
     entries = history(client, "churn")
-    assert [e["action"] for e in entries][-3:] == ["retrain", "register", "promote" if retrained.promoted else "refuse"]
+    assert [e["action"] for e in entries][-3:] == ["retrain", "register", "promote"]
     assert entries[-1]["to"] == retrained.challenger and "ci_low" in entries[-1]["gate"]
     served.refresh()
-    assert served.get("churn").version == (retrained.challenger if retrained.promoted else "1")
+    assert served.get("churn").version == retrained.challenger != "1"
 
 
 @pytest.mark.slow
