@@ -28,8 +28,8 @@ changes the customers or the planted truth):
    searches and product views; some end with an ``add_to_cart`` (cart abandonment).
 
 The ``truth`` frame holds the planted per-customer parameters (rates and prices before drift; ``churn_at`` as it
-happened, after a dropout drift) so that models and monitors can be checked against what was planted. Timestamps are naive ``datetime64[ns]`` meaning UTC,
-at one-second resolution.
+happened, after a dropout drift) so that models and monitors can be checked against what was planted. Timestamps
+are naive ``datetime64[ns]`` meaning UTC, at one-second resolution.
 """
 
 from __future__ import annotations

@@ -149,7 +149,8 @@ def retrain(settings: Any, client: Any, model: str, policy: RetrainPolicy, reaso
                            "trials": policy.trials, "warm_start": bool(warm)})
     outcome = train_and_register(settings, task, dataset, TrainConfig.model_validate(config), model_name=model)
     client.set_tag(outcome.run_id, "retrain_reason", reason[:4000])
-    report = promote(client, model, GateConfig(min_gain=policy.min_gain, metric=policy.gate_metric), reason=f"retrain: {reason}")
+    report = promote(client, model, GateConfig(min_gain=policy.min_gain, metric=policy.gate_metric),
+                     reason=f"retrain: {reason}")
     after = aliases(client, model).get("champion")
     return RetrainOutcome(model, outcome.version, before, after, report.passed, report.verdict,
                           {k: round(v, 6) for k, v in report.numbers.items() if v == v}, outcome.run_id)

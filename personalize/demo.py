@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 FRAME_DATASETS = ("online_retail", "cdnow", "synthetic")
 # (registered model, task, data set, fairness attribute) trained and gated by the demo
 # churn and propensity learn from the synthetic data set (the shop before its change, with planted truth, as serving
-# and monitoring use it); on Online Retail they are reported by bench/quality.py: a year of data starting in December 2010 makes
-# tenure-like features grow past their training range by the test cutoff, and its calibration fails the gate.
+# and monitoring use it); on Online Retail they are reported by bench/quality.py: a year of data starting in December
+# 2010 makes tenure-like features grow past their training range by the test cutoff, and its calibration fails the
+# gate.
 CLASSIFIERS = (("churn", "churn", "synthetic", "age_band"), ("propensity", "propensity", "synthetic", "age_band"),
                ("churn_telco", "churn", "telco_churn", "gender"))
 

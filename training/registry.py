@@ -404,10 +404,11 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
             name_, bound = "better_than_champion", (config.min_gain if metric_name == "roc_auc"
                                                      else config.min_gain * champion_value)
             passed = d["ci_low"] > bound
+        what = ("challenger - champion" if metric_name == "roc_auc" else
+                f"the {'loss' if metric_name in LOSSES else 'error'} the challenger saves (champion - challenger)")
         report.checks.append(Check(
             name_, passed, d["ci_low"], bound,
-            f"{metric_name}: challenger - champion {d['delta']:+.4f} ("
-            f"{'higher' if metric_name == 'roc_auc' else 'lower loss' if metric_name in LOSSES else 'lower error'} is better), {config.confidence:.0%} interval "
+            f"{metric_name}: {what} {d['delta']:+.4f}, {config.confidence:.0%} interval "
             f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
     if d is not None:
         report.numbers.update({"delta": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]})
