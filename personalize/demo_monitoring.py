@@ -199,6 +199,9 @@ def loop_lines(outcome: LoopOutcome) -> list[str]:
                      f"held-out cutoff: {metric} {g.get(f'challenger_{metric}', float('nan')):.4f} vs "
                      f"{g.get(f'champion_{metric}', float('nan')):.4f} (gain interval [{g.get('ci_low', 0):+.4f}, "
                      f"{g.get('ci_high', 0):+.4f}]) -> gate {r['verdict']}; champion now {r['champion_after']}")
+        if "champion_ece" in g:
+            lines.append(f"  what moved: ranking ROC-AUC {g['challenger_roc_auc']:.4f} vs {g['champion_roc_auc']:.4f}; "
+                         f"calibration ECE {g['ece']:.4f} vs {g['champion_ece']:.4f} (challenger vs champion)")
     if outcome.served_version_changed:
         lines.append(f"the running API now answers with version {outcome.served_after} (was {outcome.served_before}; "
                      f"hot reload seen {outcome.reload_s}s after the promotion)")

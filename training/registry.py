@@ -396,6 +396,10 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
         d = bootstrap_delta(metric, y, ours[prediction].to_numpy(), theirs[prediction].to_numpy(), **boot)
         champion_value = abs(metric(y, theirs[prediction].to_numpy()))
         report.numbers[f"champion_{metric_name}"] = champion_value
+        if kind == "classifier":  # ranking and calibration of both, whatever the gate compares: what moved
+            p_ours, p_theirs = ours[prediction].to_numpy(), theirs[prediction].to_numpy()
+            report.numbers.update({"challenger_roc_auc": _auc(y, p_ours), "champion_roc_auc": _auc(y, p_theirs),
+                                   "champion_ece": expected_calibration_error(y, p_theirs)})
         if config.min_gain is None:
             name_, bound = "not_worse_than_champion", (-config.tolerance if metric_name == "roc_auc"
                                                         else -config.relative_tolerance * champion_value)
