@@ -112,7 +112,6 @@ def monitor_loop(settings: Settings, http: Any, world: Any, trials: int, probe: 
     from monitoring.job import run_pass
     from monitoring.retrain import RetrainState, decide, retrain
     from serving.predlog import utc
-    from serving.scoring import load
     from training.registry import connect
 
     client = connect(settings.tracking_uri)
@@ -126,7 +125,7 @@ def monitor_loop(settings: Settings, http: Any, world: Any, trials: int, probe: 
     out.champion_before = out.champion_after = version
     out.served_before = _served_version(http, probe)
     reference = load_reference(client, MODEL, version)
-    features = load(client, MODEL, "champion", threads=1).scorer.features
+    features = [c for c in reference.frame.columns if c not in ("label", "probability")]  # the model's inputs
     config = MonitorConfig(retrain=RetrainPolicy(consecutive=2, wait_for_labels=False, cooldown_days=0,
                                                  trials=trials))
     rng = np.random.default_rng(0)
