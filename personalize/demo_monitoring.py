@@ -130,7 +130,8 @@ def monitor_loop(settings: Settings, http: Any, world: Any, trials: int, probe: 
                                                  trials=trials))
     rng = np.random.default_rng(0)
 
-    def window(label: str, frame: pd.DataFrame) -> list[Any]:
+    def window(label: str, frame: pd.DataFrame) -> tuple[list[Any], pd.Timestamp, pd.Timestamp]:
+        """Post ``frame``, monitor the minutes that took; (alerts, window start, window end)."""
         start = utc(pd.Timestamp.now(tz="UTC"))
         _post(http, frame, features)
         time.sleep(1.5)  # the server writes its prediction log every second (PERSONALIZE_LOG_FLUSH_S)
@@ -142,7 +143,7 @@ def monitor_loop(settings: Settings, http: Any, world: Any, trials: int, probe: 
                             "mean_probability": round(m["mean_probability"], 3),
                             "estimated_roc_auc": round(m["estimated_roc_auc"], 3),
                             "alerts": [a.rule for a in result.alerts]})
-        return result.alerts
+        return result.alerts, start, end
 
     def sample(frame: pd.DataFrame, n: int) -> pd.DataFrame:
         return frame.iloc[np.sort(rng.choice(len(frame), size=min(n, len(frame)), replace=False))]
@@ -157,10 +158,8 @@ def monitor_loop(settings: Settings, http: Any, world: Any, trials: int, probe: 
     current = _features_at(settings, now, features)
     state, due, why = RetrainState(), False, ""
     for k in range(2):  # two windows of traffic from the same customers, each its own sample
-        start = utc(pd.Timestamp.now(tz="UTC"))
-        alerts = window(f"after the change ({now.date()}), window {k + 1}", sample(current, SAMPLE))
-        state, due, why = decide(state, alerts, start, utc(pd.Timestamp.now(tz="UTC")), config.retrain,
-                                 reference.horizon_days)
+        alerts, start, end = window(f"after the change ({now.date()}), window {k + 1}", sample(current, SAMPLE))
+        state, due, why = decide(state, alerts, start, end, config.retrain, reference.horizon_days)
     out.decision = why
     if not due:
         return out
