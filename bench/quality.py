@@ -6,8 +6,10 @@
 For each labeled data set (Telco churn, Online Shoppers) the rows are split by ``StratifiedKFold(5, shuffle=True,
 random_state=42)``. In each outer fold, the hyperparameters are chosen without seeing the test fold: the training
 part is split 80/20 like ``split_labeled_table`` does (``stratified_split``), :func:`training.tune.tune` runs its
-default study on it (trials scored by cross-validation on the 80%), then the best trials are refitted on the whole
-training part (:func:`training.tune.refit_best`) and their mean prediction is scored on the test fold. The peer is
+default study on it (trials scored by cross-validation on the 80%), then the first three trials by the study's
+selection rule (the simplest within one standard error of the best score: :func:`training.tune.ranked_trials`)
+are refitted on the whole training part (:func:`training.tune.refit_best`) and their mean prediction is scored on
+the test fold. The peer is
 a standard scikit-learn pipeline (median imputation and standard scaling for numerics and booleans, one-hot for
 categoricals, ``LogisticRegression``) on the same folds.
 
@@ -83,10 +85,11 @@ def tuned_auc(frame, numeric: list[str], categorical: list[str], boolean: list[s
         started = time.perf_counter()
         result = tune(split, config, f"sqlite:///{Path(tmp) / 'optuna.db'}", study)
         seconds = time.perf_counter() - started
-        boosters = refit_best(result, split, TOP)
+        boosters = refit_best(result, split, TOP, config.selection)
     auc = float(roc_auc_score(y[test], predict_mean(boosters, x_test)))
     pruned = sum(t.state.name == "PRUNED" for t in result.study.trials)
-    return auc, {"family": result.family, "inner_cv_auc": result.valid_auc, "tune_s": seconds, "pruned": pruned,
+    return auc, {"family": result.family, "inner_cv_auc": result.valid_auc, "inner_cv_top": result.top_auc,
+                 "tune_s": seconds, "pruned": pruned,
                  "trials": len(result.study.trials)}
 
 
@@ -110,7 +113,7 @@ def labeled_cv_figures(name: str, data_root: Path, quick: bool, trials: int | No
                               f"{name}-fold{k}")
         ours.append(auc)
         details.append(info)
-        print(f"  {name} fold {k + 1}/{len(folds)}: ours {auc:.4f} ({info['family']} best, inner CV "
+        print(f"  {name} fold {k + 1}/{len(folds)}: ours {auc:.4f} ({info['family']} chosen, inner CV "
               f"{info['inner_cv_auc']:.4f}, {info['trials']} trials, {info['pruned']} pruned, "
               f"{info['tune_s']:.0f}s)  logistic regression {peer[-1]:.4f}", flush=True)
     return {"name": name, "rows": len(frame), "positive_rate": float(y.mean()), "folds": len(folds),

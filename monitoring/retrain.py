@@ -116,7 +116,7 @@ def retrain(settings: Any, client: Any, model: str, policy: RetrainPolicy, reaso
 
     from training.registry import GateConfig, _audit, aliases, promote
     from training.train import TrainConfig, train_and_register
-    from training.tune import TuneConfig
+    from training.tune import TuneConfig, ranked_trials
 
     try:
         params, tags, decision_policy = _champion_recipe(client, model)
@@ -128,8 +128,8 @@ def retrain(settings: Any, client: Any, model: str, policy: RetrainPolicy, reaso
     warm: tuple[dict[str, Any], ...] = ()
     if tags.get("study"):
         try:
-            best = optuna.load_study(study_name=tags["study"], storage=settings.optuna_storage_url).best_trial
-            warm = (dict(best.params),)
+            study = optuna.load_study(study_name=tags["study"], storage=settings.optuna_storage_url)
+            warm = tuple(dict(t.params) for t in ranked_trials(study)[:1])
         except Exception as exc:  # a study store that moved: tune cold rather than not at all
             log.warning("%s: the champion's study %s is not readable (%s); tuning without a warm start",
                         model, tags["study"], exc)

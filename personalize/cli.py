@@ -265,6 +265,20 @@ def features_get(
 
 
 # --- tune ------------------------------------------------------------------------------------------------------
+def _one_of(what: str, *values: str) -> Callable[[str | None], str | None]:
+    """An option callback accepting only ``values`` (and no value), naming them when it refuses one."""
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in values:
+            raise typer.BadParameter(f"{value!r} is not {what}: choose {', '.join(values[:-1])} or {values[-1]}")
+        return value
+    return check
+
+
+Selection = Annotated[str, typer.Option(
+    callback=_one_of("a selection rule", "one_se", "best"), metavar="one_se|best",
+    help="Which trial wins: one_se, the simplest within one standard error of the best score; best, the highest.")]
+
+
 @app.command()
 @user_errors
 def tune(
@@ -276,6 +290,7 @@ def tune(
     study: Annotated[str | None, typer.Option(help="Study name: processes giving the same name share the study.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampler, the split and the boosters.")] = 42,
     valid_fraction: Annotated[float, typer.Option(min=0.05, max=0.5, help="Share held out for validation.")] = 0.2,
+    selection: Selection = "one_se",
 ) -> None:
     """Tune LightGBM/XGBoost on a labeled table with Optuna (pruning, early stopping, persistent study), tracked in
     MLflow as one parent run with a baseline and a nested run per trial."""
@@ -285,7 +300,7 @@ def tune(
     settings: Settings = ctx.obj
     split = split_labeled_table(settings.dataset_dir(dataset), valid_fraction, seed)
     try:
-        config = TuneConfig(trials=trials, timeout_s=timeout, seed=seed,
+        config = TuneConfig(trials=trials, timeout_s=timeout, seed=seed, selection=selection,
                             **({"families": tuple(family)} if family else {}))
     except ValueError as exc:
         raise PersonalizeError(str(exc).splitlines()[-1]) from None
@@ -298,13 +313,16 @@ def tune(
                                       settings.artifact_root, on_trial, tags={"dataset": dataset})
     table = Table(title=f"study {name}")
     scored = f"{config.cv_folds}-fold CV ROC-AUC" if config.cv_folds else "valid ROC-AUC"
-    for col in ("best family", scored, "holdout ROC-AUC", "baseline ROC-AUC", "boosting rounds", "trials (pruned)"):
+    for col in ("chosen family", scored, "holdout ROC-AUC", "baseline ROC-AUC", "boosting rounds", "trials (pruned)"):
         table.add_column(col, justify="right")
     pruned = sum(t.state.name == "PRUNED" for t in result.study.trials)
     holdout = "-" if result.holdout_auc is None else f"{result.holdout_auc:.4f}"
     table.add_row(result.family, f"{result.valid_auc:.4f}", holdout, f"{result.baseline_auc:.4f}", str(result.rounds),
                   f"{len(result.study.trials)} ({pruned})")
     console.print(table)
+    if result.top_auc is not None and result.top_auc > result.valid_auc:
+        console.print(f"trial {result.trial} chosen: the simplest within one standard error of the best score "
+                      f"({result.top_auc:.4f}); --selection best takes the highest", highlight=False)
     console.print(f"study stored in {storage}; MLflow parent run {run_id} in {settings.tracking_uri} "
                   f"(experiment tune-{dataset})", highlight=False, soft_wrap=True)
 
@@ -383,16 +401,16 @@ TrainDataset = Annotated[str, typer.Argument(
 
 
 def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int | None, timeout: float | None,
-                      family: list[str] | None, seed: int, threshold: str, calibration: str, horizon: int,
-                      fairness_attribute: str | None, study: str | None, label: str | None, positive: str | None,
-                      id_column: str | None, time_column: str | None, name: str | None) -> None:
+                      family: list[str] | None, selection: str, seed: int, threshold: str, calibration: str,
+                      horizon: int, fairness_attribute: str | None, study: str | None, label: str | None,
+                      positive: str | None, id_column: str | None, time_column: str | None, name: str | None) -> None:
     from training.train import TrainConfig, train_and_register
     from training.tune import TuneConfig
 
     settings: Settings = ctx.obj
     try:
         config = TrainConfig(
-            tune=TuneConfig(trials=trials, timeout_s=timeout, seed=seed,
+            tune=TuneConfig(trials=trials, timeout_s=timeout, seed=seed, selection=selection,
                             **({"families": tuple(family)} if family else {})),
             threshold=_threshold_policy(threshold), calibration=calibration, horizon_days=horizon,
             fairness_attribute=fairness_attribute)
@@ -433,6 +451,7 @@ def _classifier_command(task: str, doc: str):
         trials: Trials = 30,
         timeout: Timeout = None,
         family: Annotated[list[str] | None, typer.Option(help="Model families: lightgbm, xgboost (default both).")] = None,
+        selection: Selection = "one_se",
         seed: Seed = 42,
         threshold: Annotated[str, typer.Option(help="Decision threshold policy: f1, fbeta:B, fixed:P (e.g. fixed:0.7 "
                                                     "= act when probability >= 0.7), value:TP_VALUE,FP_COST[,FN_COST].")] = "f1",
@@ -447,7 +466,7 @@ def _classifier_command(task: str, doc: str):
         time_column: Annotated[str | None, typer.Option("--time", help="Time column: split out of time.")] = None,
         name: Annotated[str | None, typer.Option(help="Registered model name (default: the task, churn or propensity).")] = None,
     ) -> None:
-        _train_classifier(ctx, task, dataset, trials, timeout, family, seed, threshold, calibration, horizon,
+        _train_classifier(ctx, task, dataset, trials, timeout, family, selection, seed, threshold, calibration, horizon,
                           fairness_attribute, study, label, positive, id_column, time_column, name)
 
     command.__doc__ = doc
@@ -551,14 +570,8 @@ MaxTprGap = Annotated[float, typer.Option(min=0, help="Largest true-positive-rat
 MaxPositiveRateGap = Annotated[float, typer.Option(min=0, help="Largest positive-rate gap.")]
 
 
-def _gate_metric(value: str | None) -> str | None:
-    if value is not None and value not in ("roc_auc", "log_loss", "brier"):
-        raise typer.BadParameter(f"{value!r} is not a gate metric: choose roc_auc, log_loss or brier")
-    return value
-
-
 GateMetric = Annotated[str | None, typer.Option(
-    "--metric", callback=_gate_metric, metavar="roc_auc|log_loss|brier",
+    "--metric", callback=_one_of("a gate metric", "roc_auc", "log_loss", "brier"), metavar="roc_auc|log_loss|brier",
     help="Classifiers: compare by this instead of ROC-AUC (log_loss and brier also reward calibration; "
          "--relative-tolerance and --min-gain are then shares of the champion's loss).")]
 MinGain = Annotated[float | None, typer.Option(

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from personalize.cli import app
 from personalize.errors import PersonalizeError
 from training.tracking import PARENT_RUN_ATTR, tracked_tune
-from training.tune import TuneConfig, split_labeled_table
+from training.tune import TuneConfig, ranked_trials, split_labeled_table
 
 PG_BINARIES = Path("/usr/lib/postgresql")
 QUICK = TuneConfig(families=("lightgbm",), trials=2, max_rounds=100, early_stopping_rounds=10, cv_folds=None)
@@ -201,9 +201,10 @@ def test_two_workers_share_one_study_and_one_parent_run(postgres: str, mlflow_se
     assert sorted(c.data.tags["kind"] for c in children) == ["baseline"] + ["trial"] * 6
     assert sorted(c.info.run_name for c in trial_runs) == sorted(f"trial-{t.number}" for t in finished)
     assert {c.data.tags["worker"] for c in trial_runs} == workers_seen
-    # whose best is the study's best, whoever finished last
-    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
-    assert parent.data.metrics["best_cv_roc_auc"] == study.best_value
+    # whose chosen trial is the study's, whoever finished last
+    chosen = ranked_trials(study)[0]
+    assert parent.data.tags["best_trial"] == str(chosen.number)
+    assert parent.data.metrics["best_cv_roc_auc"] == chosen.value
     assert client.list_artifacts(parent.info.run_id)[0].path == "best_params.json"
     # and the runs really are in PostgreSQL
     with psycopg2.connect(postgres.replace("postgresql+psycopg2", "postgresql") + "/mlflow") as connection:
@@ -239,7 +240,7 @@ def test_tuning_a_study_again_resumes_its_parent_run_or_replaces_a_deleted_one(
     # Then: a new parent run, with its own baseline and this session's trials, is recorded on the study
     assert new_id != parent_id and third.study.user_attrs[PARENT_RUN_ATTR] == new_id
     assert children(new_id) == ["baseline"] + ["trial"] * 2
-    assert client.get_run(new_id).data.tags["best_trial"] == str(third.study.best_trial.number)
+    assert client.get_run(new_id).data.tags["best_trial"] == str(ranked_trials(third.study)[0].number)
 
 
 def test_a_study_tuned_before_parents_were_recorded_gets_one_and_a_dead_claim_is_a_clear_error(

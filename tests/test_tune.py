@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from personalize.cli import app
 from personalize.errors import PersonalizeError
-from training.tune import (TuneConfig, model_matrix, predict_mean, refit, refit_best, refit_rounds,
-                           stratified_split, tune)
+from training.tune import (TuneConfig, auc_standard_error, model_matrix, predict_mean, ranked_trials, refit,
+                           refit_best, refit_rounds, stratified_split, tune)
 
 
 def labeled(n: int = 800, seed: int = 0) -> pd.DataFrame:
@@ -79,6 +79,34 @@ def test_refitting_on_all_rows_scales_the_rounds_and_the_top_trials_average(tmp_
     assert len(boosters) == 3 and scores.shape == (len(split.y_valid),) and ((scores > 0) & (scores < 1)).all()
 
 
+def finished_trial(score: float, se: float, depth: int) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        params={"family": "xgboost"}, distributions={"family": optuna.distributions.CategoricalDistribution(
+            ["lightgbm", "xgboost"])}, value=score,
+        user_attrs={"params": {"max_depth": depth}, "rounds": 10, "se": se})
+
+
+@pytest.mark.parametrize(("stump_score", "ranked"), [(0.845, [1, 4, 6, 1]), (0.835, [4, 6, 1, 1])])
+def test_the_simplest_trial_within_one_standard_error_wins(stump_score: float, ranked: list[int]) -> None:
+    # Given: a deep model with the best cross-validated score (standard error 0.01) and stumps a little below it
+    study = optuna.create_study(direction="maximize")
+    for score, depth in [(0.850, 6), (0.848, 4), (stump_score, 1), (0.80, 1)]:
+        study.add_trial(finished_trial(score, 0.01, depth))
+    # When: trials are ranked by each rule
+    one_se = [t.user_attrs["params"]["max_depth"] for t in ranked_trials(study, "one_se")]
+    best = [t.user_attrs["params"]["max_depth"] for t in ranked_trials(study, "best")]
+    # Then: within 0.01 of the best, the simplest first (the stumps when they are), the others by score after them;
+    # "best" orders by score alone
+    assert one_se == ranked
+    assert best == [6, 4, 1, 1]
+
+
+def test_the_standard_error_of_a_validation_auc_shrinks_with_the_sample() -> None:
+    small, large = np.repeat([0, 1], [80, 20]), np.repeat([0, 1], [8000, 2000])
+    assert auc_standard_error(0.8, small) == pytest.approx(0.0627, abs=1e-4)  # Hanley & McNeil's formula (3)
+    assert auc_standard_error(0.8, large) == pytest.approx(auc_standard_error(0.8, small) / 10, rel=0.05)
+
+
 def test_a_study_is_joined_by_name_across_runs(tmp_path: Path) -> None:
     split, storage = split_of(labeled()), f"sqlite:///{tmp_path / 'optuna.db'}"
     tune(split, TuneConfig(**FAST), storage, "shared")
@@ -131,8 +159,9 @@ def test_a_study_is_one_parent_run_with_the_baseline_first_and_a_run_per_trial(t
     kinds = [c.data.tags["kind"] for c in children]
     assert kinds == ["baseline"] + ["trial"] * len(result.study.trials)
     assert children[0].data.metrics["valid_roc_auc"] == 0.5
-    assert parent.data.tags["best_trial"] == str(result.study.best_trial.number)
+    assert parent.data.tags["best_trial"] == str(result.trial) and parent.data.tags["selection"] == "one_se"
     assert parent.data.metrics["best_valid_roc_auc"] == result.valid_auc
-    best_run = next(c for c in children if c.info.run_name == f"trial-{result.study.best_trial.number}")
+    assert parent.data.metrics["top_roc_auc"] == result.study.best_value >= result.valid_auc
+    best_run = next(c for c in children if c.info.run_name == f"trial-{result.trial}")
     assert best_run.data.metrics["valid_roc_auc"] == result.valid_auc
     assert parent.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())

@@ -35,7 +35,8 @@ from mlflow.exceptions import MlflowException
 
 from personalize.errors import PersonalizeError
 from training.evaluate import classification_metrics
-from training.tune import Split, TuneConfig, TuneResult, best_of, enqueue_starts, open_study, tune, worker_id
+from training.tune import (Split, TuneConfig, TuneResult, best_of, enqueue_starts, open_study, ranked_trials, tune,
+                           worker_id)
 
 log = logging.getLogger(__name__)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -179,21 +180,24 @@ def _usable(client: mlflow.MlflowClient, run_id: str, experiment_id: str) -> boo
 
 
 def _record_best(result: TuneResult, split: Split, config: TuneConfig) -> TuneResult:
-    """Write the study's best trial on the active run, then read the study again until nothing finished since the
-    last write: of several workers, whoever writes last leaves the best of all their trials. Metrics are logged at
+    """Write the study's chosen trial (:func:`training.tune.ranked_trials`) on the active run, then read the study
+    again until nothing finished since the last write: of several workers, whoever writes last leaves the choice
+    among all their trials. Metrics are logged at
     step = finished trials, so the latest value is that of the most advanced study whatever the writers' clocks."""
     study, written = result.study, None
     while True:
         finished = study.get_trials(deepcopy=False, states=_FINISHED)  # before the best: it is then at least as new
-        if (study.best_trial.number, len(finished)) == written:
+        chosen = ranked_trials(study, config.selection)[0].number
+        if (chosen, len(finished)) == written:
             return result
-        if study.best_trial.number != result.trial:
+        if chosen != result.trial:
             result = best_of(study, split, config)
         step = len(finished)
-        mlflow.set_tags({"best_trial": str(result.trial), "best_family": result.family})
+        mlflow.set_tags({"best_trial": str(result.trial), "best_family": result.family, "selection": config.selection})
         mlflow.log_metrics({"best_cv_roc_auc" if config.cv_folds else "best_valid_roc_auc": result.valid_auc,
                             **({"best_holdout_roc_auc": result.holdout_auc} if result.holdout_auc is not None else {}),
                             "baseline_valid_roc_auc": result.baseline_auc, "best_rounds": result.rounds,
+                            "top_roc_auc": result.top_auc,
                             "pruned_trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in finished)},
                            step=step)
         mlflow.log_dict(_jsonable(result.params), "best_params.json")

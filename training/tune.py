@@ -6,10 +6,15 @@ cross-validation on the training rows (all folds boosted in step, one early stop
 validation split to an honest holdout score; with ``cv_folds=None`` a trial trains with early stopping on the
 validation split instead. Either way optuna-integration's pruning callbacks report the AUC every
 ``report_every`` rounds, so a median pruner stops hopeless trials (each report is a storage round trip, which
-reporting every round made the dominant cost). The best trials can be refitted on all rows (:func:`refit_best`). Studies live in
-Optuna's RDB storage: SQLite by default, or any SQLAlchemy URL (PostgreSQL), so several ``personalize tune``
-processes can join one study by name (:func:`open_study`; each trial records the ``worker``, host:pid, that ran
-it). The budget is a number of trials, a wall time, or both.
+reporting every round made the dominant cost).
+
+Which trial wins is a rule (``selection``), by default the one-standard-error rule (Breiman et al., 1984;
+glmnet's ``lambda.1se``): of the trials scoring within one standard error of the best score, the simplest (fewest
+leaves per tree), since on small tables the top scores differ by less than their own noise and the highest of them
+is the most likely to be an overfit (:func:`ranked_trials`). The chosen trials can be refitted on all rows
+(:func:`refit_best`). Studies live in Optuna's RDB storage: SQLite by default, or any SQLAlchemy URL
+(PostgreSQL), so several ``personalize tune`` processes can join one study by name (:func:`open_study`; each
+trial records the ``worker``, host:pid, that ran it). The budget is a number of trials, a wall time, or both.
 
 Class imbalance is searched as ``scale_pos_weight`` (1 up to the negative/positive ratio); it skews the raw
 probabilities, which calibration on held-out data is meant to correct before any threshold is chosen.
@@ -57,6 +62,9 @@ class TuneConfig(BaseModel):
     cv_folds: int | None = Field(default=5, ge=2)
     # Trials to run first, as Optuna parameters (e.g. the champion's best trial when retraining): a warm start.
     warm_start: tuple[dict[str, Any], ...] = ()
+    # Which trial wins: "one_se", the simplest within one standard error of the best score (:func:`ranked_trials`);
+    # "best", the highest score.
+    selection: Literal["one_se", "best"] = "one_se"
 
     @model_validator(mode="after")
     def _some_budget(self) -> TuneConfig:
@@ -201,10 +209,11 @@ def fit(family: Family, params: dict[str, Any], split: Split, config: TuneConfig
 
 
 def cross_validate(family: Family, params: dict[str, Any], split: Split, config: TuneConfig,
-                   trial: optuna.Trial | None = None) -> tuple[float, int]:
+                   trial: optuna.Trial | None = None) -> tuple[float, int, float]:
     """Stratified k-fold cross-validation on the training rows, all folds boosted in step with one early stop on
-    the mean AUC (reported to ``trial`` for pruning when given). Returns the mean AUC at the best round and that
-    round scaled to the whole training part (the folds train on (k-1)/k of it)."""
+    the mean AUC (reported to ``trial`` for pruning when given). Returns the mean AUC at the best round, that
+    round scaled to the whole training part (the folds train on (k-1)/k of it), and the standard error of the
+    mean AUC (the folds' standard deviation at that round / sqrt(k))."""
     k = config.cv_folds or 5
     folds = list(StratifiedKFold(k, shuffle=True, random_state=config.seed).split(split.x_train, split.y_train))
     if family == "lightgbm":
@@ -213,15 +222,31 @@ def cross_validate(family: Family, params: dict[str, Any], split: Split, config:
             callbacks.append(LightGBMPruningCallback(trial, "auc", report_interval=config.report_every))
         history = lgb.cv(params, lgb.Dataset(split.x_train, split.y_train, free_raw_data=False), config.max_rounds,
                          folds=folds, callbacks=callbacks)
-        curve = np.asarray(history["valid auc-mean"])
+        curve, spread = np.asarray(history["valid auc-mean"]), np.asarray(history["valid auc-stdv"])
     else:
         callbacks = [_XGBoostPruning(trial, "test-auc", config.report_every)] if trial is not None else []
         history = xgb.cv(params, xgb.DMatrix(split.x_train, split.y_train, enable_categorical=True),
                          config.max_rounds, folds=folds, early_stopping_rounds=config.early_stopping_rounds,
                          callbacks=callbacks, verbose_eval=False)
-        curve = history["test-auc-mean"].to_numpy()
+        curve, spread = history["test-auc-mean"].to_numpy(), history["test-auc-std"].to_numpy()
     best = int(np.argmax(curve))
-    return float(curve[best]), max(1, round((best + 1) * k / (k - 1)))
+    return float(curve[best]), max(1, round((best + 1) * k / (k - 1))), float(spread[best]) / np.sqrt(k)
+
+
+def auc_standard_error(auc: float, y: np.ndarray) -> float:
+    """The standard error of a ROC-AUC measured on one sample (Hanley & McNeil, 1982)."""
+    positives = int(np.sum(y))
+    negatives = len(y) - positives
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)) / (
+        positives * negatives)
+    return float(np.sqrt(max(variance, 0.0)))
+
+
+def leaves_per_tree(params: dict[str, Any]) -> int:
+    """How complex a trial's trees are: their most leaves (LightGBM's ``num_leaves`` is already capped by its
+    depth in :func:`suggest`)."""
+    return int(params["num_leaves"]) if "num_leaves" in params else 2 ** int(params["max_depth"])
 
 
 def predict(booster: lgb.Booster | xgb.Booster, x: pd.DataFrame, rounds: int) -> np.ndarray:
@@ -247,13 +272,30 @@ def refit(family: Family, params: dict[str, Any], rounds: int, split: Split) -> 
     return train(family, params, pd.concat([split.x_train, split.x_valid]), y, scaled)
 
 
-def refit_best(result: TuneResult, split: Split, top: int = 3) -> list[lgb.Booster | xgb.Booster]:
-    """The ``top`` best completed trials of the study, each refitted on training and validation rows
-    (:func:`refit`). Averaging their predictions (:func:`predict_mean`) is steadier than the single best trial,
-    whose lead over the next ones is mostly selection noise on a small table."""
-    done = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE and "params" in t.user_attrs]
-    best = sorted(done, key=lambda t: -t.value)[:top]
-    return [refit(t.params["family"], t.user_attrs["params"], t.user_attrs["rounds"], split) for t in best]
+def ranked_trials(study: optuna.Study, selection: str = "one_se") -> list[optuna.trial.FrozenTrial]:
+    """The study's completed trials in the order the ``selection`` rule prefers them, the chosen one first.
+
+    ``best``: by score. ``one_se``: the trials within one standard error of the best score (the best trial's own
+    standard error, ``se`` in its user attributes) come first, simplest first (:func:`leaves_per_tree`, ties by
+    score), then the others by score. A best trial without a recorded standard error leaves the order by score."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if "params" in t.user_attrs]
+    ranked = sorted(done, key=lambda t: (-t.value, t.number))
+    if selection == "best" or not ranked:
+        return ranked
+    floor = ranked[0].value - ranked[0].user_attrs.get("se", 0.0)
+    near = [t for t in ranked if t.value >= floor]
+    near.sort(key=lambda t: (leaves_per_tree(t.user_attrs["params"]), -t.value, t.number))
+    return near + [t for t in ranked if t.value < floor]
+
+
+def refit_best(result: TuneResult, split: Split, top: int = 3,
+               selection: str = "one_se") -> list[lgb.Booster | xgb.Booster]:
+    """The ``top`` first trials of the study by the ``selection`` rule (:func:`ranked_trials`), each refitted on
+    training and validation rows (:func:`refit`). Averaging their predictions (:func:`predict_mean`) is steadier
+    than one trial, whose lead over the next ones is mostly selection noise on a small table."""
+    chosen = ranked_trials(result.study, selection)[:top]
+    return [refit(t.params["family"], t.user_attrs["params"], t.user_attrs["rounds"], split) for t in chosen]
 
 
 def predict_mean(boosters: list[lgb.Booster | xgb.Booster], x: pd.DataFrame) -> np.ndarray:
@@ -286,10 +328,11 @@ class TuneResult:
     family: Family
     params: dict[str, Any]
     rounds: int  # boosting rounds for a model trained on the training rows of the split
-    valid_auc: float  # the best trial's score: cross-validated on the training rows, or on the validation split
+    valid_auc: float  # the chosen trial's score: cross-validated on the training rows, or on the validation split
     baseline_auc: float  # a constant score (the prior rate): the floor every trial must beat
     holdout_auc: float | None = None  # the chosen model (training rows, ``rounds``) on the validation split
-    trial: int | None = None  # the best trial's number in the study
+    trial: int | None = None  # the chosen trial's number in the study
+    top_auc: float | None = None  # the study's highest score (above ``valid_auc`` when a simpler trial was chosen)
 
 
 def worker_id() -> str:
@@ -332,7 +375,7 @@ def enqueue_starts(study: optuna.Study, config: TuneConfig) -> None:
 def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
          on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
          study: optuna.Study | None = None) -> TuneResult:
-    """Run (or join, by name) a study maximising ROC-AUC, and return its best trial (:func:`best_of`). ``study``,
+    """Run (or join, by name) a study maximising ROC-AUC, and return the trial it chooses (:func:`best_of`). ``study``,
     when given, is the study already opened (:func:`open_study`, e.g. with a worker's own sampler seed).
 
     With ``config.cv_folds`` (the default), trials are scored by cross-validation on the training rows only, and
@@ -348,12 +391,14 @@ def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
         params = suggest(trial, family, split, config.seed)
         trial.set_user_attr("params", params)
         if config.cv_folds:
-            score, rounds = cross_validate(family, params, split, config, trial)
-            trial.set_user_attr("rounds", rounds)
-            return score
-        booster, rounds = fit(family, params, split, config, trial)
+            score, rounds, se = cross_validate(family, params, split, config, trial)
+        else:
+            booster, rounds = fit(family, params, split, config, trial)
+            score = float(roc_auc_score(split.y_valid, predict(booster, split.x_valid, rounds)))
+            se = auc_standard_error(score, split.y_valid)
         trial.set_user_attr("rounds", rounds)
-        return float(roc_auc_score(split.y_valid, predict(booster, split.x_valid, rounds)))
+        trial.set_user_attr("se", se)
+        return score
 
     callbacks = [on_trial] if on_trial else []
     study.optimize(objective, n_trials=config.trials, timeout=config.timeout_s, callbacks=callbacks)
@@ -361,10 +406,12 @@ def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
 
 
 def best_of(study: optuna.Study, split: Split, config: TuneConfig) -> TuneResult:
-    """The study's best trial as it stands (every worker's trials), scored on ``split``."""
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    """The trial the study chooses as it stands (every worker's trials; ``config.selection``), scored on
+    ``split``."""
+    ranked = ranked_trials(study, config.selection)
+    if not ranked:
         raise PersonalizeError(f"study {study.study_name!r}: no trial completed within the budget")
-    best = study.best_trial
+    best = ranked[0]
     family, params, rounds = best.params["family"], best.user_attrs["params"], best.user_attrs["rounds"]
     if config.cv_folds:
         booster = train(family, params, split.x_train, split.y_train, rounds)
@@ -372,4 +419,5 @@ def best_of(study: optuna.Study, split: Split, config: TuneConfig) -> TuneResult
     else:
         holdout = float(best.value)
     baseline = float(roc_auc_score(split.y_valid, np.full(len(split.y_valid), split.y_train.mean())))
-    return TuneResult(study, family, params, rounds, float(best.value), baseline, holdout, best.number)
+    return TuneResult(study, family, params, rounds, float(best.value), baseline, holdout, best.number,
+                      float(study.best_value))
