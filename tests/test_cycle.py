@@ -156,6 +156,25 @@ def test_candidates_outputs_have_valid_shapes_and_ranges(synthetic: pd.DataFrame
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bgnbd"])  # pareto_nbd too, checked by hand: its per-t calls take ~40 s here
+def test_the_whole_survival_grid_in_one_call_equals_one_call_per_horizon(synthetic: pd.DataFrame, kind: str) -> None:
+    from training.cycle import _point
+
+    current = customer_summary(synthetic[synthetic["timestamp"] < CALIBRATION_END], CALIBRATION_END).head(300)
+    base = BTYDModel(kind=kind, time_unit_days=7.0, spend=False).fit(current)
+    grid = np.array([0.0, 3.0, 30.0, 90.0])
+    data, per_t = base._data(current), [np.ones(len(current))]
+    for days in grid[1:]:
+        t = days / 7.0
+        p0 = (base.model_.expected_probability_no_purchase(t=t, data=data) if kind == "bgnbd" else
+              base.model_.expected_purchase_probability(data=data, n_purchases=0, future_t=t))
+        per_t.append(np.clip(_point(p0), 0.0, 1.0))
+    expected = np.minimum.accumulate(np.column_stack(per_t), axis=1)
+    assert np.allclose(base.survival(current, grid), expected, rtol=0, atol=1e-12)
+    assert np.allclose(base.survival(current, grid, chunk_rows=10), expected, rtol=0, atol=1e-12)  # in chunks
+
+
+@pytest.mark.slow
 def test_selection_never_looks_at_the_holdout(synthetic: pd.DataFrame, selection: CycleSelection) -> None:
     # given the same calibration data but a holdout rewritten: half of it dropped, the rest tripled
     holdout = synthetic[synthetic["timestamp"] >= CALIBRATION_END]
