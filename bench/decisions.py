@@ -26,7 +26,10 @@ reads the truth except to score against it.
   ``regret_thompson_k8``), keyed by the rule segments' primary segment
   (``bandit_by: segment``, the catalog's default), keyed by the planted segment (perfect keys: the floor any keying
   can reach) and one posterior for everyone (``thompson_global``). The cluster and rule-segment keys are computed from
-  the features only, never from the truth. ``regret_ratio`` = regret_thompson / regret_random.
+  the features only, never from the truth. ``regret_ratio`` = regret_thompson / regret_random. Beside each Thompson
+  row, its keys' floor (:func:`serving.simulation.key_floor` x impressions; ``regret_floor``, ``regret_floor_k8``,
+  ``regret_floor_segment``, ``regret_floor_global``): the regret of always showing each key its best variant, the
+  least any policy that sees only those keys can lose.
 - **Latency**: churn and propensity (one-trial LightGBM studies) and the purchase cycle (AFT) are trained on the shop
   and force-promoted, the online store is materialized (:func:`serving.online.materialize`), and
   ``personalize serve --dataset shop`` is started (one server, ``--workers`` workers; stopped with its whole process
@@ -141,7 +144,7 @@ def supervised_ceiling(frame: pd.DataFrame, truth: np.ndarray) -> dict[str, Any]
 def regret_figures(keys: dict[str, np.ndarray], truth: np.ndarray, impressions: int,
                    seeds: list[int]) -> dict[str, dict[str, Any]]:
     from features.synthetic import PLANTED_RESPONSE
-    from serving.simulation import simulate
+    from serving.simulation import key_floor, simulate
 
     runs = {"oracle": ("oracle", keys["planted"]), "random": ("random", keys["planted"]),
             "thompson": ("thompson", keys["cluster"]), "thompson_k8": ("thompson", keys["cluster_k8"]),
@@ -156,7 +159,11 @@ def regret_figures(keys: dict[str, np.ndarray], truth: np.ndarray, impressions: 
                       "conversion_rate": statistics.median(r.conversions / r.impressions for r in results),
                       "regrets": [r.regret for r in results], "keys": len(set(map(str, k))),
                       "seconds": time.perf_counter() - t}
-        print(f"  {label:17s} regret {out[label]['regret']:8.1f}  best variant {out[label]['best_share']:.1%}  "
+        if policy.startswith("thompson"):  # what the keys allow at best: each key's best variant, always
+            seen = np.zeros(len(truth)) if policy == "thompson_global" else k
+            out[label]["floor"] = key_floor(seen, truth, PLANTED_RESPONSE) * impressions
+        floor = f"  keys' floor {out[label]['floor']:8.1f}" if "floor" in out[label] else ""
+        print(f"  {label:17s} regret {out[label]['regret']:8.1f}{floor}  best variant {out[label]['best_share']:.1%}  "
               f"({out[label]['seconds']:.1f}s)", flush=True)
     return out
 
@@ -271,7 +278,8 @@ def print_tables(clusters: dict[str, Any], regret: dict[str, Any], http: dict[st
 
     t = Table(title=f"Banner bandit over {f['impressions']:,} simulated impressions (planted response), median of "
                     f"{f['seeds']} seed(s); keys from the features only")
-    for col in ("policy", "keys", "regret", "vs random", "best variant", "conversion"):
+    for col in ("policy", "keys", "regret", "vs random", "keys' floor", "floor vs random", "best variant",
+                "conversion"):
         t.add_column(col, justify="left" if col == "policy" else "right")
     labels = {"oracle": "oracle (true segment's best variant)", "random": "uniform random",
               "thompson": "Thompson by K-Means cluster (bandit_by: cluster)",
@@ -283,7 +291,9 @@ def print_tables(clusters: dict[str, Any], regret: dict[str, Any], http: dict[st
     for key, label in labels.items():
         r = regret[key]
         keys = "-" if key in ("oracle", "random") else "1" if key == "thompson_global" else str(r["keys"])
+        floor = r.get("floor")
         t.add_row(label, keys, f"{r['regret']:,.1f}", f"{r['regret'] / rnd:.3f}" if rnd else "-",
+                  "-" if floor is None else f"{floor:,.1f}", "-" if floor is None or not rnd else f"{floor / rnd:.3f}",
                   f"{r['best_share']:.1%}", f"{r['conversion_rate']:.2%}")
     console.print(t)
 
@@ -380,6 +390,10 @@ def main() -> None:
         "regret_thompson_planted": round(regret["thompson_planted"]["regret"], 1),
         "regret_thompson_global": round(regret["thompson_global"]["regret"], 1),
         "regret_random": round(regret["random"]["regret"], 1),
+        "regret_floor": round(regret["thompson"]["floor"], 1),
+        "regret_floor_k8": round(regret["thompson_k8"]["floor"], 1),
+        "regret_floor_segment": round(regret["thompson_segment"]["floor"], 1),
+        "regret_floor_global": round(regret["thompson_global"]["floor"], 1),
         "regret_oracle": round(regret["oracle"]["regret"], 1),
         "regret_ratio": round(regret["thompson"]["regret"] / regret["random"]["regret"], 4),
         "best_share_thompson": regret["thompson"]["best_share"],

@@ -5,6 +5,10 @@ segment or cluster the platform assigned); the customer converts with the plante
 segment and that variant (:data:`features.synthetic.PLANTED_RESPONSE`). Regret is the expected conversions lost
 to the oracle, which always shows the true segment's best variant: ``sum(best(true) - p(true, chosen))``.
 
+:func:`key_floor` is the other yardstick: the regret of the best any policy can do that sees only the key, i.e.
+always showing each key's best variant for the mix of true segments behind it. A bandit converges to it, never
+below it; how far it sits above random says how much the keys themselves carry.
+
 Policies: ``thompson`` (the serving code's :func:`serving.decisions.thompson`, one posterior per key, updated after
 every impression), ``thompson_global`` (one posterior for everyone: what a bandit without segments learns),
 ``random`` (uniform over the variants) and ``oracle``.
@@ -69,3 +73,21 @@ def simulate(keys: np.ndarray, truth: np.ndarray, response: dict[str, dict[str, 
         regret += best[seg] - p[seg][j]
         hits += int(j == best_index[seg])
     return SimResult(policy, impressions, conversions, round(float(regret), 3), round(hits / impressions, 4))
+
+
+def key_floor(keys: np.ndarray, truth: np.ndarray, response: dict[str, dict[str, float]]) -> float:
+    """Expected regret per impression of the best policy that sees only the key: each key always shows the variant
+    with the highest mean conversion over its customers' true segments (customers drawn uniformly, as in
+    :func:`simulate`). 0 when every key holds one true segment; with a single key, the global best variant's."""
+    if len(keys) != len(truth) or len(keys) == 0:
+        raise ValueError("keys and truth must be non-empty and of the same length")
+    variants = list(next(iter(response.values())))
+    p = np.array([[response[str(seg)][v] for v in variants] for seg in truth])  # customer x variant
+    best = p.max(axis=1)
+    keys = np.asarray(keys).astype(str)
+    lost = 0.0
+    for key in np.unique(keys):
+        rows = keys == key
+        chosen = int(p[rows].mean(axis=0).argmax())
+        lost += float((best[rows] - p[rows, chosen]).sum())
+    return lost / len(keys)

@@ -19,7 +19,7 @@ from personalize.errors import ConfigError
 from personalize.settings import Settings
 from serving.decision_store import DecisionStore
 from serving.decisions import HOLDOUT, Catalog, assign_arm, decide, load_catalog, thompson
-from serving.simulation import simulate
+from serving.simulation import key_floor, simulate
 
 
 # --- rules and segments ------------------------------------------------------------------------------------------
@@ -171,6 +171,25 @@ def test_thompson_per_segment_beats_random_by_a_wide_margin() -> None:
     assert oracle.regret == 0 and oracle.best_share == 1
     assert ts.regret < 0.35 * rnd.regret
     assert ts.best_share > 0.6 > rnd.best_share
+
+
+def test_a_bandit_over_keys_converges_to_the_keys_floor_and_no_lower() -> None:
+    # Given: customers whose key is their true segment for half of them and a coin toss for the others
+    rng = np.random.default_rng(0)
+    segments = np.array(list(PLANTED_RESPONSE))
+    truth = segments[rng.integers(0, len(segments), 2000)]
+    noisy = np.where(rng.random(2000) < 0.5, truth, segments[rng.integers(0, len(segments), 2000)])
+    # Then: perfect keys have no floor; one key for everyone has the global best variant's; noisy keys lie between
+    mixed = {v: np.mean([PLANTED_RESPONSE[t][v] for t in truth]) for v in PLANTED_RESPONSE[truth[0]]}
+    global_best = max(mixed, key=mixed.__getitem__)
+    one_key = np.mean([max(PLANTED_RESPONSE[t].values()) - PLANTED_RESPONSE[t][global_best] for t in truth])
+    assert key_floor(truth, truth, PLANTED_RESPONSE) == 0
+    assert key_floor(np.zeros(2000), truth, PLANTED_RESPONSE) == pytest.approx(one_key)
+    assert 0 < key_floor(noisy, truth, PLANTED_RESPONSE) < one_key
+    # and a long Thompson run over the noisy keys ends close above their floor, never below it
+    run = simulate(noisy, truth, PLANTED_RESPONSE, 30_000, "thompson", seed=1)
+    floor = key_floor(noisy, truth, PLANTED_RESPONSE) * 30_000
+    assert floor <= run.regret < 1.6 * floor
 
 
 # --- the decision store -------------------------------------------------------------------------------------------
