@@ -25,6 +25,7 @@ import os
 import secrets
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,11 @@ class PredictionLog:
         by_day: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             ts = r.get("ts")
-            day = pd.Timestamp(ts).strftime("%Y-%m-%d") if ts is not None else time.strftime("%Y-%m-%d",
-                                                                                              time.gmtime(now))
+            if ts is None:
+                day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            else:
+                ts = ts if isinstance(ts, datetime) else pd.Timestamp(ts)
+                day = (ts if ts.tzinfo is None else ts.astimezone(timezone.utc)).strftime("%Y-%m-%d")
             by_day.setdefault(day, []).append(r)
         for day, part in by_day.items():
             folder = self.root / f"date={day}"
@@ -163,7 +167,7 @@ class PredictionLog:
 def make_row(request_id: str, endpoint: str, model: dict[str, str], customer_key: str | None, cold_start: bool,
              features: dict[str, Any] | None, outputs: dict[str, Any], shadow: dict[str, Any] | None,
              ts: pd.Timestamp | None = None) -> dict[str, Any]:
-    return {"request_id": request_id, "ts": ts if ts is not None else pd.Timestamp.now(tz="UTC"),
+    return {"request_id": request_id, "ts": ts if ts is not None else datetime.now(timezone.utc),
             "endpoint": endpoint, "model": model.get("name"), "version": model.get("version"),
             "alias": model.get("alias"), "customer_key": customer_key, "cold_start": cold_start,
             "features": None if features is None else json.dumps(features, default=str),

@@ -129,17 +129,21 @@ def check_records(records: list[dict[str, Any]], numeric: list[str], categorical
     expected = set(numeric) | set(categorical) | set(boolean)
     for i, record in enumerate(records):
         at = where if len(records) == 1 else f"items[{i}].{where}"
-        unknown = sorted(set(record) - expected)
+        if len(record) == len(expected) and expected.issuperset(record):  # the usual case: exactly the columns
+            unknown = missing = []
+        else:
+            unknown, missing = sorted(set(record) - expected), sorted(expected - set(record))
         if unknown:
             raise InputError(f"{at}.{unknown[0]}", f"unknown feature (the model takes {len(expected)} features: "
                                                    f"{', '.join(sorted(expected)[:8])}{', ...' if len(expected) > 8 else ''})")
-        missing = sorted(expected - set(record))
         if missing:
             raise InputError(f"{at}.{missing[0]}", f"missing ({len(missing)} feature(s) missing; send null for an "
                                                    "unknown value)")
         for c in numeric:
             v = record[c]
             if v is None:
+                continue
+            if type(v) is float and v - v == 0.0 and (v >= 0 or c not in counts):  # finite, and not a negative count
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise InputError(f"{at}.{c}", f"must be a number or null, got {type(v).__name__}")
@@ -171,6 +175,9 @@ class Classifier:
         # bench/serving.py: ~24 ms against ~0.3 ms per row). Batch scoring asks for more.
         self.threads = threads
         self.columns = model.columns
+        self._numeric, self._categorical, self._boolean = (list(model.columns.numeric),
+                                                           list(model.columns.categorical),
+                                                           list(model.columns.boolean))
         self.features: list[str] = list(model.columns.features)
         self.numeric_only = not model.columns.categorical
         self.calibrator = Calibrator.from_dict(model.calibrator)
@@ -184,8 +191,7 @@ class Classifier:
             self.booster.set_param({"nthread": threads})
 
     def check(self, records: list[dict[str, Any]], where: str = "features") -> None:
-        check_records(records, list(self.columns.numeric), list(self.columns.categorical),
-                      list(self.columns.boolean), self.counts, where)
+        check_records(records, self._numeric, self._categorical, self._boolean, self.counts, where)
 
     def _matrix(self, records: list[dict[str, Any]]) -> np.ndarray | pd.DataFrame:
         if self.numeric_only:

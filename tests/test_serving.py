@@ -206,6 +206,34 @@ def test_churn_by_id_by_record_and_in_a_batch_agree(server: Server, home: Path) 
     assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1
 
 
+def test_request_metrics_count_each_route_and_status(server: Server, home: Path) -> None:
+    """BentoML's request metrics, kept by serving.service.RequestMetrics: one count and one duration per request,
+    by route and status; a path that is no route counts as "other"."""
+
+    def value(name: str, **labels: str) -> float:
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        for line in server.client.get("/metrics").text.splitlines():
+            if line.startswith(name + "{") and all(w in line for w in wanted):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    total, seconds = "bentoml_service_request_total", "bentoml_service_request_duration_seconds_count"
+    before = (value(total, endpoint="/churn", http_response_code="200"),
+              value(total, endpoint="/churn", http_response_code="400"),
+              value(total, endpoint="other", http_response_code="404"),
+              value(seconds, endpoint="/churn", http_response_code="200"))
+    assert server.client.post("/churn", json={"customer_id": _known_ids(home, 1)[0]}).status_code == 200
+    assert server.client.post("/churn", json={"customer_id": 5}).status_code == 400
+    assert server.client.get("/no-such-page-1234").status_code == 404
+    after = (value(total, endpoint="/churn", http_response_code="200"),
+             value(total, endpoint="/churn", http_response_code="400"),
+             value(total, endpoint="other", http_response_code="404"),
+             value(seconds, endpoint="/churn", http_response_code="200"))
+    assert [a - b for a, b in zip(after, before)] == [1, 1, 1, 1]
+    assert value("bentoml_service_request_in_progress", endpoint="/churn") == 0
+    assert 'endpoint="/no-such-page-1234"' not in server.client.get("/metrics").text
+
+
 def test_batch_scoring_gives_the_online_answer(server: Server, home: Path) -> None:
     from serving.batch import score_dataset
     from training.registry import connect
@@ -259,9 +287,9 @@ def test_adaptive_batching_merges_concurrent_calls_and_answers_each_its_own(serv
     assert [r.json()[0]["probability"] for c, r in answers if c == ids[0]][0] == single
     metrics = server.client.get("/metrics").text
     sizes = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-             if line.startswith("bentoml_service_adaptive_batch_size_") and 'method_name="churn_ids"' in line}
-    assert sizes["bentoml_service_adaptive_batch_size_sum"] == 200
-    assert sizes["bentoml_service_adaptive_batch_size_count"] < 200  # some calls were merged
+             if line.startswith("personalize_batch_size_") and 'method_name="churn_ids"' in line}
+    assert sizes["personalize_batch_size_sum"] == 200
+    assert sizes["personalize_batch_size_count"] < 200  # some calls were merged
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
