@@ -419,6 +419,39 @@ def test_an_api_key_guards_scoring_but_not_the_probes(server: Server, home: Path
 
 
 # --- in process: shadow mode ---------------------------------------------------------------------------------------
+def test_a_server_on_the_redis_store_answers_as_the_sqlite_one(server: Server, home: Path, redis_url: str,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production option by configuration only: materialize into Redis, serve with PERSONALIZE_ONLINE_STORE."""
+    from personalize.settings import Settings
+    from serving.online import materialize
+
+    for key, value in _env(home).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.from_env()
+    report = materialize(settings.dataset_dir("synthetic"), redis_url, tracking_uri=settings.tracking_uri)
+    ids = _known_ids(home, 3)
+    assert report.customers >= len(ids)
+    on_redis = Server(home, PERSONALIZE_API_KEY=API_KEY, PERSONALIZE_ONLINE_STORE=redis_url,
+                      PERSONALIZE_PREDICTION_LOG=str(tmp_path / "predlog"))
+    on_redis.client.headers["x-api-key"] = API_KEY
+    try:
+        on_redis.wait_ready()
+        status = on_redis.client.get("/status").json()["online_store"]
+        assert status["url"].startswith("redis://") and "error" not in status
+        for path, body in (("/churn", {"items": [{"customer_id": c} for c in [*ids, "never-seen"]]}),
+                           ("/next_purchase", {"customer_id": ids[0]}), ("/segment", {"customer_id": ids[1]})):
+            answers = [srv.client.post(path, json=body) for srv in (server, on_redis)]
+            assert [a.status_code for a in answers] == [200, 200], path
+            sqlite_answer, redis_answer = (a.json() for a in answers)
+            for a in (sqlite_answer, redis_answer):
+                a.pop("request_id", None)
+            assert redis_answer == sqlite_answer, path
+            if path == "/churn":  # the ids were found in Redis, the unknown one was not
+                assert [r["cold_start"] for r in redis_answer["results"]] == [False, False, False, True]
+    finally:
+        on_redis.stop()
+
+
 def test_shadow_challenger_is_logged_never_returned(home: Path, tmp_path: Path) -> None:
     from serving.api import Runtime
     from serving.config import ServeConfig

@@ -161,39 +161,7 @@ def test_good_records_pass_with_nulls() -> None:
                   ["channel"], ["member"], frozenset({"orders"}))
 
 
-# --- the Redis online store (a real server on loopback when one can start) -------------------------------------
-@pytest.fixture
-def redis_url(tmp_path: Path):
-    import shutil
-    import socket
-    import time
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server on this machine (`apt-get install redis-server`; .ci/run installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import redis
-
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            pytest.skip("redis-server did not start")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
+# --- the Redis online store (a real server on loopback: the redis_url fixture, tests/conftest.py) -------------
 def test_redis_store_behaves_like_the_sqlite_one(redis_url: str) -> None:
     from serving.online import RedisOnlineStore
 
