@@ -2,6 +2,7 @@
 
     python bench/decisions.py             # 5,000-customer shop, 50,000 impressions x 3 seeds, 10 s per load level
     python bench/decisions.py --quick     # 2,000 customers, 10,000 impressions x 1 seed, 4 s per load level
+    python bench/decisions.py --sweep     # also Thompson keyed by finer K-Means partitions (k = 8 to 32)
 
 Set-up, in a temporary ``PERSONALIZE_HOME`` with its own SQLite MLflow registry: the seed-42 synthetic shop
 (``--customers`` customers, 730 days; :func:`features.synthetic.generate`) is ingested
@@ -168,6 +169,29 @@ def regret_figures(keys: dict[str, np.ndarray], truth: np.ndarray, impressions: 
     return out
 
 
+def sweep_figures(frame: pd.DataFrame, truth: np.ndarray, impressions: int, seeds: list[int],
+                  ks: tuple[int, ...] = (8, 12, 16, 24, 32)) -> dict[str, dict[str, float]]:
+    """``--sweep``: Thompson keyed by K-Means with each k of ``ks``: its floor and its regret, both / random."""
+    from features.clustering import CustomerClusters, adjusted_rand
+    from features.synthetic import PLANTED_RESPONSE
+    from serving.simulation import key_floor, simulate
+
+    random = statistics.median(simulate(truth, truth, PLANTED_RESPONSE, impressions, "random", seed=s).regret
+                               for s in seeds)
+    out = {}
+    for k in ks:
+        labels = CustomerClusters(method="kmeans", k=k, seed=0).fit(frame).predict(frame)
+        keys = np.array([f"cluster_{c}" for c in labels])
+        regret = statistics.median(simulate(keys, truth, PLANTED_RESPONSE, impressions, "thompson", seed=s).regret
+                                   for s in seeds)
+        out[str(k)] = {"ari": round(adjusted_rand(labels, truth), 4),
+                       "floor_vs_random": round(key_floor(keys, truth, PLANTED_RESPONSE) * impressions / random, 4),
+                       "thompson_vs_random": round(regret / random, 4)}
+        print(f"  k={k:<3d} ARI {out[str(k)]['ari']:.3f}  floor {out[str(k)]['floor_vs_random']:.3f}x random  "
+              f"Thompson {out[str(k)]['thompson_vs_random']:.3f}x random", flush=True)
+    return out
+
+
 # --- latency -------------------------------------------------------------------------------------------------------
 def build_models(settings: Any) -> dict[str, Any]:
     """Churn and propensity (one-trial LightGBM), the purchase cycle (AFT), force-promoted; the online store."""
@@ -324,6 +348,8 @@ def main() -> None:
     parser.add_argument("--ids", type=int, default=300, help="consenting customers cycled by the load generator")
     parser.add_argument("--loader", choices=["wrk", "python"], default=None,
                         help="load generator (default: wrk when /usr/bin/wrk exists)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also Thompson keyed by K-Means with k = 8, 12, 16, 24, 32 (floor and regret vs random)")
     args = parser.parse_args()
     customers = args.customers or (2_000 if args.quick else 5_000)
     impressions = args.impressions or (10_000 if args.quick else 50_000)
@@ -363,6 +389,10 @@ def main() -> None:
         print(f"rule segments (primary): {counts(rule)}", flush=True)
         print(f"bandit regret ({impressions:,} impressions, seeds {seeds}):", flush=True)
         regret = regret_figures(keys, truth, impressions, seeds)
+        sweep = None
+        if args.sweep:
+            print("finer keys (K-Means, k fixed):", flush=True)
+            sweep = sweep_figures(frame, truth, impressions, seeds)
 
         print("latency set-up: churn, propensity, purchase_cycle champions and the online store...", flush=True)
         setup = build_models(settings)
@@ -421,6 +451,8 @@ def main() -> None:
         "cores": os.cpu_count(),
         "bench_s": round(time.perf_counter() - started, 1),
     }
+    if sweep is not None:
+        out["sweep_kmeans"] = sweep
     print()
     print_tables(clusters, regret, http, {**out, "as_of": str(frame.attrs.get("as_of", "")), "ids": len(ids)})
     print(f"{os.cpu_count()} cores (load generator and server share them), {out['bench_s']:.0f}s in all")
