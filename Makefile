@@ -36,6 +36,7 @@ bench: install
 	$(VENV)/bin/python bench/features.py $(QUICK)
 	$(VENV)/bin/python bench/quality.py $(QUICK)
 	$(VENV)/bin/python bench/serving.py $(QUICK)
+	$(VENV)/bin/python bench/serving_asgi.py $(QUICK)
 	$(VENV)/bin/python bench/monitoring.py $(QUICK)
 	$(VENV)/bin/python bench/decisions.py $(QUICK)
 	$(VENV)/bin/python bench/scale.py $(QUICK)
