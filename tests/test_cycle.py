@@ -156,22 +156,55 @@ def test_candidates_outputs_have_valid_shapes_and_ranges(synthetic: pd.DataFrame
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["bgnbd"])  # pareto_nbd too, checked by hand: its per-t calls take ~40 s here
-def test_the_whole_survival_grid_in_one_call_equals_one_call_per_horizon(synthetic: pd.DataFrame, kind: str) -> None:
+def test_bgnbd_in_closed_form_answers_what_the_library_answers(synthetic: pd.DataFrame) -> None:
+    """Expected purchases, P(alive), spend and (for repeat buyers) the no-purchase curve equal pymc-marketing's
+    own predictions from the same fit; for one-time buyers the curve is the model's exact one."""
     from training.cycle import _point
 
     current = customer_summary(synthetic[synthetic["timestamp"] < CALIBRATION_END], CALIBRATION_END).head(300)
-    base = BTYDModel(kind=kind, time_unit_days=7.0, spend=False).fit(current)
+    base = BTYDModel(time_unit_days=7.0, grid_points=6).fit(current)
+    assert base.spend_model_ is not None
+    data, weeks = base._data(current), HORIZON / 7.0
+    out = base.predict(current, HORIZON)
+    assert np.allclose(out["expected_purchases"], _point(base.model_.expected_purchases(data=data, future_t=weeks)),
+                       rtol=1e-12, atol=0)
+    assert np.allclose(out["p_alive"], _point(base.model_.expected_probability_alive(data=data)), rtol=1e-12, atol=0)
+    gg = pd.DataFrame({"customer_id": np.arange(len(current)), "frequency": current["frequency"].to_numpy(float),
+                       "monetary_value": current["monetary"].clip(lower=0).to_numpy(float)})
+    spend = _point(base.spend_model_.expected_customer_spend(data=gg))
+    assert np.allclose(out["expected_spend"], out["expected_purchases"] * spend, rtol=1e-12, atol=0)
+
     grid = np.array([0.0, 3.0, 30.0, 90.0])
-    data, per_t = base._data(current), [np.ones(len(current))]
-    for days in grid[1:]:
-        t = days / 7.0
-        p0 = (base.model_.expected_probability_no_purchase(t=t, data=data) if kind == "bgnbd" else
-              base.model_.expected_purchase_probability(data=data, n_purchases=0, future_t=t))
-        per_t.append(np.clip(_point(p0), 0.0, 1.0))
-    expected = np.minimum.accumulate(np.column_stack(per_t), axis=1)
-    assert np.allclose(base.survival(current, grid), expected, rtol=0, atol=1e-12)
-    assert np.allclose(base.survival(current, grid, chunk_rows=10), expected, rtol=0, atol=1e-12)  # in chunks
+    curve = base.survival(current, grid)
+    library = np.column_stack([np.ones(len(current))] + [
+        np.clip(_point(base.model_.expected_probability_no_purchase(t=d / 7.0, data=data)), 0, 1) for d in grid[1:]])
+    repeat = current["frequency"].to_numpy() > 0
+    assert repeat.sum() > 50 and (~repeat).sum() > 20
+    assert np.allclose(curve[repeat], np.minimum.accumulate(library, axis=1)[repeat], rtol=0, atol=1e-8)
+    alpha, r = base.params_["alpha"], base.params_["r"]
+    T = current["T"].to_numpy()[~repeat, None]
+    assert np.allclose(curve[~repeat], ((alpha + T) / (alpha + T + grid / 7.0)) ** r, rtol=1e-12, atol=0)
+    at_horizon = base.survival(current, np.linspace(0.0, HORIZON, base.grid_points + 1))[:, -1]
+    assert np.array_equal(out["p_purchase"], 1 - at_horizon)
+
+
+def test_bgnbd_no_purchase_of_one_time_buyers_matches_a_simulation_of_the_model() -> None:
+    """The BG/NBD story simulated (Poisson purchases at a gamma-distributed rate, death with a beta-distributed
+    probability after each purchase): among customers with no repeat purchase in (0, T], the share with none in
+    (T, T + t] is what ``_bgnbd_no_purchase`` says (pymc-marketing 0.19's formula answers 0.95 here)."""
+    from training.cycle import _bgnbd_no_purchase
+
+    params = {"a": 2.0, "b": 6.0, "alpha": 150.0, "r": 2.0}
+    T, t, n = 300.0, 60.0, 400_000
+    rng = np.random.default_rng(0)
+    rate = rng.gamma(params["r"], 1 / params["alpha"], n)
+    first_repeat = rng.exponential(1 / rate)  # nobody dies before a repeat purchase
+    none_yet = first_repeat > T
+    simulated = float(np.mean(first_repeat[none_yet] > T + t))
+    zero = np.zeros(1)
+    model = float(_bgnbd_no_purchase(params, zero, zero, np.array([T]), np.array([t]))[0, 0])
+    assert none_yet.sum() > 20_000
+    assert abs(model - simulated) < 0.01, (model, simulated)
 
 
 @pytest.mark.slow
