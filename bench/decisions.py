@@ -30,7 +30,10 @@ reads the truth except to score against it.
   the features only, never from the truth. ``regret_ratio`` = regret_thompson / regret_random. Beside each Thompson
   row, its keys' floor (:func:`serving.simulation.key_floor` x impressions; ``regret_floor``, ``regret_floor_k8``,
   ``regret_floor_segment``, ``regret_floor_global``): the regret of always showing each key its best variant, the
-  least any policy that sees only those keys can lose.
+  least any policy that sees only those keys can lose. And the floor of the features themselves
+  (``regret_floor_features``): each customer shown the variant with the highest expected conversion under the
+  supervised ceiling's out-of-fold P(planted segment | features), keyed by that variant: about the least any policy
+  that sees only these features can lose, bandit or not (a better classifier would move it a little).
 - **Latency**: churn and propensity (one-trial LightGBM studies) and the purchase cycle (AFT) are trained on the shop
   and force-promoted, the online store is materialized (:func:`serving.online.materialize`), and
   ``personalize serve --dataset shop`` is started (one server, ``--workers`` workers; stopped with its whole process
@@ -135,10 +138,22 @@ def supervised_ceiling(frame: pd.DataFrame, truth: np.ndarray) -> dict[str, Any]
     numeric = frame.drop(columns=["customer_id"], errors="ignore").select_dtypes(include=["number", "bool"])
     x = numeric.astype(float).to_numpy()
     t = time.perf_counter()
-    predicted = cross_val_predict(HistGradientBoostingClassifier(random_state=SEED), x, truth,
-                                  cv=StratifiedKFold(5, shuffle=True, random_state=SEED))
+    proba = cross_val_predict(HistGradientBoostingClassifier(random_state=SEED), x, truth,
+                              cv=StratifiedKFold(5, shuffle=True, random_state=SEED), method="predict_proba")
+    classes = np.unique(truth)  # cross_val_predict's column order
+    predicted = classes[proba.argmax(axis=1)]
     return {"ari": float(adjusted_rand_score(truth, predicted)), "accuracy": float(accuracy_score(truth, predicted)),
-            "features": x.shape[1], "seconds": time.perf_counter() - t}
+            "features": x.shape[1], "seconds": time.perf_counter() - t, "proba": proba, "classes": classes}
+
+
+def feature_policy(proba: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Per customer, the banner variant with the highest expected conversion under the classifier's out-of-fold
+    P(planted segment | features): what a policy that knew how the features relate to the segments would show."""
+    from features.synthetic import PLANTED_RESPONSE
+
+    variants = list(next(iter(PLANTED_RESPONSE.values())))
+    rates = np.array([[PLANTED_RESPONSE[str(c)][v] for v in variants] for c in classes])  # segment x variant
+    return np.asarray(variants)[(proba @ rates).argmax(axis=1)]
 
 
 # --- bandit regret -------------------------------------------------------------------------------------------------
@@ -166,6 +181,11 @@ def regret_figures(keys: dict[str, np.ndarray], truth: np.ndarray, impressions: 
         floor = f"  keys' floor {out[label]['floor']:8.1f}" if "floor" in out[label] else ""
         print(f"  {label:17s} regret {out[label]['regret']:8.1f}{floor}  best variant {out[label]['best_share']:.1%}  "
               f"({out[label]['seconds']:.1f}s)", flush=True)
+    # no policy that sees only the features does much better than the classifier's choice per customer
+    out["features"] = {"floor": key_floor(keys["features"], truth, PLANTED_RESPONSE) * impressions,
+                       "keys": len(set(keys["features"]))}
+    print(f"  {'features':17s} keys' floor {out['features']['floor']:8.1f}  (each customer the variant best for "
+          f"P(segment | features))", flush=True)
     return out
 
 
@@ -319,6 +339,9 @@ def print_tables(clusters: dict[str, Any], regret: dict[str, Any], http: dict[st
         t.add_row(label, keys, f"{r['regret']:,.1f}", f"{r['regret'] / rnd:.3f}" if rnd else "-",
                   "-" if floor is None else f"{floor:,.1f}", "-" if floor is None or not rnd else f"{floor / rnd:.3f}",
                   f"{r['best_share']:.1%}", f"{r['conversion_rate']:.2%}")
+    floor = regret["features"]["floor"]
+    t.add_row("any policy on the features (the variant best for a classifier's P(segment | features))", "-", "-",
+              "-", f"{floor:,.1f}", f"{floor / rnd:.3f}" if rnd else "-", "-", "-")
     console.print(t)
 
     t = Table(title=f"personalize serve on loopback, {f['workers']} worker(s), {f['ids']} consenting customers, "
@@ -385,7 +408,8 @@ def main() -> None:
         clusters = clustering_figures(frame, truth)
         rule = assign(frame, load_segments())["segment"].astype(str).to_numpy()
         keys = {"cluster": np.array([f"cluster_{c}" for c in clusters["kmeans"]["labels"]]), "segment": rule,
-                "cluster_k8": np.array([f"cluster_{c}" for c in clusters["kmeans_k8"]["labels"]]), "planted": truth}
+                "cluster_k8": np.array([f"cluster_{c}" for c in clusters["kmeans_k8"]["labels"]]), "planted": truth,
+                "features": feature_policy(clusters["supervised"]["proba"], clusters["supervised"]["classes"])}
         print(f"rule segments (primary): {counts(rule)}", flush=True)
         print(f"bandit regret ({impressions:,} impressions, seeds {seeds}):", flush=True)
         regret = regret_figures(keys, truth, impressions, seeds)
@@ -424,6 +448,7 @@ def main() -> None:
         "regret_floor_k8": round(regret["thompson_k8"]["floor"], 1),
         "regret_floor_segment": round(regret["thompson_segment"]["floor"], 1),
         "regret_floor_global": round(regret["thompson_global"]["floor"], 1),
+        "regret_floor_features": round(regret["features"]["floor"], 1),
         "regret_oracle": round(regret["oracle"]["regret"], 1),
         "regret_ratio": round(regret["thompson"]["regret"] / regret["random"]["regret"], 4),
         "best_share_thompson": regret["thompson"]["best_share"],
