@@ -35,6 +35,7 @@ test: install
 bench: install
 	$(VENV)/bin/python bench/features.py $(QUICK)
 	$(VENV)/bin/python bench/quality.py $(QUICK)
+	$(VENV)/bin/python bench/quality_handset.py $(QUICK)
 	$(VENV)/bin/python bench/serving.py $(QUICK)
 	$(VENV)/bin/python bench/serving_asgi.py $(QUICK)
 	$(VENV)/bin/python bench/monitoring.py $(QUICK)
