@@ -3,6 +3,7 @@
     python bench/decisions.py             # 5,000-customer shop, 50,000 impressions x 3 seeds, 10 s per load level
     python bench/decisions.py --quick     # 2,000 customers, 10,000 impressions x 1 seed, 4 s per load level
     python bench/decisions.py --sweep     # also Thompson keyed by finer K-Means partitions (k = 8 to 32)
+    python bench/decisions.py --segment-spread 0.5   # a shop whose planted segments show more in behaviour
 
 Set-up, in a temporary ``PERSONALIZE_HOME`` with its own SQLite MLflow registry: the seed-42 synthetic shop
 (``--customers`` customers, 730 days; :func:`features.synthetic.generate`) is ingested
@@ -371,6 +372,9 @@ def main() -> None:
     parser.add_argument("--ids", type=int, default=300, help="consenting customers cycled by the load generator")
     parser.add_argument("--loader", choices=["wrk", "python"], default=None,
                         help="load generator (default: wrk when /usr/bin/wrk exists)")
+    parser.add_argument("--segment-spread", type=float, default=1.0,
+                        help="the generator's within-segment spread (SyntheticConfig.segment_spread; default 1: the "
+                             "default shop; below 1 the planted segments show more in behaviour)")
     parser.add_argument("--sweep", action="store_true",
                         help="also Thompson keyed by K-Means with k = 8, 12, 16, 24, 32 (floor and regret vs random)")
     args = parser.parse_args()
@@ -395,13 +399,14 @@ def main() -> None:
         settings = Settings(home=home, optuna_storage=f"sqlite:///{(home / 'optuna.db').resolve()}")
         os.environ.pop("MLFLOW_REGISTRY_URI", None)  # this process's registry is the temporary one only
         os.environ.update({"PERSONALIZE_HOME": str(home), "MLFLOW_TRACKING_URI": settings.tracking_uri})
-        data = generate(SyntheticConfig(customers=customers, days=DAYS, seed=SEED))
+        data = generate(SyntheticConfig(customers=customers, days=DAYS, seed=SEED, segment_spread=args.segment_spread))
         ingest_synthetic(settings, DATASET, data)
         frame = cluster_frame(settings.dataset_dir(DATASET))
         planted = data.truth.set_index("customer_id")["segment"]
         frame = frame[frame["customer_id"].isin(planted.index)].reset_index(drop=True)
         truth = planted.loc[frame["customer_id"]].astype(str).to_numpy()
-        print(f"shop: {customers:,} customers, {DAYS} days; {len(frame):,} known at {frame.attrs.get('as_of')}; "
+        print(f"shop: {customers:,} customers, {DAYS} days, segment spread {args.segment_spread:g}; {len(frame):,} "
+              f"known at {frame.attrs.get('as_of')}; "
               f"planted: {counts(truth)}", flush=True)
 
         print("clustering:", flush=True)
@@ -468,6 +473,7 @@ def main() -> None:
         "p99_ratio": round(banner["c32"]["p99_ms"] / churn["c32"]["p99_ms"], 3),
         "errors": sum(h[c]["errors"] for h in (banner, email, churn) for c in ("c1", "c32")),
         "customers": customers,
+        "segment_spread": args.segment_spread,
         "clustered": len(frame),
         "quick": args.quick,
         "duration_s": duration,

@@ -195,6 +195,11 @@ class SyntheticConfig(BaseModel):
     days: int = Field(default=730, ge=1)
     seed: int = Field(default=42, ge=0)
     events: bool = True
+    # Within-segment spread of the planted behaviour: 1 is the default shop; below 1 a segment's customers are more
+    # alike (gamma shapes of the purchase and session rates and the Dirichlet concentrations of the category affinity
+    # divided by spread^2, the price level's log-sigma times spread), so the segments show more in behaviour. The
+    # segments' means, shares and planted response do not move.
+    segment_spread: float = Field(default=1.0, gt=0.0, le=10.0, allow_inf_nan=False)
     categories: tuple[str, ...] = (
         "electronics",
         "fashion",
@@ -399,20 +404,21 @@ def _draw_population(rng: np.random.Generator, config: SyntheticConfig) -> _Popu
     shares = per_segment("share")
     segment = rng.choice(len(SEGMENTS), size=n, p=shares / shares.sum()).astype(np.int8)
 
-    rate_shape = per_segment("rate_shape")[segment]
+    tighter = 1.0 / config.segment_spread**2  # 1 at the default spread: the same draws as without the knob
+    rate_shape = per_segment("rate_shape")[segment] * tighter
     rate = rng.gamma(rate_shape, per_segment("rate_mean")[segment] / rate_shape)
-    session_shape = per_segment("session_shape")[segment]
+    session_shape = per_segment("session_shape")[segment] * tighter
     session_rate = rng.gamma(session_shape, per_segment("session_mean")[segment] / session_shape)
     price_level = per_segment("price_median")[segment] * np.exp(
-        per_segment("price_sigma")[segment] * rng.standard_normal(n)
+        per_segment("price_sigma")[segment] * config.segment_spread * rng.standard_normal(n)
     )
 
     # Dirichlet affinity: a base concentration everywhere plus a boost on one or two favourites,
     # the favourites drawn from a skewed global popularity of categories.
     popularity = 1.0 / np.arange(1, k + 1) ** 0.5
     popularity = rng.permutation(popularity / popularity.sum())
-    alpha = np.repeat(per_segment("alpha_base")[segment][:, None], k, axis=1)
-    boost = per_segment("alpha_favourite")[segment]
+    alpha = np.repeat(per_segment("alpha_base")[segment][:, None] * tighter, k, axis=1)
+    boost = per_segment("alpha_favourite")[segment] * tighter
     rows = np.arange(n)
     first = rng.choice(k, size=n, p=popularity)
     alpha[rows, first] += boost

@@ -159,6 +159,9 @@ def synth(
     drift_dropout: Annotated[list[str] | None, typer.Option(
         metavar="CATEGORY=FACTOR", help="After drift start, the dropout hazard of the customers whose favourite "
                                         "category this is, times FACTOR (a concept drift); repeatable.")] = None,
+    segment_spread: Annotated[float, typer.Option(
+        min=0.05, max=10.0,
+        help="Within-segment spread of the planted behaviour: below 1 the segments show more in it.")] = 1.0,
     name: Annotated[str, typer.Option(help="Data set name to store it under.")] = "synthetic",
 ) -> None:
     """Generate a seeded synthetic data set with planted ground truth and an optional drift."""
@@ -177,7 +180,7 @@ def synth(
 
     try:
         config = SyntheticConfig(
-            customers=customers, start=start, days=days, seed=seed, events=events,
+            customers=customers, start=start, days=days, seed=seed, events=events, segment_spread=segment_spread,
             drift=DriftSpec(start=drift_start, price=drift_price, activity=drift_activity, mix=drift_mix,
                             dropout=dropout))
     except ValidationError as exc:  # the knobs' own checks (e.g. an unknown category): a usage error, not a crash

@@ -229,6 +229,23 @@ def test_purchase_counts_recover_the_planted_rate() -> None:
     assert counts.sum() == pytest.approx(expected.sum(), rel=0.05)
 
 
+def test_segment_spread_tightens_each_segment_around_its_planted_mean() -> None:
+    # Given the same shop at the default spread and at half of it
+    config = SyntheticConfig(customers=3_000, days=200, seed=11, events=False)
+    default, tight = generate(config).truth, generate(config.model_copy(update={"segment_spread": 0.5})).truth
+    # Then the default spread is the shop as it always was, and segments keep their members and means ...
+    assert generate(config.model_copy(update={"segment_spread": 1.0})).truth.equals(default)
+    assert (tight["segment"] == default["segment"]).all()
+    for column in ("purchase_rate_per_day", "session_rate_per_day"):
+        by_default, by_tight = (t.groupby("segment")[column] for t in (default, tight))
+        assert np.allclose(by_tight.mean(), by_default.mean(), rtol=0.15)
+        # ... while each segment's spread halves (gamma: the coefficient of variation is 1 / sqrt(shape))
+        ratio = (by_tight.std() / by_tight.mean()) / (by_default.std() / by_default.mean())
+        assert ratio.between(0.4, 0.6).all(), ratio
+    log_price = [t.assign(p=np.log(t["price_level"])).groupby("segment")["p"].std() for t in (default, tight)]
+    assert (log_price[1] / log_price[0]).between(0.4, 0.6).all()
+
+
 def test_segments_order_spend_as_planted() -> None:
     data = generate(SyntheticConfig(customers=2_000, days=365, seed=5, events=False))
     # Given planted segments and top categories / When looking at their purchases
@@ -414,6 +431,8 @@ def test_drift_before_the_window_applies_everywhere_and_after_it_nowhere(
         {"drift": {"mix": 1.5}},
         {"drift": {"price": -1.0}},
         {"drift": {"surprise": 0.1}},
+        {"segment_spread": 0.0},
+        {"segment_spread": float("nan")},
     ],
 )
 def test_invalid_configs_are_rejected(bad: dict[str, object]) -> None:
