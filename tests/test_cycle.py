@@ -188,6 +188,32 @@ def test_bgnbd_in_closed_form_answers_what_the_library_answers(synthetic: pd.Dat
     assert np.array_equal(out["p_purchase"], 1 - at_horizon)
 
 
+@pytest.mark.slow
+def test_pareto_nbd_in_closed_form_answers_what_the_library_answers(synthetic: pd.DataFrame) -> None:
+    """Expected purchases, P(alive) and the no-purchase curve equal pymc-marketing's, on both sides of its
+    alpha >= beta branch (the fitted parameters, then alpha and beta swapped in the library's fit result)."""
+    from training.cycle import _point
+
+    current = customer_summary(synthetic[synthetic["timestamp"] < CALIBRATION_END], CALIBRATION_END).head(300)
+    base = BTYDModel(kind="pareto_nbd", time_unit_days=7.0, spend=False, grid_points=6).fit(current)
+    data, grid = base._data(current), np.array([0.0, 3.0, 30.0, 90.0])
+    fitted = dict(base.params_)
+    for alpha, beta in ((fitted["alpha"], fitted["beta"]), (fitted["beta"], fitted["alpha"])):
+        base.params_ = {**fitted, "alpha": alpha, "beta": beta}
+        base.model_.fit_result["alpha"].values[...] = alpha
+        base.model_.fit_result["beta"].values[...] = beta
+        out = base.predict(current, HORIZON)
+        library = _point(base.model_.expected_purchases(data=data, future_t=HORIZON / 7.0))
+        assert np.allclose(out["expected_purchases"], library, rtol=1e-10, atol=0)
+        library = _point(base.model_.expected_probability_alive(data=data))
+        assert np.allclose(out["p_alive"], library, rtol=1e-10, atol=0)
+        library = np.column_stack([np.ones(len(current))] + [np.clip(_point(base.model_.expected_purchase_probability(
+            data=data, n_purchases=0, future_t=d / 7.0)), 0, 1) for d in grid[1:]])
+        curve = base.survival(current, grid)
+        assert np.allclose(curve, np.minimum.accumulate(library, axis=1), rtol=0, atol=1e-10)
+        assert np.array_equal(base.survival(current, grid, chunk_rows=10), curve)  # in chunks: the same
+
+
 def test_bgnbd_no_purchase_of_one_time_buyers_matches_a_simulation_of_the_model() -> None:
     """The BG/NBD story simulated (Poisson purchases at a gamma-distributed rate, death with a beta-distributed
     probability after each purchase): among customers with no repeat purchase in (0, T], the share with none in

@@ -50,7 +50,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.special import expit, hyp2f1, ndtr
+from scipy.special import betaln, expit, gammaln, hyp2f1, logsumexp, ndtr
 
 from personalize.errors import PersonalizeError
 from training.evaluate import MetricError, time_to_event_metrics
@@ -248,11 +248,12 @@ def _point(array: Any) -> np.ndarray:
     return values.reshape(-1, values.shape[-1]).mean(axis=0) if values.ndim > 1 else values
 
 
-# --- BG/NBD and Gamma-Gamma predictions in closed form -------------------------------------------------------------
+# --- BG/NBD, Pareto/NBD and Gamma-Gamma predictions in closed form -------------------------------------------------
 # pymc-marketing fits the models; these evaluate its fitted point estimates with the same formulas as its
-# BetaGeoModel and GammaGammaModel (0.19), without the xarray round trips: a one-customer predict() took ~58 ms
-# through the library's four calls (most of a /next_purchase request) and 0.8 ms with these, pandas included. The
-# no-purchase probability differs from the library's in one case, on purpose: see _bgnbd_no_purchase.
+# BetaGeoModel, ParetoNBDModel and GammaGammaModel (0.19), without the xarray round trips (and, for Pareto/NBD, the
+# PyTensor graph it compiles per call): a one-customer BG/NBD predict() took ~58 ms through the library's four calls
+# (most of a /next_purchase request) and 0.8 ms with these, pandas included. BG/NBD's no-purchase probability
+# differs from the library's in one case, on purpose: see _bgnbd_no_purchase.
 def _bgnbd_alive(params: dict[str, float], x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
     """P(alive) (Fader, Hardie & Lee 2008): 1 for a customer without repeat purchases (death follows a purchase)."""
     a, b, alpha, r = params["a"], params["b"], params["alpha"], params["r"]
@@ -286,6 +287,63 @@ def _bgnbd_no_purchase(params: dict[str, float], x: np.ndarray, t_x: np.ndarray,
     return 1.0 - alive + alive * quiet
 
 
+def _pareto_logp(params: dict[str, float], x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """The Pareto/NBD log-likelihood of each history (pymc-marketing's ``ParetoNBD.logp``, in numpy: the library
+    compiles a PyTensor graph for it on every prediction, ~0.7 s for one customer)."""
+    r, alpha, s, beta = params["r"], params["alpha"], params["s"], params["beta"]
+    rsx, rx = r + s + x, r + x
+    larger, smaller = max(alpha, beta), min(alpha, beta)
+    first, second = (s + 1, s) if alpha >= beta else (rx, rx + 1)
+    refactored = rsx * np.log(larger + t_x)
+    at_t_x = np.log(hyp2f1(rsx, first, rsx + 1, (larger - smaller) / (larger + t_x)))
+    at_T = (np.log(hyp2f1(rsx, second, rsx + 1, (larger - smaller) / (larger + T))) - rsx * np.log(larger + T)
+            + refactored)
+    a1 = gammaln(rx) - gammaln(r) + r * np.log(alpha) + s * np.log(beta) - refactored
+    return a1 + np.logaddexp(np.log(s) - np.log(rsx) + at_t_x, np.log(rx) - np.log(rsx) + at_T)
+
+
+def _pareto_expected(params: dict[str, float], x: np.ndarray, t_x: np.ndarray, T: np.ndarray,
+                     t: float) -> np.ndarray:
+    """Expected purchases in ``(T, T + t]`` (Fader & Hardie 2005, note 009), as pymc-marketing computes them."""
+    r, alpha, s, beta = params["r"], params["alpha"], params["s"], params["beta"]
+    first = (gammaln(r + x) - gammaln(r) + r * np.log(alpha) + s * np.log(beta) - (r + x) * np.log(alpha + T)
+             - s * np.log(beta + T))
+    second = np.log(r + x) + np.log(beta + T) - np.log(alpha + T)
+    third = np.log((1 - ((beta + T) / (beta + T + t)) ** (s - 1)) / (s - 1))
+    return np.exp(first + second + third - _pareto_logp(params, x, t_x, T))
+
+
+def _pareto_alive(params: dict[str, float], x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """P(alive) (Fader & Hardie 2014, note 015), as pymc-marketing computes it."""
+    r, alpha, s, beta = params["r"], params["alpha"], params["s"], params["beta"]
+    log_alive = (gammaln(r + x) - gammaln(r) + r * np.log(alpha / (alpha + T)) - x * np.log(alpha + T)
+                 + s * np.log(beta / (beta + T)))
+    return np.exp(log_alive - _pareto_logp(params, x, t_x, T))
+
+
+def _pareto_no_purchase(params: dict[str, float], x: np.ndarray, t_x: np.ndarray, T: np.ndarray,
+                        t: np.ndarray) -> np.ndarray:
+    """P(no purchase in ``(T, T + t]``) for customers (rows) and each ``t`` (columns): pymc-marketing's
+    ``expected_purchase_probability`` with ``n_purchases=0`` (Fader & Hardie 2014, note 028)."""
+    r, alpha, s, beta = params["r"], params["alpha"], params["s"], params["beta"]
+    x, t_x, T, t = x[:, None], t_x[:, None], T[:, None], np.asarray(t, dtype=float)[None, :]
+    loglike = _pareto_logp(params, x, t_x, T)
+    larger, smaller = max(alpha, beta), min(alpha, beta)
+    p = r + x if alpha < beta else s + 1
+    rsx = r + s + x
+    prior = r * np.log(alpha) + s * np.log(beta)
+    log_p_zero = gammaln(r + x) + prior - (gammaln(r) + (r + x) * np.log(alpha + T) + s * np.log(beta + T) + loglike)
+    log_b_one = gammaln(r + x) + prior - (gammaln(r) + (r + x) * np.log(alpha + T + t) + s * np.log(beta + T + t))
+
+    def log_b(at: np.ndarray) -> np.ndarray:
+        return (prior + gammaln(rsx) + betaln(r + x, s + 1) + np.log(hyp2f1(rsx, p, rsx + 1, (larger - smaller) / (
+            larger + at))) - (gammaln(r) + gammaln(s) + rsx * np.log(larger + at)))
+
+    terms = np.broadcast_arrays(log_b_one - loglike, log_b(T) - loglike, log_b(T + t) - loglike)
+    signs = np.array([1.0, 1.0, -1.0]).reshape(3, *([1] * terms[0].ndim))
+    return (1 - np.exp(log_p_zero)) + np.exp(logsumexp(np.stack(terms), axis=0, b=signs))
+
+
 def _gamma_gamma_spend(params: dict[str, float], frequency: np.ndarray, monetary: np.ndarray) -> np.ndarray:
     """Expected spend per purchase (Fader & Hardie 2013, eq. 5): the customer's mean shrunk toward the population's."""
     p, q, v = params["p"], params["q"], params["v"]
@@ -297,9 +355,9 @@ class BTYDModel:
     """A buy-till-you-die model (BG/NBD or Pareto/NBD, pymc-marketing) with Gamma-Gamma for the spend.
 
     Fitted by MAP with flat priors, i.e. maximum likelihood: the same estimates as the classic ``lifetimes``
-    fitters, and independent of the time unit (pymc-marketing's default priors are not). BG/NBD and Gamma-Gamma
-    predict in closed form from the fitted parameters (:func:`_bgnbd_expected` and its neighbours); Pareto/NBD
-    through the library.
+    fitters, and independent of the time unit (pymc-marketing's default priors are not). Predictions are computed
+    in closed form from the fitted parameters (:func:`_bgnbd_expected`, :func:`_pareto_expected` and their
+    neighbours).
     """
 
     def __init__(self, kind: Literal["bgnbd", "pareto_nbd"] = "bgnbd", time_unit_days: float = 1.0,
@@ -368,47 +426,31 @@ class BTYDModel:
                              "T": summary["T"].to_numpy(float)})
 
     def survival(self, summary: pd.DataFrame, grid_days: np.ndarray, chunk_rows: int = 500_000) -> np.ndarray:
-        """P(no purchase within t days) per customer (rows) and t of ``grid_days`` (columns).
-
-        BG/NBD: :func:`_bgnbd_no_purchase`. Pareto/NBD: one call of the library for the whole grid (per chunk of
-        ``chunk_rows`` customer x t rows): each customer's row is repeated once per t, with its own t, since a call
-        costs ~20 ms of fixed overhead whatever its rows (a call per t made a single customer's prediction take
-        half a second)."""
+        """P(no purchase within t days) per customer (rows) and t of ``grid_days`` (columns), in chunks of
+        ``chunk_rows`` customer x t cells (:func:`_bgnbd_no_purchase`, :func:`_pareto_no_purchase`)."""
         grid = np.asarray(grid_days, dtype=float) / self.time_unit_days
-        if self.kind == "bgnbd":
-            x, t_x, T = self._history(summary)
-            survival = np.where(grid[None, :] > 0, np.clip(_bgnbd_no_purchase(self.params_, x, t_x, T, grid), 0, 1), 1)
-            return np.minimum.accumulate(survival, axis=1)
-        data = self._data(summary)
+        x, t_x, T = self._history(summary)
+        curve = _bgnbd_no_purchase if self.kind == "bgnbd" else _pareto_no_purchase
         per_chunk = max(1, chunk_rows // max(1, len(grid)))
-        parts = [self._no_purchase(data.iloc[i:i + per_chunk], grid) for i in range(0, len(data), per_chunk)]
+        parts = []
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for i in range(0, len(x), per_chunk):
+                part = slice(i, i + per_chunk)
+                parts.append(np.clip(curve(self.params_, x[part], t_x[part], T[part], grid), 0.0, 1.0))
         survival = np.vstack(parts) if parts else np.ones((0, len(grid)))
+        survival = np.where(grid[None, :] > 0, survival, 1.0)
         return np.minimum.accumulate(survival, axis=1)  # monotone despite rounding
-
-    def _no_purchase(self, data: pd.DataFrame, grid: np.ndarray) -> np.ndarray:
-        """Pareto/NBD's P(no purchase within t time units) for the customers of ``data`` (rows) and each t of
-        ``grid``, from the library."""
-        stacked = data.loc[data.index.repeat(len(grid))].reset_index(drop=True)  # customer-major
-        stacked["customer_id"] = np.arange(len(stacked))
-        t = np.tile(grid, len(data))
-        with _quiet():
-            p0 = self.model_.expected_purchase_probability(data=stacked, n_purchases=0, future_t=t)
-        return np.where(t > 0, np.clip(_point(p0), 0.0, 1.0), 1.0).reshape(len(data), len(grid))
 
     def predict(self, summary: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
         _require(summary, ("customer_id", *BTYD_COLUMNS), "summary")
         if horizon_days <= 0:
             raise CycleError(f"the horizon must be positive, got {horizon_days}")
         t = horizon_days / self.time_unit_days
-        if self.kind == "bgnbd":
-            x, t_x, T = self._history(summary)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                expected, alive = _bgnbd_expected(self.params_, x, t_x, T, t), _bgnbd_alive(self.params_, x, t_x, T)
-        else:
-            data = self._data(summary)
-            with _quiet():
-                expected = _point(self.model_.expected_purchases(data=data, future_t=t))
-                alive = _point(self.model_.expected_probability_alive(data=data))
+        x, t_x, T = self._history(summary)
+        expect, alive_now = ((_bgnbd_expected, _bgnbd_alive) if self.kind == "bgnbd" else
+                             (_pareto_expected, _pareto_alive))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            expected, alive = expect(self.params_, x, t_x, T, t), alive_now(self.params_, x, t_x, T)
         grid = np.linspace(0.0, float(horizon_days), self.grid_points + 1)
         survival = self.survival(summary, grid)
         spend = np.full(len(summary), np.nan)
