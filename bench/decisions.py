@@ -183,8 +183,7 @@ def regret_figures(keys: dict[str, np.ndarray], truth: np.ndarray, impressions: 
         print(f"  {label:17s} regret {out[label]['regret']:8.1f}{floor}  best variant {out[label]['best_share']:.1%}  "
               f"({out[label]['seconds']:.1f}s)", flush=True)
     # no policy that sees only the features does much better than the classifier's choice per customer
-    out["features"] = {"floor": key_floor(keys["features"], truth, PLANTED_RESPONSE) * impressions,
-                       "keys": len(set(keys["features"]))}
+    out["features"] = {"floor": key_floor(keys["features"], truth, PLANTED_RESPONSE) * impressions}
     print(f"  {'features':17s} keys' floor {out['features']['floor']:8.1f}  (each customer the variant best for "
           f"P(segment | features))", flush=True)
     return out

@@ -215,8 +215,9 @@ def test_pareto_nbd_in_closed_form_answers_what_the_library_answers(synthetic: p
 
 
 def test_bgnbd_no_purchase_of_one_time_buyers_matches_a_simulation_of_the_model() -> None:
-    """The BG/NBD story simulated (Poisson purchases at a gamma-distributed rate, death with a beta-distributed
-    probability after each purchase): among customers with no repeat purchase in (0, T], the share with none in
+    """The BG/NBD story simulated for customers without a repeat purchase: purchases arrive as a Poisson process at
+    a gamma-distributed rate, and death only ever follows a purchase, so until the first repeat purchase nobody
+    dies and only that purchase's time matters. Among customers with none in (0, T], the share with none in
     (T, T + t] is what ``_bgnbd_no_purchase`` says (pymc-marketing 0.19's formula answers 0.95 here)."""
     from training.cycle import _bgnbd_no_purchase
 
