@@ -420,10 +420,8 @@ class BTYDModel:
     @staticmethod
     def _data(summary: pd.DataFrame) -> pd.DataFrame:
         # positional ids: the library wants unique ids, the caller's ids stay in the output
-        return pd.DataFrame({"customer_id": np.arange(len(summary)),
-                             "frequency": summary["frequency"].to_numpy(float),
-                             "recency": summary["recency"].to_numpy(float),
-                             "T": summary["T"].to_numpy(float)})
+        x, t_x, T = BTYDModel._history(summary)
+        return pd.DataFrame({"customer_id": np.arange(len(summary)), "frequency": x, "recency": t_x, "T": T})
 
     def survival(self, summary: pd.DataFrame, grid_days: np.ndarray, chunk_rows: int = 500_000) -> np.ndarray:
         """P(no purchase within t days) per customer (rows) and t of ``grid_days`` (columns), in chunks of
@@ -455,8 +453,7 @@ class BTYDModel:
         survival = self.survival(summary, grid)
         spend = np.full(len(summary), np.nan)
         if self.spend_model_ is not None:
-            spend = _gamma_gamma_spend(self._spend_params(), summary["frequency"].to_numpy(float),
-                                       np.clip(summary["monetary"].to_numpy(float), 0, None))
+            spend = _gamma_gamma_spend(self._spend_params(), x, np.clip(summary["monetary"].to_numpy(float), 0, None))
         expected = np.clip(np.nan_to_num(expected, nan=0.0), 0.0, None)
         return _output(summary, expected_purchases=expected,
                        expected_days_to_next=np.trapezoid(survival, grid, axis=1),
