@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from personalize.cli import app
 from personalize.errors import PersonalizeError
-from training.tune import (TuneConfig, auc_standard_error, model_matrix, predict_mean, ranked_trials, refit,
-                           refit_best, refit_rounds, stratified_split, tune)
+from training.tune import (TuneConfig, auc_standard_error, final_booster, model_matrix, out_of_fold, predict,
+                           predict_mean, ranked_trials, refit, refit_best, refit_rounds, stratified_split, tune)
 
 
 def labeled(n: int = 800, seed: int = 0) -> pd.DataFrame:
@@ -77,6 +77,37 @@ def test_refitting_on_all_rows_scales_the_rounds_and_the_top_trials_average(tmp_
     boosters = refit_best(result, split, top=3)
     scores = predict_mean(boosters, split.x_valid)
     assert len(boosters) == 3 and scores.shape == (len(split.y_valid),) and ((scores > 0) & (scores < 1)).all()
+
+
+def test_the_shipped_booster_is_refitted_on_all_rows_only_after_cross_validation(tmp_path: Path) -> None:
+    split = split_of(labeled())
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    cv = tune(split, TuneConfig(**FAST_CV), storage, "cv")
+    booster, rounds = final_booster(cv, split, TuneConfig(**FAST_CV))
+    refitted = refit(cv.family, cv.params, cv.rounds, split)
+    assert rounds == refit_rounds(refitted) > cv.rounds
+    assert np.array_equal(predict(booster, split.x_valid, rounds), predict(refitted, split.x_valid, rounds))
+    on_split = tune(split, TuneConfig(**FAST), storage, "split")  # out of time: the validation rows stop it early
+    _, stopped = final_booster(on_split, split, TuneConfig(**FAST))
+    assert stopped == on_split.rounds
+
+
+def test_out_of_fold_predictions_come_from_models_that_did_not_see_the_row() -> None:
+    """On labels that are pure noise a deep booster learns its training rows by heart: in-sample its AUC is high,
+    out of fold it is a coin flip. Calibrating on in-sample scores would trust them."""
+    rng = np.random.default_rng(3)
+    x = pd.DataFrame(rng.normal(size=(600, 5)), columns=[f"x{i}" for i in range(5)])
+    y = (rng.random(600) < 0.3).astype(int)
+    params = {"objective": "binary", "num_leaves": 31, "min_data_in_leaf": 2, "learning_rate": 0.3, "verbose": -1,
+              "num_threads": 1, "seed": 0}
+    from sklearn.metrics import roc_auc_score
+
+    from training.tune import train
+
+    in_sample = roc_auc_score(y, predict(train("lightgbm", params, x, y, 60), x, 60))
+    oof = out_of_fold("lightgbm", params, 60, x, y, 5, seed=0)
+    assert in_sample > 0.95 and abs(roc_auc_score(y, oof) - 0.5) < 0.08
+    assert np.array_equal(oof, out_of_fold("lightgbm", params, 60, x, y, 5, seed=0))  # seeded
 
 
 def finished_trial(score: float, se: float, depth: int) -> optuna.trial.FrozenTrial:

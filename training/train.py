@@ -9,9 +9,12 @@ The data decides the split:
 - a **labeled table** with a time column is split by time the same way (oldest rows train, newest test);
 - a **labeled table** without time is split at random, stratified on the label (train / validation / test).
 
-Tuning (:mod:`training.tune`) searches on train/validation; the chosen booster is refitted, its scores calibrated
-on validation (Platt scaling by default, isotonic on request), and the decision threshold chosen on the calibrated
-validation scores by the configured policy. The test rows are touched once, at the end, for the held-out report,
+Tuning (:mod:`training.tune`) searches on train/validation. Out of time, the chosen booster trains on the training
+cutoffs, stops early on the validation cutoff and is calibrated on it. A table split at random had its trials
+cross-validated on the training rows; the chosen booster is refitted on training and validation rows together
+(:func:`training.tune.final_booster`) and calibrated on out-of-fold predictions over them. Either way, Platt scaling
+by default (isotonic on request), and the decision threshold chosen on the same calibrated scores by the configured
+policy. The test rows are touched once, at the end, for the held-out report,
 and kept as the model's held-out frame: the promotion gate scores champion and challenger on it.
 
 :class:`ClassifierModel` is the MLflow pyfunc that serves the result: raw feature columns in, calibrated
@@ -43,7 +46,8 @@ from training.evaluate import (
     expected_calibration_error,
     fairness_gaps,
 )
-from training.tune import Family, Split, TuneConfig, TuneResult, fit, model_matrix, predict, train
+from training.tune import (Family, Split, TuneConfig, TuneResult, final_booster, model_matrix, out_of_fold,
+                           predict)
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +407,7 @@ class Trained:
     test_metrics: dict[str, float]
     test_raw_metrics: dict[str, float]
     baseline_metrics: dict[str, float]
-    valid_metrics: dict[str, float]
+    valid_metrics: dict[str, float]  # on the predictions the calibrator and threshold were fitted on
     threshold: dict[str, Any]
     test_decision: dict[str, float]
     importance: pd.DataFrame
@@ -411,6 +415,8 @@ class Trained:
     test_scores: np.ndarray
     test_raw_scores: np.ndarray
     by_category_auc: dict[str, float] = field(default_factory=dict)
+    calibrated_on: str = "the validation part"  # where the calibrator and threshold were fitted
+    trained_on: str = "the training part"
 
 
 def search_config(prepared: Prepared, config: TrainConfig) -> TuneConfig:
@@ -432,14 +438,24 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
     split = Split(x_train, y_train, x_valid, y_valid)
     search = search_config(prepared, config)
     tuned = tune_fn(split, search)
-    if search.cv_folds:  # the rounds cross-validation found, on the training rows only
-        booster, rounds = train(tuned.family, tuned.params, x_train, y_train, tuned.rounds), tuned.rounds
-    else:  # early stopping on the validation cutoff, as in the search
-        booster, rounds = fit(tuned.family, tuned.params, split, search)
-    raw_valid, raw_test = predict(booster, x_valid, rounds), predict(booster, x_test, rounds)
-    calibrator = Calibrator(config.calibration).fit(raw_valid, y_valid)
-    p_valid, p_test = calibrator.transform(raw_valid), calibrator.transform(raw_test)
-    threshold = choose_threshold(y_valid, p_valid, config.threshold)
+    booster, rounds = final_booster(tuned, split, search)
+    if search.cv_folds:
+        # The model has seen the validation rows too, so it is calibrated and thresholded on out-of-fold
+        # predictions over them and the training rows, each by a model that did not see that row: scikit-learn's
+        # CalibratedClassifierCV(ensemble=False) recipe. Only the test part stays out of everything.
+        y_cal = np.concatenate([y_train, y_valid])
+        raw_cal = out_of_fold(tuned.family, tuned.params, rounds, pd.concat([x_train, x_valid]), y_cal,
+                              search.cv_folds, search.seed)
+        calibrated_on = f"out-of-fold predictions ({search.cv_folds} folds) over the training and validation parts"
+        trained_on = f"the training and validation parts ({len(y_cal):,} rows)"
+    else:  # early stopping on the validation cutoff, as in the search; the model never saw it
+        y_cal, raw_cal = y_valid, predict(booster, x_valid, rounds)
+        calibrated_on = "the validation part"
+        trained_on = f"the training part ({len(y_train):,} rows), stopped early on the validation part"
+    raw_test = predict(booster, x_test, rounds)
+    calibrator = Calibrator(config.calibration).fit(raw_cal, y_cal)
+    p_cal, p_test = calibrator.transform(raw_cal), calibrator.transform(raw_test)
+    threshold = choose_threshold(y_cal, p_cal, config.threshold)
     model = ClassifierModel(tuned.family, rounds, cols, categories, calibrator.to_dict(), threshold["threshold"])
     fairness = None
     if config.fairness_attribute:
@@ -452,12 +468,12 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
             if 0 < y_test[idx].sum() < len(idx):
                 by_group[str(cat)] = classification_metrics(y_test[idx], p_test[idx])["roc_auc"]
     return Trained(
-        prepared, tuned, model, booster, by_category_auc=by_group,
+        prepared, tuned, model, booster, by_category_auc=by_group, calibrated_on=calibrated_on, trained_on=trained_on,
         test_metrics=classification_metrics(y_test, p_test),
         test_raw_metrics={"ece": expected_calibration_error(y_test, raw_test), "roc_auc":
                           classification_metrics(y_test, raw_test)["roc_auc"]},
         baseline_metrics=classification_metrics(y_test, np.full(len(y_test), y_train.mean())),
-        valid_metrics=classification_metrics(y_valid, p_valid),
+        valid_metrics=classification_metrics(y_cal, p_cal),
         threshold=threshold,
         test_decision=decision_metrics(y_test, p_test, threshold["threshold"],
                                        getattr(config.threshold, "beta", 1.0)),
@@ -486,6 +502,7 @@ def log_classifier(trained: Trained, config: TrainConfig) -> Any:
     mlflow.log_params({"task": prepared.task, "dataset": prepared.dataset, "split": prepared.split[:500],
                        "calibration": config.calibration, "threshold_policy": config.threshold.kind,
                        "best_family": trained.tuned.family, "rounds": trained.model.rounds,
+                       "trained_on": trained.trained_on, "calibrated_on": trained.calibrated_on,
                        "features": len(features), "test_rows": len(prepared.test),
                        # the monitor joins delayed labels by this horizon (transaction data sets only)
                        **({"horizon_days": config.horizon_days, "train_cutoffs": config.train_cutoffs,
@@ -605,10 +622,11 @@ def model_card(trained: Trained, config: TrainConfig) -> str:
         "## Model",
         f"- {trained.tuned.family}, {trained.model.rounds} boosting rounds, chosen by an Optuna study "
         f"({len(trained.tuned.study.trials)} trials, best validation ROC-AUC {trained.tuned.valid_auc:.4f})",
-        f"- calibration: {config.calibration} on the validation part; test ECE {trained.test_raw_metrics['ece']:.4f} "
-        f"raw -> {m['ece']:.4f} calibrated",
+        f"- trained on: {trained.trained_on}",
+        f"- calibration: {config.calibration} on {trained.calibrated_on}; test ECE "
+        f"{trained.test_raw_metrics['ece']:.4f} raw -> {m['ece']:.4f} calibrated",
         f"- decision: act when probability >= {trained.threshold['threshold']:.4f} "
-        f"({config.threshold.kind} policy: {config.threshold.model_dump_json()})",
+        f"({config.threshold.kind} policy: {config.threshold.model_dump_json()}), chosen on the same predictions",
         "",
         "## Held-out test",
         "| metric | model | constant baseline |",
@@ -634,7 +652,7 @@ def model_card(trained: Trained, config: TrainConfig) -> str:
                   *[f"| {g} | {int(s['rows'])} | {s['positive_rate']:.3f} | {s['tpr']:.3f} |"
                     for g, s in f["groups"].items()]]
     lines += ["", "## Caveats",
-              "- Scores are calibrated on the validation part; recalibrate if the population drifts.",
+              f"- Scores are calibrated on {trained.calibrated_on}; recalibrate if the population drifts.",
               "- The held-out numbers come from one test part; the promotion gate adds bootstrap intervals."]
     return "\n".join(lines) + "\n"
 

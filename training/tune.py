@@ -11,8 +11,8 @@ reporting every round made the dominant cost).
 Which trial wins is a rule (``selection``), by default the one-standard-error rule (Breiman et al., 1984;
 glmnet's ``lambda.1se``): of the trials scoring within one standard error of the best score, the simplest (fewest
 leaves per tree), since on small tables the top scores differ by less than their own noise and the highest of them
-is the most likely to be an overfit (:func:`ranked_trials`). The chosen trials can be refitted on all rows
-(:func:`refit_best`). Studies live in Optuna's RDB storage: SQLite by default, or any SQLAlchemy URL
+is the most likely to be an overfit (:func:`ranked_trials`). The chosen trial is refitted on all rows
+(:func:`final_booster`), as can the first few (:func:`refit_best`). Studies live in Optuna's RDB storage: SQLite by default, or any SQLAlchemy URL
 (PostgreSQL), so several ``personalize tune`` processes can join one study by name (:func:`open_study`; each
 trial records the ``worker``, host:pid, that ran it). The budget is a number of trials, a wall time, or both.
 
@@ -270,6 +270,28 @@ def refit(family: Family, params: dict[str, Any], rounds: int, split: Split) -> 
     y = np.concatenate([split.y_train, split.y_valid])
     scaled = max(1, round(rounds * len(y) / len(split.y_train)))
     return train(family, params, pd.concat([split.x_train, split.x_valid]), y, scaled)
+
+
+def final_booster(result: TuneResult, split: Split, config: TuneConfig) -> tuple[lgb.Booster | xgb.Booster, int]:
+    """The booster ``personalize train`` ships from a study, and its rounds. Trials scored by cross-validation
+    leave the validation rows unseen, so the chosen trial is refitted on training and validation rows together
+    (:func:`refit`; calibration then comes from :func:`out_of_fold`). Trials scored on the validation split (the
+    out-of-time case) keep their early stop on it, and the model trains on the training rows only."""
+    if config.cv_folds:
+        booster = refit(result.family, result.params, result.rounds, split)
+        return booster, refit_rounds(booster)
+    return fit(result.family, result.params, split, config)
+
+
+def out_of_fold(family: Family, params: dict[str, Any], rounds: int, x: pd.DataFrame, y: np.ndarray, folds: int,
+                seed: int) -> np.ndarray:
+    """Every row's raw probability from a model trained without it: stratified ``folds``-fold, each fold's model
+    boosted for ``rounds`` scaled to the rows it trains on (``rounds`` being those of a model on all of ``x``)."""
+    out = np.zeros(len(y))
+    for fit_on, score_on in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        scaled = max(1, round(rounds * len(fit_on) / len(y)))
+        out[score_on] = predict(train(family, params, x.iloc[fit_on], y[fit_on], scaled), x.iloc[score_on], scaled)
+    return out
 
 
 def ranked_trials(study: optuna.Study, selection: str = "one_se") -> list[optuna.trial.FrozenTrial]:
