@@ -438,7 +438,8 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     console.print(
         f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, best of "
         f"{len(t.tuned.study.trials)} trials (validation AUC {t.tuned.valid_auc:.4f}), trained on {t.trained_on}; "
-        f"calibration {calibration} on {t.calibrated_on}: test ECE {t.test_raw_metrics['ece']:.4f} -> {t.test_metrics['ece']:.4f}\n"
+        f"calibration {calibration} on {t.calibrated_on}: test ECE {t.test_raw_metrics['ece']:.4f} -> "
+        f"{t.test_metrics['ece']:.4f}\n"
         f"decision: act when probability >= {d['threshold']:.4f} ({config.threshold.kind}); on test: precision "
         f"{d['precision']:.3f}, recall {d['recall']:.3f}, action rate {d['action_rate']:.3f}\n"
         f"top features (mean |TreeSHAP|): {', '.join(t.importance['feature'].head(5))}\n"

@@ -14,8 +14,8 @@ cutoffs, stops early on the validation cutoff and is calibrated on it. A table s
 cross-validated on the training rows; the chosen booster is refitted on training and validation rows together
 (:func:`training.tune.final_booster`) and calibrated on out-of-fold predictions over them. Either way, Platt scaling
 by default (isotonic on request), and the decision threshold chosen on the same calibrated scores by the configured
-policy. The test rows are touched once, at the end, for the held-out report,
-and kept as the model's held-out frame: the promotion gate scores champion and challenger on it.
+policy. The test rows are touched once, at the end, for the held-out report, and kept as the model's held-out
+frame: the promotion gate scores champion and challenger on it.
 
 :class:`ClassifierModel` is the MLflow pyfunc that serves the result: raw feature columns in, calibrated
 probability and decision out. Everything is logged into one MLflow run (the study's trials nested under it) and
@@ -468,7 +468,8 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
             if 0 < y_test[idx].sum() < len(idx):
                 by_group[str(cat)] = classification_metrics(y_test[idx], p_test[idx])["roc_auc"]
     return Trained(
-        prepared, tuned, model, booster, by_category_auc=by_group, calibrated_on=calibrated_on, trained_on=trained_on,
+        prepared, tuned, model, booster, by_category_auc=by_group, calibrated_on=calibrated_on,
+        trained_on=trained_on,
         test_metrics=classification_metrics(y_test, p_test),
         test_raw_metrics={"ece": expected_calibration_error(y_test, raw_test), "roc_auc":
                           classification_metrics(y_test, raw_test)["roc_auc"]},
