@@ -459,7 +459,8 @@ def _classifier_command(task: str, doc: str):
         seed: Seed = 42,
         threshold: Annotated[str, typer.Option(help="Decision threshold policy: f1, fbeta:B, fixed:P (e.g. fixed:0.7 "
                                                     "= act when probability >= 0.7), value:TP_VALUE,FP_COST[,FN_COST].")] = "f1",
-        calibration: Annotated[str, typer.Option(help="sigmoid (Platt) or isotonic, fitted on validation.")] = "sigmoid",
+        calibration: Annotated[str, typer.Option(
+            help="sigmoid (Platt) or isotonic, fitted on held-out scores.")] = "sigmoid",
         horizon: Annotated[int, typer.Option(min=1, help="Label horizon in days (transaction data sets).")] = 90,
         fairness_attribute: Annotated[str | None, typer.Option(
             help="A column (labeled tables) or customer attribute reported per group and checked by the gate.")] = None,

@@ -146,6 +146,7 @@ def test_a_new_churn_table_trains_registers_and_is_promoted_by_the_gate(tmp_path
     p = first.trained.prepared
     assert f"trained on: the training and validation parts ({len(p.train) + len(p.valid):,} rows)" in card
     assert "calibration: sigmoid on out-of-fold predictions" in card
+    assert first.trained.calibration_rows == len(p.train) + len(p.valid)
 
     # A much weaker challenger is refused and the champion stays
     weak = TuneConfig(trials=1, families=("xgboost",), max_rounds=1, early_stopping_rounds=1)
@@ -202,7 +203,8 @@ def test_transaction_data_trains_out_of_time(task: str) -> None:
     assert p.train["cutoff"].max() < p.valid["cutoff"].min() < p.test["cutoff"].min()
     assert p.valid["cutoff"].min() + pd.Timedelta(days=60) <= p.test["cutoff"].min()
     assert outcome.trained.test_metrics["roc_auc"] > 0.6
-    assert outcome.trained.calibrated_on == "the validation part"  # the model never saw the later cutoff
+    assert outcome.trained.calibrated_on == "the validation part"  # not trained on the later cutoff
+    assert outcome.trained.calibration_rows == len(p.valid)
     heldout = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=outcome.run_id,
                                                                   artifact_path="heldout/heldout.parquet"))
     assert set(heldout["cutoff"]) == set(p.test["cutoff"]) and len(heldout) == len(p.test)

@@ -7,8 +7,8 @@ Pure functions over arrays; metrics come back as plain dicts so they can be logg
 - :func:`time_to_event_metrics`: MAE on the observed events and the concordance index with censoring;
 - :func:`forecast_metrics`: MAE and MAPE;
 - :func:`choose_threshold`: the decision threshold under a :data:`ThresholdPolicy`: a fixed value ("churn
-  probability >= 0.7 triggers a retention campaign"), the best F-beta on validation, or the best expected value
-  of acting, given what a true positive is worth and what a false alarm costs.
+  probability >= 0.7 triggers a retention campaign"), the best F-beta on the calibration rows, or the best
+  expected value of acting, given what a true positive is worth and what a false alarm costs.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class FixedThreshold(BaseModel):
 
 
 class FBetaThreshold(BaseModel):
-    """The threshold with the best F-beta on validation (beta > 1 favours recall, < 1 precision)."""
+    """The threshold with the best F-beta on the calibration rows (beta > 1 favours recall, < 1 precision)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["f_beta"] = "f_beta"
@@ -142,7 +142,7 @@ class FBetaThreshold(BaseModel):
 
 
 class ExpectedValueThreshold(BaseModel):
-    """The threshold that maximises the value of acting on validation: each true positive acted on is worth
+    """The threshold that maximises the value of acting on the calibration rows: each true positive acted on is worth
     ``value_tp`` (e.g. margin kept minus the offer), each false positive costs ``cost_fp`` (the offer wasted),
     each positive missed costs ``cost_fn``."""
 

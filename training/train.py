@@ -270,9 +270,10 @@ def prepare(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared:
 
 # --- calibration -----------------------------------------------------------------------------------------------
 class Calibrator:
-    """Maps raw booster scores to calibrated probabilities; fitted on validation scores only.
+    """Maps raw booster scores to calibrated probabilities; fitted on scores of rows the scoring model was not
+    trained on (the validation cutoff, or out-of-fold predictions).
 
-    ``sigmoid`` is Platt scaling on the log-odds (two parameters: robust on small validation sets, and it undoes
+    ``sigmoid`` is Platt scaling on the log-odds (two parameters: robust on few rows, and it undoes
     the shift a class weight puts on the raw scores without changing their order); ``isotonic`` is a monotone
     step function (more flexible, needs more rows, can tie scores)."""
 
@@ -407,7 +408,9 @@ class Trained:
     test_metrics: dict[str, float]
     test_raw_metrics: dict[str, float]
     baseline_metrics: dict[str, float]
-    valid_metrics: dict[str, float]  # on the predictions the calibrator and threshold were fitted on
+    # on the predictions the calibrator and threshold were fitted on (logged as valid_*; the run's calibrated_on
+    # param says which: the validation cutoff, or out-of-fold predictions over training and validation rows)
+    valid_metrics: dict[str, float]
     threshold: dict[str, Any]
     test_decision: dict[str, float]
     importance: pd.DataFrame
@@ -417,12 +420,13 @@ class Trained:
     by_category_auc: dict[str, float] = field(default_factory=dict)
     calibrated_on: str = "the validation part"  # where the calibrator and threshold were fitted
     trained_on: str = "the training part"
+    calibration_rows: int = 0
 
 
 def search_config(prepared: Prepared, config: TrainConfig) -> TuneConfig:
     """How the study scores a trial. Parts cut by time: on the later validation cutoff, since choosing what
     generalises forward in time is the point. Parts cut at random: by cross-validation on the training rows, which
-    leaves the validation rows untouched for calibration and the threshold."""
+    leaves the validation rows to the study's holdout score (the shipped booster is then refitted on both)."""
     return config.tune.model_copy(update={"cv_folds": None}) if prepared.time_ordered else config.tune
 
 
@@ -448,7 +452,7 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
                               search.cv_folds, search.seed)
         calibrated_on = f"out-of-fold predictions ({search.cv_folds} folds) over the training and validation parts"
         trained_on = f"the training and validation parts ({len(y_cal):,} rows)"
-    else:  # early stopping on the validation cutoff, as in the search; the model never saw it
+    else:  # early stopping on the validation cutoff, as in the search; the model is not trained on it
         y_cal, raw_cal = y_valid, predict(booster, x_valid, rounds)
         calibrated_on = "the validation part"
         trained_on = f"the training part ({len(y_train):,} rows), stopped early on the validation part"
@@ -469,7 +473,7 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
                 by_group[str(cat)] = classification_metrics(y_test[idx], p_test[idx])["roc_auc"]
     return Trained(
         prepared, tuned, model, booster, by_category_auc=by_group, calibrated_on=calibrated_on,
-        trained_on=trained_on,
+        trained_on=trained_on, calibration_rows=len(y_cal),
         test_metrics=classification_metrics(y_test, p_test),
         test_raw_metrics={"ece": expected_calibration_error(y_test, raw_test), "roc_auc":
                           classification_metrics(y_test, raw_test)["roc_auc"]},
@@ -504,6 +508,7 @@ def log_classifier(trained: Trained, config: TrainConfig) -> Any:
                        "calibration": config.calibration, "threshold_policy": config.threshold.kind,
                        "best_family": trained.tuned.family, "rounds": trained.model.rounds,
                        "trained_on": trained.trained_on, "calibrated_on": trained.calibrated_on,
+                       "calibration_rows": trained.calibration_rows,
                        "features": len(features), "test_rows": len(prepared.test),
                        # the monitor joins delayed labels by this horizon (transaction data sets only)
                        **({"horizon_days": config.horizon_days, "train_cutoffs": config.train_cutoffs,

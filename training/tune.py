@@ -11,11 +11,11 @@ reporting every round made the dominant cost).
 Which trial wins is a rule (``selection``), by default the one-standard-error rule (Breiman et al., 1984;
 glmnet's ``lambda.1se``): of the trials scoring within one standard error of the best score, the simplest (fewest
 leaves per tree), since on small tables the top scores differ by less than their own noise and the highest of them
-is the most likely to be an overfit (:func:`ranked_trials`). The chosen trial is refitted on all rows
-(:func:`final_booster`), as can the first few (:func:`refit_best`). Studies live in Optuna's RDB storage: SQLite by
-default, or any SQLAlchemy URL (PostgreSQL), so several ``personalize tune`` processes can join one study by name
-(:func:`open_study`; each trial records the ``worker``, host:pid, that ran it). The budget is a number of trials, a
-wall time, or both.
+is the most likely to be an overfit (:func:`ranked_trials`). After a cross-validated study the chosen trial is
+refitted on all rows (:func:`final_booster`), as can the first few be (:func:`refit_best`). Studies live in
+Optuna's RDB storage: SQLite by default, or any SQLAlchemy URL (PostgreSQL), so several ``personalize tune``
+processes can join one study by name (:func:`open_study`; each trial records the ``worker``, host:pid, that ran
+it). The budget is a number of trials, a wall time, or both.
 
 Class imbalance is searched as ``scale_pos_weight`` (1 up to the negative/positive ratio); it skews the raw
 probabilities, which calibration on held-out data is meant to correct before any threshold is chosen.
