@@ -5,6 +5,11 @@ label column and its positive value, an optional time column. Column types are i
 whose every non-blank value is a number is numeric, ``TRUE``/``FALSE`` columns are boolean, the rest categorical)
 and reported. Known tables (Telco churn, Online Shoppers) are also checked against their pandera contract.
 
+Columns that cannot be features are set aside with their reason (:func:`unusable`, ``LabeledTable.ignored``) and
+stay in the stored table: entirely missing, one value on every row, a date or time other than the time column, text
+with a distinct value on nearly every row (an identifier, an e-mail, free text), a running row number. Columns
+named in ``drop_columns`` (a leak, say) are removed before anything else.
+
 Rows with a missing id or label, a duplicate id, an unparseable time, or a contract failure are quarantined with
 their reason, exactly as for the raw tables.
 """
@@ -15,16 +20,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import pandas as pd
 import pandera.pandas as pa
 from pydantic import BaseModel, ConfigDict
 
 from features.ingest import RowReasons, ValidationResult, is_blank, parse_timestamp
-from features.loaders import CsvOptions, read_source
+from features.loaders import CsvOptions, read_source, separator_hint
 from personalize.errors import DataFileError
 
 LABEL = "label"  # the normalised 0/1 target column added to every labeled table
 _BOOL_TEXT = {"true": True, "false": False}
+# ISO dates (2024-05-31, 2024-05-31T10:00, 2024/05/31) and day-first or month-first ones (31/05/2024, 05.31.24)
+_DATE_TEXT = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}([ T].*)?|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}( .*)?")
+_COMMA_NUMBER = re.compile(r"[+-]?\d*,?\d+")
+DISTINCT_SHARE = 0.95  # text with a distinct value on at least this share of its rows is not a category
+_DATE_REASON = "a date or time; to split out of time by it, make it the time column"
+MIN_DISTINCT = 50  # ... once it has more than this many values (a small table's categories may all differ)
 
 
 class LabeledTableSpec(BaseModel):
@@ -53,6 +66,7 @@ class LabeledTable:
     numeric: list[str]
     categorical: list[str]
     boolean: list[str]
+    ignored: dict[str, str]  # column -> why it is not a feature (see :func:`unusable`)
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -70,11 +84,15 @@ class LabeledTable:
             "numeric": self.numeric,
             "categorical": self.categorical,
             "boolean": self.boolean,
+            "ignored": self.ignored,
         }
 
 
-def infer_types(frame: pd.DataFrame, skip: set[str]) -> tuple[pd.DataFrame, list[str], list[str], list[str]]:
-    """Type each text column by its values: numeric, boolean or categorical. Blank means missing."""
+def infer_types(frame: pd.DataFrame, skip: set[str],
+                decimal_comma: bool = False) -> tuple[pd.DataFrame, list[str], list[str], list[str]]:
+    """Type each text column by its values: numeric, boolean or categorical. Blank means missing. With
+    ``decimal_comma`` (a CSV separated by something other than ','), a column of numbers written ``29,85`` is
+    numeric."""
     out = frame.copy()
     numeric, categorical, boolean = [], [], []
     for name in frame.columns:
@@ -98,6 +116,9 @@ def infer_types(frame: pd.DataFrame, skip: set[str]) -> tuple[pd.DataFrame, list
                 out[name] = out[name].astype(bool)
             boolean.append(name)
             continue
+        comma = decimal_comma and present.str.fullmatch(_COMMA_NUMBER).all()
+        if comma:  # 29,85 with a separator other than ',': a decimal comma
+            present, s = present.str.replace(",", ".", regex=False), s.astype(str).str.replace(",", ".", regex=False)
         as_number = pd.to_numeric(present, errors="coerce")
         if len(present) and as_number.notna().all():
             values = pd.to_numeric(s.where(~blank, None), errors="coerce")
@@ -110,11 +131,37 @@ def infer_types(frame: pd.DataFrame, skip: set[str]) -> tuple[pd.DataFrame, list
     return out, numeric, categorical, boolean
 
 
+def unusable(raw: pd.Series, kind: str) -> str | None:
+    """Why a column of a labeled table cannot be a feature, or None. ``raw`` is the column as read (text for a
+    CSV), ``kind`` what :func:`infer_types` made of it."""
+    blank = is_blank(raw)
+    present = raw[~blank]
+    if present.empty:
+        return "entirely missing"
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        return _DATE_REASON
+    text = present.astype(str).str.strip()
+    distinct = text.nunique()
+    if distinct == 1 and not blank.any():
+        return "one value on every row"
+    if kind == "categorical":
+        if text.str.fullmatch(_DATE_TEXT).all():
+            return _DATE_REASON
+        if distinct > MIN_DISTINCT and distinct >= DISTINCT_SHARE * len(text):
+            return f"text with a distinct value on {distinct / len(text):.0%} of its rows: an identifier or free text"
+    if kind == "numeric" and not blank.any() and len(present) > MIN_DISTINCT:
+        values = pd.to_numeric(present, errors="coerce")
+        if values.notna().all() and (values % 1 == 0).all() and (values.diff().iloc[1:] == 1).all():
+            return "a running row number"
+    return None
+
+
 def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = None) -> LabeledTable:
     raw, unreadable = read_source(spec.path, spec.file_format, spec.csv)
     for column in [spec.label_column, spec.id_column, spec.time_column, *spec.drop_columns]:
         if column and column not in raw.columns:
-            raise DataFileError(spec.path, f"configured column is missing; the file has {list(raw.columns)}",
+            hint = separator_hint(spec.path, spec.csv) if len(raw.columns) == 1 and spec.file_format == "csv" else ""
+            raise DataFileError(spec.path, f"configured column is missing; the file has {list(raw.columns)}{hint}",
                                 column=column)
     frame = raw.drop(columns=list(spec.drop_columns))
     reasons = RowReasons(frame.index)
@@ -135,9 +182,17 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
         reasons.add(is_blank(frame[spec.id_column]), "missing_id")
         reasons.add(~is_blank(frame[spec.id_column]) & ids.duplicated(keep="first"), "duplicate")
         skip.add(spec.id_column)
-    typed, numeric, categorical, boolean = infer_types(frame, skip | {spec.time_column} - {None})
+    typed, numeric, categorical, boolean = infer_types(frame, skip | {spec.time_column} - {None},
+                                                       decimal_comma=spec.file_format == "csv" and spec.csv.sep != ",")
     numeric, categorical, boolean = ([c for c in kind if c != spec.label_column]
                                      for kind in (numeric, categorical, boolean))
+    kinds = {**dict.fromkeys(numeric, "numeric"), **dict.fromkeys(categorical, "categorical"),
+             **dict.fromkeys(boolean, "boolean")}
+    ignored = {c: why for c in frame.columns if c in kinds and (why := unusable(frame[c], kinds[c])) is not None}
+    numeric, categorical, boolean = ([c for c in kind if c not in ignored] for kind in (numeric, categorical, boolean))
+    if not (numeric or categorical or boolean):
+        reasons_text = "; ".join(f"{c}: {why}" for c, why in ignored.items()) or "the file has no other columns"
+        raise DataFileError(spec.path, f"no column can be a feature besides the id, label and time ({reasons_text})")
     if spec.time_column:
         typed[spec.time_column] = parse_timestamp(frame[spec.time_column], None)
         reasons.add(typed[spec.time_column].isna(), "unparseable_time")
@@ -154,4 +209,4 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
     typed[LABEL] = (label_text == spec.positive.strip().lower()).astype("int64")
     result = ValidationResult("labeled", typed.drop(index=reasons.rows), reasons.quarantine(raw, str(spec.path)),
                               len(raw)).with_unreadable(unreadable)
-    return LabeledTable(spec, result, numeric, categorical, boolean)
+    return LabeledTable(spec, result, numeric, categorical, boolean, ignored)

@@ -145,7 +145,7 @@ def read_source(path: Path, file_format: str = "csv",
                     skipped.append((int(match.group(1)), match.group(0)))
                 if "Length of header or names does not match" in str(warning.message):
                     raise DataFileError(path, "rows have more fields than the header; fix the header or the "
-                                              "separator")
+                                              f"separator{separator_hint(path, csv)}")
         except UnicodeDecodeError as exc:
             raise DataFileError(
                 path, f"is not {csv.encoding} text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
@@ -155,7 +155,8 @@ def read_source(path: Path, file_format: str = "csv",
         except pd.errors.ParserError as exc:
             raise DataFileError(path, f"is not valid CSV with separator {csv.sep!r}: {exc}") from None
     if frame.empty and skipped:
-        raise DataFileError(path, "every row has more fields than the header; fix the header or the separator")
+        raise DataFileError(path, "every row has more fields than the header; fix the header or the separator"
+                                  f"{separator_hint(path, csv)}")
     if frame.empty:
         raise DataFileError(path, "the file has a header but no rows")
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -190,6 +191,26 @@ def _unreadable(path: Path, csv: CsvOptions, skipped: list[tuple[int, str]], off
     rows = [(str(path), line - offset, text.get(line), "wrong_field_count", message)
             for line, message in sorted(wanted.items())]
     return pd.DataFrame(rows, columns=columns).astype({SOURCE_FILE: "string", RAW_LINE: "string"})
+
+_SEPARATORS = {";": "';'", "\t": "tab", "|": "'|'", ",": "','"}
+
+
+def separator_hint(path: Path, csv: CsvOptions) -> str:
+    """``"; the header looks ';'-separated: ..."`` when another common separator splits the header into more
+    columns than the configured one, else nothing."""
+    try:
+        with _open_text(path, csv.encoding) as fh:
+            line = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    counts = {sep: line.count(sep) for sep in _SEPARATORS if sep != csv.sep}
+    likely = max(counts, key=counts.__getitem__, default=None)
+    if likely is None or counts[likely] <= line.count(csv.sep):
+        return ""
+    given = "\\t" if likely == "\t" else likely
+    return (f"; the header looks {_SEPARATORS[likely]}-separated: set csv.sep in the ingest config, or pass "
+            f"--sep '{given}' when training on the file")
+
 
 def _check_header(path: Path, csv: CsvOptions) -> None:
     """Duplicate column names (pandas would silently rename the second to ``name.1``) are an error."""

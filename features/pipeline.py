@@ -116,7 +116,8 @@ def ingest_labeled(settings: Settings, name: str, table: LabeledTable) -> Ingest
     table.frame.to_parquet(out / "table.parquet", index=False)
     report = IngestReport(name, "labeled", extra={
         "label": table.spec.label_column, "label_rate": table.label_rate, "numeric": table.numeric,
-        "categorical": table.categorical, "boolean": table.boolean, "id_column": table.spec.id_column,
+        "categorical": table.categorical, "boolean": table.boolean, "ignored": table.ignored,
+        "dropped": list(table.spec.drop_columns), "id_column": table.spec.id_column,
         "time_column": table.spec.time_column})
     return _finish(settings, report, {"table": table.result})
 

@@ -126,6 +126,8 @@ def ingest(
     else:
         reports = [ingest_builtin(settings, source, now, data_root)]
     console.print(ingest_table(reports))
+    for report in reports:
+        print_columns(report)
 
 
 def ingest_table(reports: list[Any]) -> Table:
@@ -139,6 +141,20 @@ def ingest_table(reports: list[Any]) -> Table:
             table.add_row(report.dataset, name, f"{t['rows_in']:,}", f"{t['valid']:,}", f"{t['quarantined']:,}",
                           reasons)
     return table
+
+
+def print_columns(report: Any) -> None:
+    """A labeled table's inferred column types, the columns set aside (and why) and those dropped as asked."""
+    if report.kind != "labeled":
+        return
+    x = report.extra
+    console.print(f"{report.dataset}: numeric {', '.join(x['numeric']) or '-'}; categorical "
+                  f"{', '.join(x['categorical']) or '-'}; boolean {', '.join(x['boolean']) or '-'}",
+                  highlight=False, soft_wrap=True)
+    for column, why in x.get("ignored", {}).items():
+        console.print(f"not a feature: {column}, {why}", highlight=False, soft_wrap=True)
+    if x.get("dropped"):
+        console.print(f"dropped as asked: {', '.join(x['dropped'])}", highlight=False, soft_wrap=True)
 
 
 # --- synth -----------------------------------------------------------------------------------------------------
@@ -354,7 +370,8 @@ def _threshold_policy(text: str):
 
 
 def _dataset_from_table(settings: Settings, dataset: str, label: str | None, positive: str | None,
-                        id_column: str | None, time_column: str | None) -> str:
+                        id_column: str | None, time_column: str | None, drop: list[str] | None = None,
+                        sep: str | None = None) -> str:
     """A data set name; a CSV/Parquet file or a YAML ingest config is ingested first (bring your own data)."""
     from features.definitions import slug
     from features.labeled import LabeledTableSpec, load_labeled
@@ -364,21 +381,23 @@ def _dataset_from_table(settings: Settings, dataset: str, label: str | None, pos
     if path.suffix.lower() in (".yaml", ".yml"):
         report = ingest_config(settings, load_ingest_config(path), _now())
         console.print(ingest_table([report]))
+        print_columns(report)
         return report.dataset
     if not path.is_file():
         return dataset
     if not (label and positive):
         raise PersonalizeError(f"{path}: a table trains with --label COLUMN and --positive VALUE (the label value "
                                "that means a positive)")
+    from features.loaders import CsvOptions
+
     spec = LabeledTableSpec(path=path, label_column=label, positive=positive, id_column=id_column,
-                            time_column=time_column)
+                            time_column=time_column, drop_columns=tuple(drop or ()),
+                            csv=CsvOptions(sep="\t" if sep in ("\\t", "tab") else sep) if sep else CsvOptions())
     name = slug(path.name.split(".")[0])
     table = load_labeled(spec)
     report = ingest_labeled(settings, name, table)
     console.print(ingest_table([report]))
-    console.print(f"{name}: numeric {', '.join(table.numeric) or '-'}; categorical "
-                  f"{', '.join(table.categorical) or '-'}; boolean {', '.join(table.boolean) or '-'}",
-                  highlight=False, soft_wrap=True)
+    print_columns(report)
     return name
 
 
@@ -406,7 +425,8 @@ TrainDataset = Annotated[str, typer.Argument(
 def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int | None, timeout: float | None,
                       family: list[str] | None, selection: str, seed: int, threshold: str, calibration: str,
                       horizon: int, fairness_attribute: str | None, study: str | None, label: str | None,
-                      positive: str | None, id_column: str | None, time_column: str | None, name: str | None) -> None:
+                      positive: str | None, id_column: str | None, time_column: str | None, name: str | None,
+                      drop: list[str] | None = None, sep: str | None = None) -> None:
     from training.train import TrainConfig, train_and_register
     from training.tune import TuneConfig
 
@@ -422,7 +442,7 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     from training.registry import connect
 
     connect(settings.tracking_uri)  # an unreachable store fails before anything is read or tuned
-    dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column)
+    dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column, drop, sep)
     progress, on_trial = _trial_progress(trials)
     started = time.perf_counter()
     with progress:
@@ -469,10 +489,14 @@ def _classifier_command(task: str, doc: str):
         positive: Annotated[str | None, typer.Option(help="The label value meaning positive (e.g. Yes).")] = None,
         id_column: Annotated[str | None, typer.Option("--id", help="Id column of a table file.")] = None,
         time_column: Annotated[str | None, typer.Option("--time", help="Time column: split out of time.")] = None,
+        drop: Annotated[list[str] | None, typer.Option(
+            help="A column of a table file that must not be a feature (a leak, say); repeatable.")] = None,
+        sep: Annotated[str | None, typer.Option(help="Separator of a CSV table file (default ','; '\\t' or tab for "
+                                                     "tabs).")] = None,
         name: Annotated[str | None, typer.Option(help="Registered model name (default: the task, churn or propensity).")] = None,
     ) -> None:
         _train_classifier(ctx, task, dataset, trials, timeout, family, selection, seed, threshold, calibration, horizon,
-                          fairness_attribute, study, label, positive, id_column, time_column, name)
+                          fairness_attribute, study, label, positive, id_column, time_column, name, drop, sep)
 
     command.__doc__ = doc
     return user_errors(command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -155,6 +156,55 @@ def test_a_labeled_table_infers_types_and_quarantines_bad_rows(tmp_path: Path) -
     assert table.frame["id"].tolist() == ["a", "b", "d"]
     assert table.frame[LABEL].tolist() == [1, 0, 0]
     assert table.result.reasons == {"duplicate": 1, "missing_label": 1}
+
+
+def test_a_labeled_table_sets_aside_columns_that_cannot_be_features(tmp_path: Path) -> None:
+    n = 80
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({
+        "row": range(1, n + 1),  # a running row number
+        "email": [f"u{i}@example.com" for i in range(n)],  # an identifier that is not the id column
+        "notes": [""] * n,  # entirely missing
+        "country": ["NL"] * n,  # one value on every row
+        "promo": ["spring" if i % 3 == 0 else "" for i in range(n)],  # one value, but its absence says something
+        "signed_up": [f"2024-{1 + i % 12:02d}-{1 + i % 28:02d}" for i in range(n)],  # a date that is not the time
+        "plan": rng.choice(["basic", "pro"], n),
+        "spend": np.round(rng.gamma(2, 20, n), 2),
+        "left": rng.choice(["yes", "no"], n),
+    })
+    csv = tmp_path / "t.csv"
+    frame.to_csv(csv, index=False)
+    table = load_labeled(LabeledTableSpec(path=csv, label_column="left", positive="yes"))
+    assert set(table.ignored) == {"row", "email", "notes", "country", "signed_up"}
+    assert table.ignored["notes"] == "entirely missing" and table.ignored["row"] == "a running row number"
+    assert table.ignored["signed_up"].startswith("a date or time")
+    assert "identifier" in table.ignored["email"] and table.ignored["country"] == "one value on every row"
+    assert table.numeric == ["spend"] and table.categorical == ["promo", "plan"] and table.boolean == []
+    assert len(table.frame) == n and "email" in table.frame  # set aside, not lost
+
+    parquet = tmp_path / "t.parquet"  # typed columns: a real timestamp, an all-null float
+    frame.assign(signed_up=pd.to_datetime(frame["signed_up"]), notes=np.nan).to_parquet(parquet, index=False)
+    table = load_labeled(LabeledTableSpec(path=parquet, label_column="left", positive="yes", drop_columns=("row",)))
+    assert set(table.ignored) == {"email", "notes", "country", "signed_up"} and "row" not in table.frame
+
+    only_bad = tmp_path / "bad.csv"
+    frame[["email", "notes", "left"]].to_csv(only_bad, index=False)
+    with pytest.raises(DataFileError, match="no column can be a feature.*email: text with a distinct value"):
+        load_labeled(LabeledTableSpec(path=only_bad, label_column="left", positive="yes"))
+
+
+def test_a_labeled_table_in_another_separator_reads_decimal_commas_and_hints_the_separator(tmp_path: Path) -> None:
+    csv = tmp_path / "eu.csv"
+    csv.write_text("id;spend;fee;plan;left\na;29,85;1.234,5;gold;yes\nb;-3,5;7;silver;no\nc;12;8;gold;no\n")
+    with pytest.raises(DataFileError, match="looks ';'-separated"):
+        load_labeled(LabeledTableSpec(path=csv, id_column="id", label_column="left", positive="yes"))
+    table = load_labeled(LabeledTableSpec(path=csv, id_column="id", label_column="left", positive="yes",
+                                          csv=CsvOptions(sep=";")))
+    assert table.numeric == ["spend"] and table.frame["spend"].tolist() == [29.85, -3.5, 12.0]
+    assert "fee" in table.categorical  # 1.234,5 is not read as a number: a thousands dot is not guessed
+    comma = tmp_path / "us.csv"
+    comma.write_text('id,spend,left\na,"29,85",yes\nb,"3,5",no\n')  # a comma-separated file keeps "29,85" text
+    assert load_labeled(LabeledTableSpec(path=comma, id_column="id", label_column="left", positive="yes")).numeric == []
 
 
 def test_a_labeled_table_needs_its_positive_value_and_two_classes(tmp_path: Path) -> None:

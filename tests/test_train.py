@@ -240,13 +240,23 @@ def test_an_unreachable_tracking_server_fails_fast_before_any_work(monkeypatch: 
 
 def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(tmp_path: Path) -> None:
     frame, _ = churn_table(1500)
+    frame["email"] = frame["acct"].str.lower() + "@example.com"  # an identifier that is not the id column
+    frame["leak"] = frame["left"]  # known only after the fact: dropped as asked
     path = tmp_path / "Customer Churn.csv"
-    frame.to_csv(path, index=False)
+    frame.to_csv(path, index=False, sep=";")
     result = runner.invoke(app, ["train", "churn", str(path), "--label", "left", "--positive", "Y", "--id", "acct",
                                  "--trials", "2", "--family", "lightgbm", "--threshold", "fixed:0.7"])
+    assert result.exit_code == 2 and "';'-separated" in result.output and "--sep ';'" in result.output
+    result = runner.invoke(app, ["train", "churn", str(path), "--label", "left", "--positive", "Y", "--id", "acct",
+                                 "--sep", ";", "--drop", "leak", "--trials", "2", "--family", "lightgbm",
+                                 "--threshold", "fixed:0.7"])
     assert result.exit_code == 0, result.output
     assert "registered churn version 1 as challenger" in result.output
     assert "categorical plan, region" in result.output and "roc_auc" in result.output
+    assert "not a feature: email, text with a distinct value on 100% of its rows" in result.output
+    assert "dropped as asked: leak" in result.output
+    test_auc = float(next(line for line in result.output.splitlines() if "roc_auc" in line).split("│")[2])
+    assert 0.6 < test_auc < 0.95  # the leak would give 1.0
     result = runner.invoke(app, ["promote", "churn"])
     assert result.exit_code == 0, result.output
     assert "churn@champion -> version 1" in result.output
