@@ -32,8 +32,10 @@ from personalize.errors import DataFileError
 
 LABEL = "label"  # the normalised 0/1 target column added to every labeled table
 _BOOL_TEXT = {"true": True, "false": False}
-# ISO dates (2024-05-31, 2024-05-31T10:00, 2024/05/31) and day-first or month-first ones (31/05/2024, 05.31.24)
-_DATE_TEXT = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}([ T].*)?|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}( .*)?")
+# ISO dates (2024-05-31, 2024-05-31T10:00, 2024/05/31) and day-first or month-first ones (31/05/2024, 5-31-24,
+# 31.05.2024; not 10.2.21, which may as well be a version)
+_DATE_TEXT = re.compile(r"(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/]\d{1,2}[-/]\d{2,4}|\d{1,2}\.\d{1,2}\.\d{4})"
+                        r"([ T].*)?")
 _COMMA_NUMBER = re.compile(r"[+-]?\d*,?\d+")
 DISTINCT_SHARE = 0.95  # text with a distinct value on at least this share of its rows is not a category
 _DATE_REASON = "a date or time; to split out of time by it, make it the time column"
@@ -169,8 +171,13 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
     label_text = frame[spec.label_column].astype(str).str.strip().str.lower()
     label_blank = is_blank(frame[spec.label_column])
     reasons.add(label_blank, "missing_label")
+    positive = spec.positive.strip().lower()
+    as_number = pd.to_numeric(label_text[~label_blank], errors="coerce")
+    if len(as_number) and as_number.notna().all():  # 1, 1.0 and 1e0 are one class (a float column, a null in ints)
+        label_text = label_text.where(label_blank, as_number.map("{:g}".format))
+        positive = f"{float(positive):g}" if pd.notna(pd.to_numeric(positive, errors="coerce")) else positive
     classes = sorted(set(label_text[~label_blank]))
-    if spec.positive.strip().lower() not in classes:
+    if positive not in classes:
         raise DataFileError(spec.path, f"positive value {spec.positive!r} never occurs; values are {classes[:10]}",
                             column=spec.label_column)
     if len(classes) > 2:
@@ -206,7 +213,7 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
                 first = frame_level.iloc[0]
                 raise DataFileError(spec.path, f"breaks the contract ({first['check']}: {first['failure_case']})",
                                     column=str(first["column"])) from None
-    typed[LABEL] = (label_text == spec.positive.strip().lower()).astype("int64")
+    typed[LABEL] = (label_text == positive).astype("int64")
     result = ValidationResult("labeled", typed.drop(index=reasons.rows), reasons.quarantine(raw, str(spec.path)),
                               len(raw)).with_unreadable(unreadable)
     return LabeledTable(spec, result, numeric, categorical, boolean, ignored)

@@ -207,6 +207,13 @@ def test_a_labeled_table_in_another_separator_reads_decimal_commas_and_hints_the
     assert load_labeled(LabeledTableSpec(path=comma, id_column="id", label_column="left", positive="yes")).numeric == []
 
 
+def test_a_numeric_label_matches_its_positive_value_as_a_number(tmp_path: Path) -> None:
+    parquet = tmp_path / "t.parquet"  # a null turns Parquet's integer labels into floats: 1.0, 0.0
+    pd.DataFrame({"id": ["a", "b", "c", "d"], "x": [1, 2, 3, 4], "y": [1.0, 0.0, None, 1.0]}).to_parquet(parquet)
+    table = load_labeled(LabeledTableSpec(path=parquet, id_column="id", label_column="y", positive="1"))
+    assert table.frame[LABEL].tolist() == [1, 0, 1] and table.result.reasons == {"missing_label": 1}
+
+
 def test_a_labeled_table_needs_its_positive_value_and_two_classes(tmp_path: Path) -> None:
     csv = tmp_path / "t.csv"
     csv.write_text("id,y\na,1\nb,2\nc,3\n")

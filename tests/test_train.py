@@ -224,6 +224,9 @@ def test_one_class_and_too_few_rows_are_clear_errors_and_register_nothing(tmp_pa
     tiny = ingest_table(tmp_path, frame.head(30), "tiny")
     with pytest.raises(PersonalizeError, match="at least 50"):
         train_and_register(settings(), "churn", tiny, TrainConfig(tune=FAST))
+    rare = ingest_table(tmp_path, frame.assign(left=["Y" if i < 8 else "N" for i in range(len(frame))]), "rare")
+    with pytest.raises(PersonalizeError, match="at least 5 rows of each class"):  # 8 positives: one or two a part
+        train_and_register(settings(), "churn", rare, TrainConfig(tune=FAST))
     client = connect(settings().tracking_uri)
     assert client.search_registered_models() == []
 

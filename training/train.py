@@ -55,6 +55,7 @@ Task = Literal["churn", "propensity", "category_propensity"]
 # task -> label column of a frame; category propensity takes one buys_<category> column per category
 TASK_LABELS: dict[str, str] = {"churn": "churn", "propensity": "propensity", "category_propensity": "buys_*"}
 MIN_ROWS = 50  # below this a split leaves too little to tune, calibrate and test on
+MIN_CLASS_ROWS = 5  # of each class in every part: a test ROC-AUC over one or two positives says nothing
 
 
 class TrainConfig(BaseModel):
@@ -102,10 +103,11 @@ class Prepared:
     def check(self) -> None:
         for name, part in (("training", self.train), ("validation", self.valid), ("test", self.test)):
             y = part["label"]
-            if len(part) < MIN_ROWS // 5 or y.nunique() < 2:
+            if len(part) < MIN_ROWS // 5 or min(int(y.sum()), int(len(y) - y.sum())) < MIN_CLASS_ROWS:
                 raise PersonalizeError(
                     f"{self.dataset}: the {name} part has {len(part)} rows and {int(y.sum())} positives; too few "
-                    f"to train a {self.task} model on (need both classes in every part)")
+                    f"to train a {self.task} model on (every part needs at least {MIN_CLASS_ROWS} rows of each "
+                    "class, so that its scores mean something)")
 
 
 # --- preparing the parts ---------------------------------------------------------------------------------------
