@@ -165,6 +165,8 @@ class Runtime:
                 records.append(None)
                 cold.append(True)
         self._check(scorer, pairs, items is not None, "features")
+        n = len(scorer.features)  # a checked record with more columns brought unused ones: not scored, not logged
+        records = [r if r is None or len(r) == n else {c: r[c] for c in scorer.features} for r in records]
         warm = [i for i, c in enumerate(cold) if not c]
         probs = scorer.score([records[i] for i in warm]) if warm else []
         reasons = scorer.reasons([records[i] for i in warm], self.config.explain_top) if explain and warm else None

@@ -123,16 +123,17 @@ def load(client: Any, name: str, alias: str, threads: int = 1, version: str | No
 
 # --- record checks -----------------------------------------------------------------------------------------------
 def check_records(records: list[dict[str, Any]], numeric: list[str], categorical: list[str], boolean: list[str],
-                  counts: frozenset[str], where: str = "features") -> None:
-    """Every record has exactly the model's columns with values of the right kind; raises :class:`InputError`
-    naming the first offending field (``features.recency_days``, ``items[3].features.x``)."""
+                  counts: frozenset[str], where: str = "features", unused: frozenset[str] = frozenset()) -> None:
+    """Every record has the model's columns with values of the right kind, and no other column but the ``unused``
+    ones its training table had (an id, a label, a column set aside: sent as the table has them, ignored); raises
+    :class:`InputError` naming the first offending field (``features.recency_days``, ``items[3].features.x``)."""
     expected = set(numeric) | set(categorical) | set(boolean)
     for i, record in enumerate(records):
         at = where if len(records) == 1 else f"items[{i}].{where}"
         if len(record) == len(expected) and expected.issuperset(record):  # the usual case: exactly the columns
             unknown = missing = []
         else:
-            unknown, missing = sorted(set(record) - expected), sorted(expected - set(record))
+            unknown, missing = sorted(set(record) - expected - unused), sorted(expected - set(record))
         if unknown:
             raise InputError(f"{at}.{unknown[0]}", f"unknown feature (the model takes {len(expected)} features: "
                                                    f"{', '.join(sorted(expected)[:8])}{', ...' if len(expected) > 8 else ''})")
@@ -179,6 +180,7 @@ class Classifier:
                                                            list(model.columns.categorical),
                                                            list(model.columns.boolean))
         self.features: list[str] = list(model.columns.features)
+        self.unused = frozenset(model.columns.unused)
         self.numeric_only = not model.columns.categorical
         self.calibrator = Calibrator.from_dict(model.calibrator)
         self.threshold = float(model.threshold)
@@ -191,7 +193,7 @@ class Classifier:
             self.booster.set_param({"nthread": threads})
 
     def check(self, records: list[dict[str, Any]], where: str = "features") -> None:
-        check_records(records, self._numeric, self._categorical, self._boolean, self.counts, where)
+        check_records(records, self._numeric, self._categorical, self._boolean, self.counts, where, self.unused)
 
     def _matrix(self, records: list[dict[str, Any]]) -> np.ndarray | pd.DataFrame:
         if self.numeric_only:

@@ -161,6 +161,20 @@ def test_good_records_pass_with_nulls() -> None:
                   ["channel"], ["member"], frozenset({"orders"}))
 
 
+def test_columns_the_training_table_had_but_the_model_does_not_read_are_accepted() -> None:
+    unused = frozenset({"customer_id", "email"})
+    check_records([{**GOOD, "customer_id": "c1", "email": "a@b.c"}], ["orders", "spend"], ["channel"], ["member"],
+                  frozenset({"orders"}), unused=unused)
+    with pytest.raises(InputError) as error:  # a typo is still an error, and so is a missing feature
+        check_records([{**GOOD, "customer_id": "c1", "chanel": "web"}], ["orders", "spend"], ["channel"], ["member"],
+                      frozenset({"orders"}), unused=unused)
+    assert error.value.field == "features.chanel"
+    with pytest.raises(InputError) as error:
+        check_records([{"orders": 1, "spend": 2.0, "member": True, "email": "a@b.c"}], ["orders", "spend"],
+                      ["channel"], ["member"], frozenset({"orders"}), unused=unused)
+    assert error.value.field == "features.channel"
+
+
 # --- the Redis online store (a real server on loopback: the redis_url fixture, tests/conftest.py) -------------
 def test_redis_store_behaves_like_the_sqlite_one(redis_url: str) -> None:
     from serving.online import RedisOnlineStore

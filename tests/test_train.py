@@ -266,6 +266,30 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     result = runner.invoke(app, ["history", "churn"])
     assert result.exit_code == 0 and "promote" in result.output and "champion = v1" in result.output
 
+    # the API takes a row as the table has it: the id, label, set-aside and dropped columns are accepted and
+    # ignored (neither scored nor logged); a column the table never had is still a 400 naming it
+    from serving.api import Runtime
+    from serving.config import ServeConfig
+    from serving.predlog import read_log
+    from serving.scoring import InputError
+
+    config = ServeConfig(home=settings().home, tracking_uri=settings().tracking_uri, prediction_log=tmp_path / "log")
+    runtime = Runtime(config, connect(settings().tracking_uri), start_reloader=False, freeze_heap=False)
+    row = json.loads(frame.head(1).to_json(orient="records"))[0]
+    try:
+        answer = runtime.classify("churn", features=row)
+        assert 0 < answer["results"][0]["probability"] < 1
+        without = runtime.classify("churn", features={k: row[k] for k in ("tenure_m", "support_calls", "plan",
+                                                                          "region", "monthly_fee")})
+        assert answer["results"][0]["probability"] == without["results"][0]["probability"]
+        with pytest.raises(InputError) as error:
+            runtime.classify("churn", features={**row, "tenure_mo": 3})
+        assert error.value.field == "features.tenure_mo"
+    finally:
+        runtime.close()
+    logged = read_log(tmp_path / "log")
+    assert len(logged) == 2 and not any(c in f for f in logged["features"] for c in ("acct", "email", "leak"))
+
     for args, message in [
         (["promote", "nosuchmodel"], "unknown model 'nosuchmodel'"),
         (["rollback", "churn"], "no previous champion"),

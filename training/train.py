@@ -78,6 +78,9 @@ class Columns:
     numeric: list[str]
     categorical: list[str]
     boolean: list[str]
+    # columns of a labeled table the model does not read (its id, time and label, the columns set aside or dropped
+    # at ingest): a request may send them with the features, the way the table has them; they are ignored
+    unused: tuple[str, ...] = ()
 
     @property
     def features(self) -> list[str]:
@@ -129,8 +132,11 @@ def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepar
     report = json.loads((dataset_dir / "ingest_report.json").read_text())
     frame = pd.read_parquet(dataset_dir / "table.parquet")
     _check_table(frame, dataset_dir.name, task)
-    columns = Columns(report["numeric"], report["categorical"], report["boolean"])
     time_column = report.get("time_column")
+    unused = [report.get("id_column"), time_column, report.get("label"), *report.get("ignored", {}),
+              *report.get("dropped", [])]
+    columns = Columns(report["numeric"], report["categorical"], report["boolean"],
+                      tuple(dict.fromkeys(c for c in unused if c)))
     if time_column:
         frame = frame.sort_values(time_column, kind="stable")
         n = len(frame)
