@@ -31,7 +31,7 @@ from features.loaders import CsvOptions, read_source, separator_hint
 from personalize.errors import DataFileError
 
 LABEL = "label"  # the normalised 0/1 target column added to every labeled table
-_BOOL_TEXT = {"true": True, "false": False}
+BOOL_TEXT = {"true": True, "false": False}
 # ISO dates (2024-05-31, 2024-05-31T10:00, 2024/05/31) and day-first or month-first ones (31/05/2024, 5-31-24,
 # 31.05.2024; not 10.2.21, which may as well be a version)
 _DATE_TEXT = re.compile(r"(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/]\d{1,2}[-/]\d{2,4}|\d{1,2}\.\d{1,2}\.\d{4})"
@@ -112,8 +112,8 @@ def infer_types(frame: pd.DataFrame, skip: set[str],
         blank = is_blank(s)
         present = s[~blank].astype(str).str.strip()
         lowered = present.str.lower()
-        if len(present) and lowered.isin(_BOOL_TEXT).all():
-            out[name] = s.astype(str).str.strip().str.lower().map(_BOOL_TEXT).astype("boolean")
+        if len(present) and lowered.isin(BOOL_TEXT).all():
+            out[name] = s.astype(str).str.strip().str.lower().map(BOOL_TEXT).astype("boolean")
             if not blank.any():
                 out[name] = out[name].astype(bool)
             boolean.append(name)

@@ -798,13 +798,30 @@ def score(
                                                          "last row).")] = None,
     alias: Annotated[str, typer.Option(help="Which version: the alias to score with.")] = "champion",
     engine: EngineOption = "duckdb",
+    table: Annotated[Path | None, typer.Option(help="A CSV/Parquet table to score instead, with the columns of the "
+                                                    "labeled table the model was trained on (no label needed).")]
+    = None,
+    id_column: Annotated[str | None, typer.Option("--id", help="Id column of --table, copied to the scores.")] = None,
+    sep: Annotated[str, typer.Option(help="Separator of a CSV --table ('\\t' or tab for tabs).")] = ",",
 ) -> None:
-    """Score every customer of a data set with a model's champion and write the scores to Parquet."""
-    from serving.batch import score_dataset
+    """Score every customer of a data set (or every row of a table file) with a model's champion and write the
+    scores to Parquet."""
+    from serving.batch import score_dataset, score_table
     from training.registry import check_name, connect
 
     settings: Settings = ctx.obj
     client = connect(settings.tracking_uri)
+    if table is not None:
+        t = score_table(client, check_name(model), table, settings.home / "scores", alias, id_column,
+                        "\t" if sep in ("\\t", "tab") else sep)
+        reasons = ", ".join(f"{k} {v:,}" for k, v in t.reasons.items())
+        bad = f"; quarantined {t.quarantined:,} ({reasons}) -> {t.quarantine_path}" if t.quarantined else ""
+        console.print(f"scored [bold]{t.rows:,}[/] of {t.rows_in:,} rows with {t.model} v{t.version} in "
+                      f"{t.score_s:.2f}s -> {t.path}{bad}", highlight=False, soft_wrap=True)
+        return
+    if (settings.dataset_dir(dataset) / "table.parquet").exists():
+        raise PersonalizeError(f"{dataset} is a labeled table, without transactions to build features from; score a "
+                               "table file of its columns with --table FILE [--id COLUMN]")
     report = score_dataset(client, check_name(model), settings.dataset_dir(dataset), settings.home / "scores", as_of,
                            alias, engine)
     console.print(f"scored [bold]{report.rows:,}[/] customers with {report.model} v{report.version} (as of "

@@ -2,6 +2,12 @@
 
     personalize score churn --dataset synthetic                  # -> <home>/scores/churn/v<version>/scores.parquet
     personalize score churn --dataset synthetic --engine spark   # the same scores, computed by Spark
+    personalize score churn --table new_customers.csv --id customer_id   # a model trained on a labeled table
+
+A model trained on a labeled table scores a table file of the same columns (:func:`score_table`): each column the
+model reads is typed as the model was trained (a value that is not a number where one goes quarantines its row,
+with the reason, in ``<stem>-quarantine.parquet`` beside the scores), the other columns are ignored, and the label
+need not be there. Scored plus quarantined rows always make the rows read.
 
 The features come from the same definitions as training (:meth:`features.store.FeatureStore.offline` at
 ``as_of``); the model is the served one (:func:`serving.scoring.load`), scored in chunks straight on the booster
@@ -139,3 +145,100 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+@dataclass(frozen=True)
+class TableScoreReport:
+    model: str
+    version: str
+    rows_in: int
+    rows: int
+    quarantined: int
+    reasons: dict[str, int]
+    path: Path
+    quarantine_path: Path | None
+    score_s: float
+
+
+def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.DataFrame, Any]:
+    """The model's columns of ``raw`` typed as in training, and the reasons of the rows whose values are not."""
+    from features.ingest import RowReasons, is_blank
+    from features.labeled import BOOL_TEXT
+
+    reasons = RowReasons(raw.index)
+    out = pd.DataFrame(index=raw.index)
+    for c in scorer.features:
+        s = raw[c]
+        blank = is_blank(s)
+        kind = ("numeric" if c in scorer.columns.numeric else "boolean" if c in scorer.columns.boolean
+                else "categorical")
+        if kind == "categorical":
+            out[c] = s.where(~blank, None)
+            continue
+        if pd.api.types.is_bool_dtype(s) or (kind == "numeric" and pd.api.types.is_numeric_dtype(s)):
+            out[c] = s.astype(float)
+            continue
+        text = s.astype(str).str.strip()
+        if kind == "boolean":
+            values = text.str.lower().map({**BOOL_TEXT, "1": True, "0": False})
+            out[c] = values.astype(float)
+        else:
+            if decimal_comma:
+                text = text.str.replace(",", ".", regex=False)
+            out[c] = pd.to_numeric(text.where(~blank, None), errors="coerce").astype(float)
+        reasons.add(~blank & out[c].isna(), f"invalid_{c}")
+    return out, reasons
+
+
+def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = "champion",
+                id_column: str | None = None, sep: str = ",") -> TableScoreReport:
+    """Score every row of a CSV/Parquet table with ``name@alias`` (a model trained on a labeled table) and write
+    ``<out_dir>/<name>/v<n>/<stem>-scores.parquet``: the id column (if given), ``_source_row``, ``probability``,
+    ``decision``, ``model``, ``version``. Rows with a value the model cannot read go to ``<stem>-quarantine.parquet``
+    with their reason."""
+    from features.ingest import REASON
+    from features.loaders import CsvOptions, read_source
+    from personalize.errors import DataFileError
+    from serving.scoring import load
+
+    import os
+
+    path = Path(path)
+    loaded = load(client, name, alias, threads=os.cpu_count() or 1)
+    if loaded.kind != "classifier":
+        raise PersonalizeError(f"{name} is a {loaded.kind} model; batch scoring covers churn and propensity")
+    scorer = loaded.scorer
+    file_format = "parquet" if ".parquet" in [x.lower() for x in path.suffixes] else "csv"
+    raw, unreadable = read_source(path, file_format, CsvOptions(sep=sep))
+    for column in [id_column, *scorer.features]:
+        if column and column not in raw.columns:
+            what = "the id column" if column == id_column else f"a feature of {name} v{loaded.version}"
+            raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}", column=column)
+    started = time.perf_counter()
+    typed, reasons = _typed(raw, scorer, decimal_comma=file_format == "csv" and sep != ",")
+    quarantine = reasons.quarantine(raw, str(path))
+    quarantine = pd.concat([quarantine, unreadable], ignore_index=True) if len(unreadable) else quarantine
+    good = typed.drop(index=reasons.rows)
+    p = score_matrix(scorer, good) if len(good) else np.zeros(0)
+    score_s = time.perf_counter() - started
+    out = pd.DataFrame({"_source_row": good.index.to_numpy(), "probability": p, "decision": p >= scorer.threshold,
+                        "model": name, "version": loaded.version})
+    if id_column:
+        out.insert(0, id_column, raw.loc[good.index, id_column].astype(str).to_numpy())
+    folder = out_dir / name / f"v{loaded.version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = path.name.split(".")[0]
+    target, bad = folder / f"{stem}-scores.parquet", folder / f"{stem}-quarantine.parquet"
+    out.to_parquet(target.with_suffix(".tmp"), index=False)
+    target.with_suffix(".tmp").replace(target)
+    if len(quarantine):
+        quarantine.to_parquet(bad, index=False)
+    elif bad.exists():
+        bad.unlink()
+    rows_in = len(raw) + len(unreadable)
+    if rows_in != len(out) + len(quarantine):
+        raise AssertionError(f"{path}: {rows_in} rows in, {len(out)} scored + {len(quarantine)} quarantined")
+    counts = quarantine[REASON].value_counts() if len(quarantine) else pd.Series(dtype=int)
+    return TableScoreReport(name, loaded.version, rows_in, len(out), len(quarantine),
+                            {str(k): int(v) for k, v in counts.items()}, target, bad if len(quarantine) else None,
+                            score_s)

@@ -36,6 +36,10 @@ def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path
     # every challenger went through the gate; on the shared data the first run's gate crowned version 1
     assert all(m["gate"] == "pass" or m["gate"].startswith("fail: ") for m in models.values()), models
     assert all(models[m]["champion"] in ("1", "2") for m in ("churn_telco", "purchase_forecast", "purchase_cycle"))
+    # the Telco champion scored Telco's CSV file as a table of new customers: every row, the 11 blank TotalCharges
+    # missing (as in training), none quarantined
+    assert last["table_scoring"]["rows_in"] == last["table_scoring"]["scored"] == 7_043
+    assert last["table_scoring"]["quarantined"] == 0 and 0 < last["table_scoring"]["action_rate"] < 1
     assert (isolated_home / "features" / "cdnow" / "training_frame.parquet").exists()
     # the API answered from the champions and logged every scored item
     assert last["served_versions"]["forecast"] in ("1", "2") and last["requests_served"] >= 1

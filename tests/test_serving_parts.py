@@ -212,3 +212,20 @@ def test_materialize_fills_the_store_with_what_training_computes(tmp_path: Path)
     for column in spec.columns:
         want = frame.loc[cid, column]
         assert (got[column] is None and pd.isna(want)) or got[column] == pytest.approx(float(want)), column
+
+
+def test_a_table_file_is_typed_as_the_model_was_trained_and_bad_values_name_their_row() -> None:
+    from types import SimpleNamespace
+
+    from serving.batch import _typed
+
+    columns = SimpleNamespace(numeric=["spend"], categorical=["plan"], boolean=["member"])
+    scorer = SimpleNamespace(features=["spend", "plan", "member"], columns=columns)
+    raw = pd.DataFrame({"spend": ["1,5", "", "2", "two"], "plan": ["gold", "", "x", "y"],
+                        "member": ["TRUE", "false", "1", "maybe"], "other": ["a", "b", "c", "d"]},
+                       index=pd.Index([1, 2, 3, 4]))
+    typed, reasons = _typed(raw, scorer, decimal_comma=True)
+    assert typed.loc[[1, 3], "spend"].tolist() == [1.5, 2.0] and np.isnan(typed.loc[2, "spend"])  # blank: missing
+    assert typed.loc[[1, 2, 3], "member"].tolist() == [1.0, 0.0, 1.0] and typed.loc[2, "plan"] is None
+    assert reasons.by_row == {4: ["invalid_spend", "invalid_member"]}
+    assert list(typed.columns) == ["spend", "plan", "member"]
