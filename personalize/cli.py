@@ -801,7 +801,8 @@ def score(
     table: Annotated[Path | None, typer.Option(help="A CSV/Parquet table to score instead, with the columns of the "
                                                     "labeled table the model was trained on (no label needed).")]
     = None,
-    id_column: Annotated[str | None, typer.Option("--id", help="Id column of --table, copied to the scores.")] = None,
+    id_column: Annotated[str | None, typer.Option(
+        "--id", help="Id column of --table, copied to the scores (default: the training table's, if there).")] = None,
     sep: Annotated[str, typer.Option(help="Separator of a CSV --table ('\\t' or tab for tabs).")] = ",",
 ) -> None:
     """Score every customer of a data set (or every row of a table file) with a model's champion and write the

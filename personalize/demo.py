@@ -194,7 +194,7 @@ def table_scoring(settings: Settings, data_root: Path) -> dict[str, Any]:
     except Exception:  # the gate refused it: nothing to score with
         return {"skipped": "churn_telco has no champion (the gate refused it)"}
     spec, _ = labeled_sources(data_root)["telco_churn"]
-    t = score_table(client, "churn_telco", spec.path, settings.home / "scores", id_column=spec.id_column)
+    t = score_table(client, "churn_telco", spec.path, settings.home / "scores")  # the id: the training table's
     decisions = pd.read_parquet(t.path)["decision"]
     return {"rows_in": t.rows_in, "scored": t.rows, "quarantined": t.quarantined, "version": t.version,
             "action_rate": round(float(decisions.mean()), 4), "score_s": round(t.score_s, 2), "scores": str(t.path)}
@@ -253,7 +253,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
         console.print(f"table scoring skipped: {telco['skipped']}", highlight=False)
     else:
         console.print(f"churn_telco v{telco['version']} scored {telco['scored']:,} of {telco['rows_in']:,} rows of "
-                      f"Telco's CSV file (`personalize score churn_telco --table ... --id customerID`) in "
+                      f"Telco's CSV file (`personalize score churn_telco --table FILE`) in "
                       f"{telco['score_s']}s; {telco['action_rate']:.1%} to act on -> {telco['scores']}",
                       soft_wrap=True, highlight=False)
     console.print(serving_table(serving))

@@ -193,7 +193,8 @@ def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.Data
 def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = "champion",
                 id_column: str | None = None, sep: str = ",") -> TableScoreReport:
     """Score every row of a CSV/Parquet table with ``name@alias`` (a model trained on a labeled table) and write
-    ``<out_dir>/<name>/v<n>/<stem>-scores.parquet``: the id column (if given), ``_source_row``, ``probability``,
+    ``<out_dir>/<name>/v<n>/<stem>-scores.parquet``: the id column (``id_column``, else the training table's if the
+    file has it), ``_source_row``, ``probability``,
     ``decision``, ``model``, ``version``. Rows with a value the model cannot read go to ``<stem>-quarantine.parquet``
     with their reason."""
     from features.ingest import REASON
@@ -210,6 +211,9 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     scorer = loaded.scorer
     file_format = "parquet" if ".parquet" in [x.lower() for x in path.suffixes] else "csv"
     raw, unreadable = read_source(path, file_format, CsvOptions(sep=sep))
+    trained_id = getattr(scorer.columns, "id_column", None)  # models registered before it was recorded: None
+    if id_column is None and trained_id in raw.columns:
+        id_column = trained_id
     for column in [id_column, *scorer.features]:
         if column and column not in raw.columns:
             what = "the id column" if column == id_column else f"a feature of {name} v{loaded.version}"

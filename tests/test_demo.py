@@ -40,6 +40,8 @@ def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path
     # missing (as in training), none quarantined
     assert last["table_scoring"]["rows_in"] == last["table_scoring"]["scored"] == 7_043
     assert last["table_scoring"]["quarantined"] == 0 and 0 < last["table_scoring"]["action_rate"] < 1
+    scores = __import__("pandas").read_parquet(last["table_scoring"]["scores"])
+    assert scores["customerID"].is_unique and len(scores) == 7_043  # the training table's id column, by default
     assert (isolated_home / "features" / "cdnow" / "training_frame.parquet").exists()
     # the API answered from the champions and logged every scored item
     assert last["served_versions"]["forecast"] in ("1", "2") and last["requests_served"] >= 1

@@ -295,7 +295,7 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     fresh.loc[7, "tenure_m"] = "seven"
     fresh.loc[8, "support_calls"] = None  # missing is allowed, as in training
     fresh.to_csv(tmp_path / "new customers.csv", index=False)
-    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.csv"), "--id", "acct"])
+    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.csv")])  # id: acct
     assert result.exit_code == 0, result.output
     assert "scored 39 of 40 rows" in result.output and "invalid_tenure_m 1" in result.output
     scores = pd.read_parquet(settings().home / "scores" / "churn" / "v1" / "new customers-scores.parquet")

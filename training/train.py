@@ -81,6 +81,7 @@ class Columns:
     # columns of a labeled table the model does not read (its id, time and label, the columns set aside or dropped
     # at ingest): a request may send them with the features, the way the table has them; they are ignored
     unused: tuple[str, ...] = ()
+    id_column: str | None = None  # a labeled table's id column: batch scores of a table file carry it
 
     @property
     def features(self) -> list[str]:
@@ -136,7 +137,7 @@ def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepar
     unused = [report.get("id_column"), time_column, report.get("label"), *report.get("ignored", {}),
               *report.get("dropped", [])]
     columns = Columns(report["numeric"], report["categorical"], report["boolean"],
-                      tuple(dict.fromkeys(c for c in unused if c)))
+                      tuple(dict.fromkeys(c for c in unused if c)), report.get("id_column"))
     if time_column:
         frame = frame.sort_values(time_column, kind="stable")
         n = len(frame)
