@@ -139,6 +139,11 @@ def _parse_id(s: pd.Series, strip_float: bool) -> pd.Series:
     return out
 
 
+def normalize_ids(s: pd.Series) -> pd.Series:
+    """Ids as text: whole floats as integers (``1.0`` -> ``"1"``), blanks None."""
+    return _parse_id(s, strip_float=False)
+
+
 def parse_timestamp(s: pd.Series, fmt: str | None) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(s):
         parsed = s

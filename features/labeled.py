@@ -32,11 +32,14 @@ from personalize.errors import DataFileError
 
 LABEL = "label"  # the normalised 0/1 target column added to every labeled table
 BOOL_TEXT = {"true": True, "false": False}
-# ISO dates (2024-05-31, 2024-05-31T10:00, 2024/05/31) and day-first or month-first ones (31/05/2024, 5-31-24,
-# 31.05.2024; not 10.2.21, which may as well be a version)
-_DATE_TEXT = re.compile(r"(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/]\d{1,2}[-/]\d{2,4}|\d{1,2}\.\d{1,2}\.\d{4})"
-                        r"([ T].*)?")
-_COMMA_NUMBER = re.compile(r"[+-]?\d*,?\d+")
+# Dates that look like dates: ISO (2024-05-31, 2024/05/31, 2024.05.31; 2024.1.15 may be a version), day-first or
+# month-first (31/05/2024, 5-31-24, 31.05.2024; not 10.2.21), with the month in words (31-May-2024, 31 May 2024,
+# May 31, 2024), each optionally followed by a time of day. Every value must also parse as a date (not 99/99/9999).
+_DATE_TEXT = re.compile(r"(\d{4}[-/]\d{1,2}[-/]\d{1,2}|\d{4}\.\d{2}\.\d{2}|\d{1,2}[-/]\d{1,2}[-/]\d{2,4}"
+                        r"|\d{1,2}\.\d{1,2}\.\d{4}|\d{1,2}[- ][A-Za-z]{3,9}[- ,]+\d{2,4}|[A-Za-z]{3,9} \d{1,2},? \d{4})"
+                        r"([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?( ?[AaPp][Mm])?(Z|[+-]\d{2}:?\d{2})?)?")
+# A number written with a decimal comma, perhaps with thousands dots: 29,85  -3,5  1.621,37  12
+_COMMA_NUMBER = re.compile(r"[+-]?(\d{1,3}(\.\d{3})+|\d+)(,\d+)?")
 DISTINCT_SHARE = 0.95  # text with a distinct value on at least this share of its rows is not a category
 _DATE_REASON = "a date or time; to split out of time by it, make it the time column"
 MIN_DISTINCT = 50  # ... once it has more than this many values (a small table's categories may all differ)
@@ -93,8 +96,8 @@ class LabeledTable:
 def infer_types(frame: pd.DataFrame, skip: set[str],
                 decimal_comma: bool = False) -> tuple[pd.DataFrame, list[str], list[str], list[str]]:
     """Type each text column by its values: numeric, boolean or categorical. Blank means missing. With
-    ``decimal_comma`` (a CSV separated by something other than ','), a column of numbers written ``29,85`` is
-    numeric."""
+    ``decimal_comma`` (a CSV separated by something other than ','), a column of numbers written ``29,85`` or
+    ``1.621,37`` (at least one with a comma) is numeric."""
     out = frame.copy()
     numeric, categorical, boolean = [], [], []
     for name in frame.columns:
@@ -118,9 +121,8 @@ def infer_types(frame: pd.DataFrame, skip: set[str],
                 out[name] = out[name].astype(bool)
             boolean.append(name)
             continue
-        comma = decimal_comma and present.str.fullmatch(_COMMA_NUMBER).all()
-        if comma:  # 29,85 with a separator other than ',': a decimal comma
-            present, s = present.str.replace(",", ".", regex=False), s.astype(str).str.replace(",", ".", regex=False)
+        if decimal_comma and has_decimal_commas(present):
+            present, s = dot_decimals(present), dot_decimals(s)
         as_number = pd.to_numeric(present, errors="coerce")
         if len(present) and as_number.notna().all():
             values = pd.to_numeric(s.where(~blank, None), errors="coerce")
@@ -131,6 +133,21 @@ def infer_types(frame: pd.DataFrame, skip: set[str],
             out[name] = s.where(~blank, None)
             categorical.append(name)
     return out, numeric, categorical, boolean
+
+
+def has_decimal_commas(text: pd.Series) -> bool:
+    """Numbers written the continental way (``29,85``, ``1.621,37``): every value one, at least one with a comma."""
+    return bool(text.str.contains(",", regex=False).any() and comma_numbers(text).all())
+
+
+def comma_numbers(text: pd.Series) -> pd.Series:
+    """Which values are numbers as a decimal comma writes them (``29,85``, ``1.621,37``, ``12``)."""
+    return text.astype(str).str.fullmatch(_COMMA_NUMBER)
+
+
+def dot_decimals(text: pd.Series) -> pd.Series:
+    """``1.621,37`` -> ``1621.37``."""
+    return text.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False)
 
 
 def unusable(raw: pd.Series, kind: str) -> str | None:
@@ -146,16 +163,26 @@ def unusable(raw: pd.Series, kind: str) -> str | None:
     distinct = text.nunique()
     if distinct == 1 and not blank.any():
         return "one value on every row"
+    if str(raw.name).startswith("Unnamed: ") or not str(raw.name).strip():
+        return "a column without a name (an index written with the file)"
     if kind == "categorical":
-        if text.str.fullmatch(_DATE_TEXT).all():
+        if text.str.fullmatch(_DATE_TEXT).all() and _all_dates(text.drop_duplicates()):
             return _DATE_REASON
         if distinct > MIN_DISTINCT and distinct >= DISTINCT_SHARE * len(text):
             return f"text with a distinct value on {distinct / len(text):.0%} of its rows: an identifier or free text"
     if kind == "numeric" and not blank.any() and len(present) > MIN_DISTINCT:
         values = pd.to_numeric(present, errors="coerce")
-        if values.notna().all() and (values % 1 == 0).all() and (values.diff().iloc[1:] == 1).all():
-            return "a running row number"
+        if values.notna().all() and (values % 1 == 0).all() and (values.diff().iloc[1:] > 0).all():
+            return "a row number or index (whole numbers, each larger than the one before)"
     return None
+
+
+def _all_dates(values: pd.Series) -> bool:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pandas warns when it infers a format per value
+        return bool(pd.to_datetime(values, errors="coerce", format="mixed").notna().all())
 
 
 def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = None) -> LabeledTable:
@@ -165,6 +192,13 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
             hint = separator_hint(spec.path, spec.csv) if len(raw.columns) == 1 and spec.file_format == "csv" else ""
             raise DataFileError(spec.path, f"configured column is missing; the file has {list(raw.columns)}{hint}",
                                 column=column)
+    kept = {spec.label_column: "the label", spec.id_column: "the id", spec.time_column: "the time column"}
+    for column in spec.drop_columns:
+        if column in kept:
+            raise DataFileError(spec.path, f"cannot drop {kept[column]} column", column=column)
+    if LABEL in raw.columns and spec.label_column != LABEL and LABEL not in spec.drop_columns:
+        raise DataFileError(spec.path, f"a column named {LABEL!r} would be overwritten by the 0/1 target; rename or "
+                                       "drop it", column=LABEL)
     frame = raw.drop(columns=list(spec.drop_columns))
     reasons = RowReasons(frame.index)
 
@@ -174,8 +208,8 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
     positive = spec.positive.strip().lower()
     as_number = pd.to_numeric(label_text[~label_blank], errors="coerce")
     if len(as_number) and as_number.notna().all():  # 1, 1.0 and 1e0 are one class (a float column, a null in ints)
-        label_text = label_text.where(label_blank, as_number.map("{:g}".format))
-        positive = f"{float(positive):g}" if pd.notna(pd.to_numeric(positive, errors="coerce")) else positive
+        label_text = label_text.where(label_blank, as_number.map("{:.17g}".format))
+        positive = f"{float(positive):.17g}" if pd.notna(pd.to_numeric(positive, errors="coerce")) else positive
     classes = sorted(set(label_text[~label_blank]))
     if positive not in classes:
         raise DataFileError(spec.path, f"positive value {spec.positive!r} never occurs; values are {classes[:10]}",

@@ -163,7 +163,7 @@ class TableScoreReport:
 def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.DataFrame, Any]:
     """The model's columns of ``raw`` typed as in training, and the reasons of the rows whose values are not."""
     from features.ingest import RowReasons, is_blank
-    from features.labeled import BOOL_TEXT
+    from features.labeled import BOOL_TEXT, comma_numbers, dot_decimals
 
     reasons = RowReasons(raw.index)
     out = pd.DataFrame(index=raw.index)
@@ -173,18 +173,21 @@ def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.Data
         kind = ("numeric" if c in scorer.columns.numeric else "boolean" if c in scorer.columns.boolean
                 else "categorical")
         if kind == "categorical":
-            out[c] = s.where(~blank, None)
+            if pd.api.types.is_float_dtype(s) and (s.dropna() % 1 == 0).all():
+                s = s.astype("Int64")  # whole numbers read as floats because of a null: 1.0 is the category "1"
+            out[c] = s.astype(object).where(~blank, None)
             continue
         if pd.api.types.is_bool_dtype(s) or (kind == "numeric" and pd.api.types.is_numeric_dtype(s)):
             out[c] = s.astype(float)
             continue
         text = s.astype(str).str.strip()
         if kind == "boolean":
-            values = text.str.lower().map({**BOOL_TEXT, "1": True, "0": False})
+            values = text.str.lower().map({**BOOL_TEXT, "1": True, "0": False, "1.0": True, "0.0": False})
             out[c] = values.astype(float)
         else:
-            if decimal_comma:
-                text = text.str.replace(",", ".", regex=False)
+            written = comma_numbers(text) & ~blank
+            if decimal_comma and text[written].str.contains(",", regex=False).any():  # 29,85 and 1.621,37 in the file
+                text = text.where(~written, dot_decimals(text))
             out[c] = pd.to_numeric(text.where(~blank, None), errors="coerce").astype(float)
         reasons.add(~blank & out[c].isna(), f"invalid_{c}")
     return out, reasons
@@ -198,7 +201,8 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     ``decision``, ``model``, ``version``. Rows with a value the model cannot read go to ``<stem>-quarantine.parquet``
     with their reason."""
     from features.ingest import REASON
-    from features.loaders import CsvOptions, read_source
+    from features.ingest import normalize_ids
+    from features.loaders import CsvOptions, read_source, separator_hint
     from personalize.errors import DataFileError
     from serving.scoring import load
 
@@ -209,15 +213,19 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     if loaded.kind != "classifier":
         raise PersonalizeError(f"{name} is a {loaded.kind} model; batch scoring covers churn and propensity")
     scorer = loaded.scorer
-    file_format = "parquet" if ".parquet" in [x.lower() for x in path.suffixes] else "csv"
-    raw, unreadable = read_source(path, file_format, CsvOptions(sep=sep))
+    suffixes = [x.lower() for x in path.suffixes]
+    file_format = "parquet" if {".parquet", ".pq"} & set(suffixes) else "csv"
+    csv = CsvOptions(sep=sep)
+    raw, unreadable = read_source(path, file_format, csv)
     trained_id = getattr(scorer.columns, "id_column", None)  # models registered before it was recorded: None
     if id_column is None and trained_id in raw.columns:
         id_column = trained_id
     for column in [id_column, *scorer.features]:
         if column and column not in raw.columns:
             what = "the id column" if column == id_column else f"a feature of {name} v{loaded.version}"
-            raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}", column=column)
+            hint = separator_hint(path, csv) if len(raw.columns) == 1 and file_format == "csv" else ""
+            raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{hint}",
+                                column=column)
     started = time.perf_counter()
     typed, reasons = _typed(raw, scorer, decimal_comma=file_format == "csv" and sep != ",")
     quarantine = reasons.quarantine(raw, str(path))
@@ -228,10 +236,12 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     out = pd.DataFrame({"_source_row": good.index.to_numpy(), "probability": p, "decision": p >= scorer.threshold,
                         "model": name, "version": loaded.version})
     if id_column:
-        out.insert(0, id_column, raw.loc[good.index, id_column].astype(str).to_numpy())
+        out.insert(0, id_column, normalize_ids(raw.loc[good.index, id_column]).to_numpy())
     folder = out_dir / name / f"v{loaded.version}"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = path.name.split(".")[0]
+    stem = path.name
+    for suffix in (".gz", ".csv", ".parquet", ".pq", ".txt", ".tsv"):
+        stem = stem.removesuffix(suffix) if stem.lower().endswith(suffix) else stem
     target, bad = folder / f"{stem}-scores.parquet", folder / f"{stem}-quarantine.parquet"
     out.to_parquet(target.with_suffix(".tmp"), index=False)
     target.with_suffix(".tmp").replace(target)

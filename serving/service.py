@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 CONFIG = ServeConfig.from_env()
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
-Value = Number | bool | Annotated[str, Field(max_length=256)] | None
+# a text value may be a labeled table's column the model set aside (free text, say), sent with the row and ignored
+Value = Number | bool | Annotated[str, Field(max_length=4096)] | None
 CustomerId = Annotated[str, Field(min_length=1, max_length=128, examples=["C000042"])]
 FEATURES_EXAMPLE = {"recency_days": 12.0, "frequency": 7, "monetary_total": 412.5, "tenure_days": 380.0}
 SUMMARY_EXAMPLE = {"frequency": 4, "recency": 120.0, "T": 200.0, "monetary": 35.2, "days_since_last": 80.0,

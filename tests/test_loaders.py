@@ -176,7 +176,7 @@ def test_a_labeled_table_sets_aside_columns_that_cannot_be_features(tmp_path: Pa
     frame.to_csv(csv, index=False)
     table = load_labeled(LabeledTableSpec(path=csv, label_column="left", positive="yes"))
     assert set(table.ignored) == {"row", "email", "notes", "country", "signed_up"}
-    assert table.ignored["notes"] == "entirely missing" and table.ignored["row"] == "a running row number"
+    assert table.ignored["notes"] == "entirely missing" and table.ignored["row"].startswith("a row number")
     assert table.ignored["signed_up"].startswith("a date or time")
     assert "identifier" in table.ignored["email"] and table.ignored["country"] == "one value on every row"
     assert table.numeric == ["spend"] and table.categorical == ["promo", "plan"] and table.boolean == []
@@ -186,6 +186,16 @@ def test_a_labeled_table_sets_aside_columns_that_cannot_be_features(tmp_path: Pa
     frame.assign(signed_up=pd.to_datetime(frame["signed_up"]), notes=np.nan).to_parquet(parquet, index=False)
     table = load_labeled(LabeledTableSpec(path=parquet, label_column="left", positive="yes", drop_columns=("row",)))
     assert set(table.ignored) == {"email", "notes", "country", "signed_up"} and "row" not in table.frame
+
+    lookalikes = tmp_path / "lookalikes.csv"  # codes and versions that are not dates, dates that are
+    pd.DataFrame({"speed": [f"{5 + i % 3}/10/20 Mbps" for i in range(n)],
+                  "release": [f"2024.{1 + i % 3}.{i % 4}" for i in range(n)],
+                  "bad_date": ["99/99/9999", "31/05/2024"] * (n // 2),
+                  "worded": [f"{1 + i % 28} May 2024" for i in range(n)],
+                  "Unnamed: 0": range(0, 2 * n, 2),  # pandas' index after a filter: increasing, with gaps
+                  "left": frame["left"]}).to_csv(lookalikes, index=False)
+    table = load_labeled(LabeledTableSpec(path=lookalikes, label_column="left", positive="yes"))
+    assert set(table.ignored) == {"worded", "Unnamed: 0"} and table.categorical == ["speed", "release", "bad_date"]
 
     only_bad = tmp_path / "bad.csv"
     frame[["email", "notes", "left"]].to_csv(only_bad, index=False)
@@ -200,8 +210,8 @@ def test_a_labeled_table_in_another_separator_reads_decimal_commas_and_hints_the
         load_labeled(LabeledTableSpec(path=csv, id_column="id", label_column="left", positive="yes"))
     table = load_labeled(LabeledTableSpec(path=csv, id_column="id", label_column="left", positive="yes",
                                           csv=CsvOptions(sep=";")))
-    assert table.numeric == ["spend"] and table.frame["spend"].tolist() == [29.85, -3.5, 12.0]
-    assert "fee" in table.categorical  # 1.234,5 is not read as a number: a thousands dot is not guessed
+    assert table.numeric == ["spend", "fee"] and table.frame["spend"].tolist() == [29.85, -3.5, 12.0]
+    assert table.frame["fee"].tolist() == [1234.5, 7.0, 8.0]  # a thousands dot beside a decimal comma
     comma = tmp_path / "us.csv"
     comma.write_text('id,spend,left\na,"29,85",yes\nb,"3,5",no\n')  # a comma-separated file keeps "29,85" text
     assert load_labeled(LabeledTableSpec(path=comma, id_column="id", label_column="left", positive="yes")).numeric == []
@@ -212,6 +222,23 @@ def test_a_numeric_label_matches_its_positive_value_as_a_number(tmp_path: Path) 
     pd.DataFrame({"id": ["a", "b", "c", "d"], "x": [1, 2, 3, 4], "y": [1.0, 0.0, None, 1.0]}).to_parquet(parquet)
     table = load_labeled(LabeledTableSpec(path=parquet, id_column="id", label_column="y", positive="1"))
     assert table.frame[LABEL].tolist() == [1, 0, 1] and table.result.reasons == {"missing_label": 1}
+    big = tmp_path / "big.csv"  # labels that differ in the seventh digit stay two classes
+    pd.DataFrame({"x": [1, 2, 3], "y": [1000001, 1000002, 1000001]}).to_csv(big, index=False)
+    assert load_labeled(LabeledTableSpec(path=big, label_column="y", positive="1000002")).frame[LABEL].tolist() == [
+        0, 1, 0]
+
+
+def test_dropping_the_label_id_or_time_and_a_feature_named_label_are_clear_errors(tmp_path: Path) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text("id,when,x,y\na,2024-01-01,1,yes\nb,2024-01-02,2,no\n")
+    for column, what in (("y", "the label"), ("id", "the id"), ("when", "the time column")):
+        with pytest.raises(DataFileError, match=f"cannot drop {what} column"):
+            load_labeled(LabeledTableSpec(path=csv, id_column="id", time_column="when", label_column="y",
+                                          positive="yes", drop_columns=(column,)))
+    named = tmp_path / "named.csv"
+    named.write_text("label,y\n1,yes\n0,no\n")
+    with pytest.raises(DataFileError, match="'label' would be overwritten by the 0/1 target"):
+        load_labeled(LabeledTableSpec(path=named, label_column="y", positive="yes"))
 
 
 def test_a_labeled_table_needs_its_positive_value_and_two_classes(tmp_path: Path) -> None:

@@ -229,3 +229,9 @@ def test_a_table_file_is_typed_as_the_model_was_trained_and_bad_values_name_thei
     assert typed.loc[[1, 2, 3], "member"].tolist() == [1.0, 0.0, 1.0] and typed.loc[2, "plan"] is None
     assert reasons.by_row == {4: ["invalid_spend", "invalid_member"]}
     assert list(typed.columns) == ["spend", "plan", "member"]
+
+    raw = pd.DataFrame({"spend": ["1.621,37", "2"], "plan": [3.0, None], "member": ["1.0", "0.0"]},
+                       index=pd.Index([1, 2]))  # a Parquet file: a category read as floats (a null among ints)
+    typed, reasons = _typed(raw, scorer, decimal_comma=True)
+    assert typed["spend"].tolist() == [1621.37, 2.0] and typed["plan"].tolist() == [3, None]
+    assert str(typed.loc[1, "plan"]) == "3" and typed["member"].tolist() == [1.0, 0.0] and not reasons.by_row
