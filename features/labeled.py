@@ -7,8 +7,9 @@ and reported. Known tables (Telco churn, Online Shoppers) are also checked again
 
 Columns that cannot be features are set aside with their reason (:func:`unusable`, ``LabeledTable.ignored``) and
 stay in the stored table: entirely missing, one value on every row, a date or time other than the time column, text
-with a distinct value on nearly every row (an identifier, an e-mail, free text), a running row number. Columns
-named in ``drop_columns`` (a leak, say) are removed before anything else.
+with a distinct value on nearly every row (an identifier, an e-mail, free text), a row number or index, a column
+without a name. Columns named in ``drop_columns`` (a leak, say) are removed before anything else; the id, label and
+time columns cannot be.
 
 Rows with a missing id or label, a duplicate id, an unparseable time, or a contract failure are quarantined with
 their reason, exactly as for the raw tables.
