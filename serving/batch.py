@@ -200,8 +200,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     file has it), ``_source_row``, ``probability``,
     ``decision``, ``model``, ``version``. Rows with a value the model cannot read go to ``<stem>-quarantine.parquet``
     with their reason."""
-    from features.ingest import REASON
-    from features.ingest import normalize_ids
+    from features.ingest import ValidationResult, normalize_ids
     from features.loaders import CsvOptions, read_source, separator_hint
     from personalize.errors import DataFileError
     from serving.scoring import load
@@ -240,8 +239,8 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     folder = out_dir / name / f"v{loaded.version}"
     folder.mkdir(parents=True, exist_ok=True)
     stem = path.name
-    for suffix in (".gz", ".csv", ".parquet", ".pq", ".txt", ".tsv"):
-        stem = stem.removesuffix(suffix) if stem.lower().endswith(suffix) else stem
+    for suffix in (".gz", ".csv", ".parquet", ".pq", ".txt", ".tsv"):  # any case: customers.2024-06.CSV
+        stem = stem[:-len(suffix)] if stem.lower().endswith(suffix) else stem
     target, bad = folder / f"{stem}-scores.parquet", folder / f"{stem}-quarantine.parquet"
     out.to_parquet(target.with_suffix(".tmp"), index=False)
     target.with_suffix(".tmp").replace(target)
@@ -249,10 +248,6 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
         quarantine.to_parquet(bad, index=False)
     elif bad.exists():
         bad.unlink()
-    rows_in = len(raw) + len(unreadable)
-    if rows_in != len(out) + len(quarantine):
-        raise AssertionError(f"{path}: {rows_in} rows in, {len(out)} scored + {len(quarantine)} quarantined")
-    counts = quarantine[REASON].value_counts() if len(quarantine) else pd.Series(dtype=int)
-    return TableScoreReport(name, loaded.version, rows_in, len(out), len(quarantine),
-                            {str(k): int(v) for k, v in counts.items()}, target, bad if len(quarantine) else None,
-                            score_s)
+    result = ValidationResult("table", out, quarantine, len(raw) + len(unreadable))  # raises unless counts reconcile
+    return TableScoreReport(name, loaded.version, result.rows_in, len(out), len(quarantine), result.reasons, target,
+                            bad if len(quarantine) else None, score_s)

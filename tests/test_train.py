@@ -294,8 +294,8 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     fresh = frame.drop(columns=["left"]).head(40).astype({"tenure_m": str})
     fresh.loc[7, "tenure_m"] = "seven"
     fresh.loc[8, "support_calls"] = None  # missing is allowed, as in training
-    fresh.to_csv(tmp_path / "new customers.csv", index=False)
-    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.csv")])  # id: acct
+    fresh.to_csv(tmp_path / "new customers.CSV", index=False)
+    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV")])  # id: acct
     assert result.exit_code == 0, result.output
     assert "scored 39 of 40 rows" in result.output and "invalid_tenure_m 1" in result.output
     scores = pd.read_parquet(settings().home / "scores" / "churn" / "v1" / "new customers-scores.parquet")
@@ -303,7 +303,7 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     assert len(scores) + len(quarantined) == 40 and quarantined["tenure_m"].tolist() == ["seven"]
     assert scores["acct"].iloc[0] == row["acct"] and scores["_source_row"].iloc[0] == 1
     assert round(scores["probability"].iloc[0], 6) == answer["results"][0]["probability"]  # the API rounds to 6
-    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.csv"), "--id", "nosuch"])
+    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"), "--id", "nosuch"])
     assert result.exit_code == 2 and "nosuch" in result.output and "Traceback" not in result.output
 
     for args, message in [
