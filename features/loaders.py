@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from features.ingest import (DETAIL, RAW_LINE, REASON, SOURCE_FILE, SOURCE_ROW, ParseOptions, ValidationResult,
@@ -41,6 +41,12 @@ class CsvOptions(BaseModel):
     encoding: str = "utf-8"
     header: bool = True
     names: list[str] | None = None  # column names when the file has no header
+
+    @field_validator("sep")
+    @classmethod
+    def _tab(cls, value: str) -> str:
+        """``\\t`` as typed in a shell or YAML, or the word ``tab``: a tab."""
+        return "\t" if value in ("\\t", "tab") else value
 
 
 class TableMapping(BaseModel):

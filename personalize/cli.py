@@ -392,7 +392,7 @@ def _dataset_from_table(settings: Settings, dataset: str, label: str | None, pos
 
     spec = LabeledTableSpec(path=path, label_column=label, positive=positive, id_column=id_column,
                             time_column=time_column, drop_columns=tuple(drop or ()),
-                            csv=CsvOptions(sep="\t" if sep in ("\\t", "tab") else sep) if sep else CsvOptions())
+                            csv=CsvOptions(sep=sep) if sep else CsvOptions())
     name = slug(path.name.split(".")[0])
     table = load_labeled(spec)
     report = ingest_labeled(settings, name, table)
@@ -813,8 +813,7 @@ def score(
     settings: Settings = ctx.obj
     client = connect(settings.tracking_uri)
     if table is not None:
-        t = score_table(client, check_name(model), table, settings.home / "scores", alias, id_column,
-                        "\t" if sep in ("\\t", "tab") else sep)
+        t = score_table(client, check_name(model), table, settings.home / "scores", alias, id_column, sep)
         reasons = ", ".join(f"{k} {v:,}" for k, v in t.reasons.items())
         bad = f"; quarantined {t.quarantined:,} ({reasons}) -> {t.quarantine_path}" if t.quarantined else ""
         console.print(f"scored [bold]{t.rows:,}[/] of {t.rows_in:,} rows with {t.model} v{t.version} in "

@@ -226,7 +226,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
             raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{hint}",
                                 column=column)
     started = time.perf_counter()
-    typed, reasons = _typed(raw, scorer, decimal_comma=file_format == "csv" and sep != ",")
+    typed, reasons = _typed(raw, scorer, decimal_comma=file_format == "csv" and csv.sep != ",")
     quarantine = reasons.quarantine(raw, str(path))
     quarantine = pd.concat([quarantine, unreadable], ignore_index=True) if len(unreadable) else quarantine
     good = typed.drop(index=reasons.rows)

@@ -212,6 +212,7 @@ def test_a_labeled_table_in_another_separator_reads_decimal_commas_and_hints_the
                                           csv=CsvOptions(sep=";")))
     assert table.numeric == ["spend", "fee"] and table.frame["spend"].tolist() == [29.85, -3.5, 12.0]
     assert table.frame["fee"].tolist() == [1234.5, 7.0, 8.0]  # a thousands dot beside a decimal comma
+    assert CsvOptions(sep="\\t").sep == CsvOptions(sep="tab").sep == "\t"  # as typed in a shell or YAML
     comma = tmp_path / "us.csv"
     comma.write_text('id,spend,left\na,"29,85",yes\nb,"3,5",no\n')  # a comma-separated file keeps "29,85" text
     assert load_labeled(LabeledTableSpec(path=comma, id_column="id", label_column="left", positive="yes")).numeric == []
