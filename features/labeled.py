@@ -28,7 +28,7 @@ import pandera.pandas as pa
 from pydantic import BaseModel, ConfigDict
 
 from features.ingest import RowReasons, ValidationResult, is_blank, parse_timestamp
-from features.loaders import CsvOptions, read_source, separator_hint
+from features.loaders import CsvOptions, file_format, read_source, separator_hint
 from personalize.errors import DataFileError
 
 LABEL = "label"  # the normalised 0/1 target column added to every labeled table
@@ -60,9 +60,7 @@ class LabeledTableSpec(BaseModel):
 
     @property
     def file_format(self) -> str:
-        if self.format:
-            return self.format
-        return "parquet" if ".parquet" in [s.lower() for s in self.path.suffixes] else "csv"
+        return self.format or file_format(self.path)
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,7 @@ class LabeledTable:
         return {
             **self.result.summary(),
             "label": self.spec.label_column,
+            "positive": self.spec.positive,
             "label_rate": self.label_rate,
             "numeric": self.numeric,
             "categorical": self.categorical,
@@ -186,6 +185,20 @@ def _all_dates(values: pd.Series) -> bool:
         return bool(pd.to_datetime(values, errors="coerce", format="mixed").notna().all())
 
 
+def comparable_labels(values: pd.Series, positive: str) -> tuple[pd.Series, str, pd.Series]:
+    """A label column as comparable text (stripped, lower case; when every value is a number, as that number, so
+    1, 1.0 and 1e0 are one class: a float column, a null in ints), the positive value written the same way, and
+    which values are blank."""
+    text = values.astype(str).str.strip().str.lower()
+    blank = is_blank(values)
+    positive = positive.strip().lower()
+    as_number = pd.to_numeric(text[~blank], errors="coerce")
+    if len(as_number) and as_number.notna().all():
+        text = text.where(blank, as_number.map("{:.17g}".format))
+        positive = f"{float(positive):.17g}" if pd.notna(pd.to_numeric(positive, errors="coerce")) else positive
+    return text, positive, blank
+
+
 def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = None) -> LabeledTable:
     raw, unreadable = read_source(spec.path, spec.file_format, spec.csv)
     for column in [spec.label_column, spec.id_column, spec.time_column, *spec.drop_columns]:
@@ -203,14 +216,8 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
     frame = raw.drop(columns=list(spec.drop_columns))
     reasons = RowReasons(frame.index)
 
-    label_text = frame[spec.label_column].astype(str).str.strip().str.lower()
-    label_blank = is_blank(frame[spec.label_column])
+    label_text, positive, label_blank = comparable_labels(frame[spec.label_column], spec.positive)
     reasons.add(label_blank, "missing_label")
-    positive = spec.positive.strip().lower()
-    as_number = pd.to_numeric(label_text[~label_blank], errors="coerce")
-    if len(as_number) and as_number.notna().all():  # 1, 1.0 and 1e0 are one class (a float column, a null in ints)
-        label_text = label_text.where(label_blank, as_number.map("{:.17g}".format))
-        positive = f"{float(positive):.17g}" if pd.notna(pd.to_numeric(positive, errors="coerce")) else positive
     classes = sorted(set(label_text[~label_blank]))
     if positive not in classes:
         raise DataFileError(spec.path, f"positive value {spec.positive!r} never occurs; values are {classes[:10]}",

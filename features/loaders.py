@@ -104,6 +104,11 @@ class TableMapping(BaseModel):
         )
 
 
+def file_format(path: Path) -> str:
+    """``parquet`` for a ``.parquet`` or ``.pq`` file (any case, also before ``.gz``), else ``csv``."""
+    return "parquet" if {".parquet", ".pq"} & {x.lower() for x in Path(path).suffixes} else "csv"
+
+
 def read_source(path: Path, file_format: str = "csv",
                 csv: CsvOptions | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read a file as it is: CSV values stay text, so that a bad value is quarantined rather than guessed.

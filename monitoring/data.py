@@ -10,6 +10,9 @@
 - **Labels** arrive late: a churn or purchase outcome is known once the model's horizon has passed after the
   prediction. They are joined from the transactions by customer (the log keeps salted hashes, so the data set's
   ids are hashed with the same salt) and time, with the same label definition training used.
+- **Outcomes** given as a file (:func:`read_outcomes`: an id and a label column, as the model's labeled table
+  had them) label the window's own predictions by customer: how a model trained on a table without transactions
+  gets its realized performance.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from personalize.errors import PersonalizeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MonitorError", "Reference", "Window", "join_labels", "load_reference", "read_window"]
+__all__ = ["MonitorError", "Outcomes", "OutcomesFile", "Reference", "Window", "join_labels", "load_reference",
+           "outcomes_for", "read_outcomes", "read_window"]
 
 
 class MonitorError(PersonalizeError):
@@ -185,3 +189,81 @@ def join_labels(frame: pd.DataFrame, dataset_dir: Path, salt: bytes, horizon_day
     merged = keyed.reset_index().merge(labels, on=["customer_id", "cutoff"], how="left").set_index("index")
     out.loc[merged.index] = merged[label_column].astype(float)
     return out
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Known outcomes from a file: a 0/1 label per pseudonymized customer key."""
+
+    path: Path
+    labels: pd.Series  # 0/1, indexed by customer_key
+    rows_in: int
+    skipped: dict[str, int]  # rows without a usable label, by reason; rows_in = len(labels) + sum(skipped)
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": str(self.path), "rows_in": self.rows_in, "labels": len(self.labels),
+                "positive_rate": round(float(self.labels.mean()), 4) if len(self.labels) else None,
+                "skipped": self.skipped}
+
+
+def read_outcomes(path: Path, id_column: str, label_column: str, positive: str, salt: bytes,
+                  sep: str = ",") -> Outcomes:
+    """The outcomes in a CSV/Parquet file: ``label_column`` is 1 where it equals ``positive`` (compared as training
+    compared it: text in any case, numbers as numbers), keyed by ``id_column`` pseudonymized with ``salt``. A row
+    without an id or a label is skipped and counted; of one id given twice, the last row counts."""
+    from features.ingest import is_blank, normalize_ids
+    from features.labeled import comparable_labels
+    from features.loaders import CsvOptions, file_format, read_source
+    from personalize.errors import DataFileError
+    from serving.predlog import pseudonymize
+
+    path = Path(path)
+    raw, unreadable = read_source(path, file_format(path), CsvOptions(sep=sep))
+    for column in (id_column, label_column):
+        if column not in raw.columns:
+            raise DataFileError(path, f"no outcome column; the file has {list(raw.columns)[:12]}", column=column)
+    text, positive_text, blank = comparable_labels(raw[label_column], positive)
+    classes = sorted(set(text[~blank]))
+    if len(classes) > 2 or (len(classes) == 2 and positive_text not in classes):
+        raise DataFileError(path, f"the positive value {positive!r} and one other are expected; values are "
+                                  f"{classes[:10]}", column=label_column)
+    no_id = is_blank(raw[id_column])
+    keys = normalize_ids(raw[id_column]).map(lambda c: None if c is None else pseudonymize(str(c), salt))
+    usable = ~no_id & ~blank
+    labels = pd.Series((text[usable] == positive_text).astype(int).to_numpy(), index=keys[usable].to_numpy())
+    duplicate = int(labels.index.duplicated(keep="last").sum())
+    labels = labels[~labels.index.duplicated(keep="last")].rename("label")
+    skipped = {"missing_id": int(no_id.sum()), "missing_label": int((~no_id & blank).sum()),
+               "duplicate_id": duplicate, "unreadable": len(unreadable)}
+    return Outcomes(path, labels, len(raw) + len(unreadable), {k: v for k, v in skipped.items() if v})
+
+
+@dataclass(frozen=True)
+class OutcomesFile:
+    """Where the outcomes are (``personalize monitor --labels FILE``); a column or value not given is the one the
+    model's labeled table had (its id column, its label column, the positive value given at ingestion)."""
+
+    path: Path
+    id_column: str | None = None
+    label_column: str | None = None
+    positive: str | None = None
+    sep: str = ","
+
+
+def outcomes_for(settings: Any, reference: Reference, source: OutcomesFile) -> Outcomes:
+    """Read ``source`` with the columns of ``reference``'s training table where it names none."""
+    from serving.predlog import load_salt
+
+    report: dict[str, Any] = {}
+    path = settings.dataset_dir(reference.dataset) / "ingest_report.json" if reference.dataset else None
+    if path is not None and path.exists():
+        report = json.loads(path.read_text())
+    id_column = source.id_column or report.get("id_column") or "customer_id"
+    label_column = source.label_column or report.get("label")
+    positive = source.positive or report.get("positive")
+    if label_column is None or positive is None:
+        missing = "--labels-column and --positive" if label_column is None else "--positive"
+        why = ("was not trained on a labeled table" if label_column is None
+               else "was ingested before the positive value was recorded")
+        raise MonitorError(f"{reference.model} v{reference.version} {why}: name the outcome with {missing}")
+    return read_outcomes(source.path, id_column, label_column, str(positive), load_salt(settings.home), source.sep)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,8 @@ import pandas as pd
 from monitoring.alerts import Alert, AlertSink, evaluate
 from monitoring.cbpe import estimate
 from monitoring.config import MonitorConfig
-from monitoring.data import MonitorError, Reference, Window, join_labels, load_reference, read_window
+from monitoring.data import (MonitorError, OutcomesFile, Reference, Window, join_labels, load_reference, outcomes_for,
+                             read_window)
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,12 @@ def compare(reference: Reference, window: Window, config: MonitorConfig, summary
 def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: pd.Timestamp,
              config: MonitorConfig = MonitorConfig(), version: str | None = None, dataset: str | None = None,
              reference: Reference | None = None, persist_reports: bool = True, summary: bool = True,
-             sink: AlertSink | None = None) -> PassResult:
+             sink: AlertSink | None = None, outcomes: OutcomesFile | None = None) -> PassResult:
     """Monitor ``model`` (its champion, or ``version``) over ``[start, end)``. Raises :class:`MonitorError` when
-    the pass cannot be done (no champion, no reference, no predictions in the window)."""
+    the pass cannot be done (no champion, no reference, no predictions in the window).
+
+    Realized performance comes from ``outcomes`` when given (a file labelling the window's own predictions by
+    customer), else from the transactions of the model's data set, for the predictions whose horizon has passed."""
     from monitoring.drift import persist
     from serving.predlog import load_salt
 
@@ -123,7 +127,11 @@ def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: p
     dataset = dataset or reference.dataset
     t = time.perf_counter()
     matured = None  # the predictions whose label horizon has just passed: realized performance
-    if reference.horizon_days and dataset and (settings.dataset_dir(dataset) / "transactions.parquet").exists():
+    known = None
+    if outcomes is not None:
+        known = outcomes_for(settings, reference, outcomes)
+        matured = replace(window, frame=window.frame.assign(label=window.frame["customer_key"].map(known.labels)))
+    elif reference.horizon_days and dataset and (settings.dataset_dir(dataset) / "transactions.parquet").exists():
         shift = pd.Timedelta(days=reference.horizon_days)
         try:
             matured = read_window(settings.log_root, reference, start - shift, end - shift)
@@ -136,6 +144,8 @@ def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: p
     seconds["labels"] = time.perf_counter() - t
     t = time.perf_counter()
     metrics, snapshots = compare(reference, window, config, summary=summary, matured=matured)
+    if known is not None:
+        metrics["outcomes"] = {**known.summary(), "matched_predictions": int(matured.frame["label"].notna().sum())}
     seconds["compare"] = time.perf_counter() - t
     alerts = evaluate(metrics, config, model, reference.version, window.start, window.end)
     result = PassResult(model, reference.version, window.summary(), metrics, alerts)

@@ -804,29 +804,45 @@ def score(
     id_column: Annotated[str | None, typer.Option(
         "--id", help="Id column of --table, copied to the scores (default: the training table's, if there).")] = None,
     sep: Annotated[str, typer.Option(help="Separator of a CSV --table ('\\t' or tab for tabs).")] = ",",
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Write every score to the prediction log too, as the API "
+                                      "does, so `monitor` sees batch scoring (not on Spark).")] = True,
 ) -> None:
     """Score every customer of a data set (or every row of a table file) with a model's champion and write the
-    scores to Parquet."""
+    scores to Parquet (and to the prediction log)."""
     from serving.batch import score_dataset, score_table
+    from serving.predlog import load_salt
     from training.registry import check_name, connect
 
     settings: Settings = ctx.obj
     client = connect(settings.tracking_uri)
+    log_root, salt = (settings.log_root, load_salt(settings.home)) if log else (None, None)
     if table is not None:
-        t = score_table(client, check_name(model), table, settings.home / "scores", alias, id_column, sep)
+        t = score_table(client, check_name(model), table, settings.home / "scores", alias, id_column, sep,
+                        log_root, salt)
         reasons = ", ".join(f"{k} {v:,}" for k, v in t.reasons.items())
         bad = f"; quarantined {t.quarantined:,} ({reasons}) -> {t.quarantine_path}" if t.quarantined else ""
         console.print(f"scored [bold]{t.rows:,}[/] of {t.rows_in:,} rows with {t.model} v{t.version} in "
                       f"{t.score_s:.2f}s -> {t.path}{bad}", highlight=False, soft_wrap=True)
+        _print_logged(t.logged, t.request_id, settings)
         return
     if (settings.dataset_dir(dataset) / "table.parquet").exists():
         raise PersonalizeError(f"{dataset} is a labeled table, without transactions to build features from; score a "
                                "table file of its columns with --table FILE [--id COLUMN]")
     report = score_dataset(client, check_name(model), settings.dataset_dir(dataset), settings.home / "scores", as_of,
-                           alias, engine)
+                           alias, engine, log_root=log_root, salt=salt)
     console.print(f"scored [bold]{report.rows:,}[/] customers with {report.model} v{report.version} (as of "
                   f"{report.as_of}): features {report.features_s:.1f}s, scoring {report.score_s:.2f}s "
                   f"({report.rows_per_s:,.0f} rows/s) -> {report.path}", highlight=False, soft_wrap=True)
+    if log and engine == "spark":
+        console.print("not logged: the Spark path writes no prediction-log rows", highlight=False)
+    else:
+        _print_logged(report.logged, report.request_id, settings)
+
+
+def _print_logged(rows: int, request_id: str | None, settings: Settings) -> None:
+    if request_id is not None:
+        console.print(f"logged {rows:,} rows (endpoint batch, request {request_id}) -> {settings.log_root}",
+                      highlight=False, soft_wrap=True)
 
 
 def serve_environment(settings: Settings, dataset: str, workers: int, shadow: bool, api_key: str | None,
@@ -951,9 +967,16 @@ def _pass_table(out: Any) -> Table:
     table.add_row("prediction drift (score)", f"{m['prediction_drift']:.3f}", "")
     table.add_row("mean probability", f"{m['mean_probability']:.3f}", f"{m['reference_mean_probability']:.3f}")
     table.add_row("estimated ROC-AUC (CBPE)", f"{m['estimated_roc_auc']:.3f}", f"{m['reference_estimated_roc_auc']:.3f}")
+    if "outcomes" in m:
+        o = m["outcomes"]
+        skipped = ", ".join(f"{k} {v:,}" for k, v in o["skipped"].items())
+        table.add_row(f"outcomes file ({o['rows_in']:,} rows{'; skipped ' + skipped if skipped else ''})",
+                      f"{o['matched_predictions']:,} labeled", "")
     if "realized_roc_auc" in m:
         table.add_row(f"realized ROC-AUC ({m['labeled_rows']:,} labeled)", f"{m['realized_roc_auc']:.3f}",
                       f"{m['reference_roc_auc']:.3f}")
+    elif m.get("labeled_rows"):
+        table.add_row(f"realized ROC-AUC ({m['labeled_rows']:,} labeled)", "too few (or one class)", "")
     for a in r.alerts:
         table.add_row(f"[red]ALERT {a.severity}[/] {a.rule}{' (suppressed: cooldown)' if a.suppressed else ''}",
                       f"{a.value:.3f}", f"{a.bound:.3f}")
@@ -974,10 +997,23 @@ def monitor(
     retrain: Annotated[bool, typer.Option("--retrain/--no-retrain",
                                           help="Retrain when the policy says it is due.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the pass as JSON.")] = False,
+    labels: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="A CSV/Parquet file of known outcomes (an id and a label column) that "
+                                          "labels the window's predictions: realized performance of a model "
+                                          "trained on a labeled table.")] = None,
+    labels_id: Annotated[str | None, typer.Option(help="Id column of --labels (default: the training table's, "
+                                                       "else customer_id).")] = None,
+    labels_column: Annotated[str | None, typer.Option(help="Label column of --labels (default: the training "
+                                                           "table's).")] = None,
+    positive: Annotated[str | None, typer.Option(help="The label value that means positive (default: the "
+                                                      "training table's).")] = None,
+    sep: Annotated[str, typer.Option(help="Separator of a CSV --labels file.")] = ",",
 ) -> None:
     """Compare a window of the prediction log with the model's reference (Evidently), estimate performance before
-    labels arrive (CBPE), measure it where they have, raise alerts and, with --retrain, retrain when due."""
+    labels arrive (CBPE), measure it where they have (or from --labels), raise alerts and, with --retrain, retrain
+    when due."""
     from monitoring.config import load_config
+    from monitoring.data import OutcomesFile
     from monitoring.schedule import step
     from training.registry import check_name, connect
 
@@ -985,17 +1021,20 @@ def monitor(
     policy = load_config(config)
     if window:
         policy = policy.model_copy(update={"window_days": window})
+    outcomes = None if labels is None else OutcomesFile(labels, labels_id, labels_column, positive, sep)
     client = connect(settings.tracking_uri)
     if version:
         from monitoring.job import run_pass, window_bounds
 
         start, stop = window_bounds(end, policy.window_days)
-        result = run_pass(settings, client, check_name(model), start, stop, policy, version=version, dataset=dataset)
+        result = run_pass(settings, client, check_name(model), start, stop, policy, version=version, dataset=dataset,
+                          outcomes=outcomes)
         from monitoring.schedule import StepResult
 
         out = StepResult(model, result, False, "a version other than the champion is never retrained")
     else:
-        out = step(settings, client, check_name(model), end, policy, allow_retrain=retrain, dataset=dataset)
+        out = step(settings, client, check_name(model), end, policy, allow_retrain=retrain, dataset=dataset,
+                   outcomes=outcomes)
     if as_json:
         console.print_json(json.dumps(out.to_dict(), default=str))
         return

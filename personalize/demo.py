@@ -4,7 +4,8 @@ Today: ingest the shared public data sets (quarantining bad rows), generate a sy
 truth and a planted change on 2025-07-01 (known, at first, only up to the change), build point-in-time features and
 labels, then train and register the models and run each through
 the promotion gate: churn and propensity on the synthetic data (out of time), a bring-your-own-table churn model on
-Telco (checked for fairness by gender; its champion then scores Telco's CSV file as a table of new customers),
+Telco (checked for fairness by gender; its champion then scores Telco's CSV file as a table of new customers,
+into the prediction log, and that batch is monitored against the model's reference),
 Prophet purchase forecasts on Online Retail, and the purchase-cycle model on CDNOW. A rerun trains new challengers and gates them against the champions. Then the online store is
 materialized, the BentoML API starts in the background, answers example requests (scores with reason codes, a
 cold start, a forecast, a bad request), segments and personalization decisions (rules, a bandit, consent
@@ -185,7 +186,9 @@ def table_scoring(settings: Settings, data_root: Path) -> dict[str, Any]:
     import pandas as pd
 
     from features.datasets import labeled_sources
+    from monitoring.job import run_pass, window_bounds
     from serving.batch import score_table
+    from serving.predlog import load_salt
     from training.registry import connect
 
     client = connect(settings.tracking_uri)
@@ -194,10 +197,17 @@ def table_scoring(settings: Settings, data_root: Path) -> dict[str, Any]:
     except Exception:  # the gate refused it: nothing to score with
         return {"skipped": "churn_telco has no champion (the gate refused it)"}
     spec, _ = labeled_sources(data_root)["telco_churn"]
-    t = score_table(client, "churn_telco", spec.path, settings.home / "scores")  # the id: the training table's
+    t = score_table(client, "churn_telco", spec.path, settings.home / "scores",  # the id: the training table's
+                    log_root=settings.log_root, salt=load_salt(settings.home))
     decisions = pd.read_parquet(t.path)["decision"]
+    start, end = window_bounds(None, 1.0)  # the batch just logged, against the model's held-out reference
+    watched = run_pass(settings, client, "churn_telco", start, end)
     return {"rows_in": t.rows_in, "scored": t.rows, "quarantined": t.quarantined, "version": t.version,
-            "action_rate": round(float(decisions.mean()), 4), "score_s": round(t.score_s, 2), "scores": str(t.path)}
+            "action_rate": round(float(decisions.mean()), 4), "score_s": round(t.score_s, 2), "scores": str(t.path),
+            "logged": t.logged, "monitored_rows": watched.window["rows"],
+            "drift_share": round(watched.metrics["drift_share"], 4),
+            "prediction_drift_detected": watched.metrics["prediction_drift_detected"],
+            "alerts": [a.rule for a in watched.alerts]}
 
 
 def run_demo(settings: Settings, data_root: Path, customers: int, console: Console,
@@ -228,7 +238,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
             frames[name] = build_training_frame(settings, name)
             progress.advance(task)
         models = train_models(settings, trials, progress, task)
-        progress.update(task, description="score the Telco table file with churn_telco")
+        progress.update(task, description="score the Telco table file with churn_telco, monitor the batch")
         telco = table_scoring(settings, data_root)
         progress.advance(task)
         progress.update(task, description="cluster customers, materialize the online store, start the API, send "
@@ -256,6 +266,10 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
                       f"Telco's CSV file (`personalize score churn_telco --table FILE`) in "
                       f"{telco['score_s']}s; {telco['action_rate']:.1%} to act on -> {telco['scores']}",
                       soft_wrap=True, highlight=False)
+        console.print(f"  logged {telco['logged']:,} rows; `personalize monitor churn_telco` over them: drift share "
+                      f"{telco['drift_share']:.0%}, prediction drift "
+                      f"{'detected' if telco['prediction_drift_detected'] else 'none'}, alerts "
+                      f"{', '.join(telco['alerts']) or 'none'}", soft_wrap=True, highlight=False)
     console.print(serving_table(serving))
     console.print(f"the API answered {serving.requests_ok} of {len(serving.answers)} requests; {serving.served_items} "
                   f"scored items, {serving.logged_rows} rows in the prediction log ({settings.home / 'predictions'}); "

@@ -14,12 +14,18 @@ The features come from the same definitions as training (:meth:`features.store.F
 (:func:`score_matrix`), so batch and online answers agree to the last digit. With ``engine="spark"`` the features
 are computed by Spark from the same definitions and the registered model runs in ``mlflow.pyfunc.spark_udf``;
 Spark writes the scores as a directory of Parquet parts at the same path.
+
+Given a ``log_root``, every score also goes to the prediction log as the API writes a request's (one row per
+customer or table row: the pseudonymized id, the model's features as it read them, the probability and decision;
+endpoint ``batch``, one request id for the whole run, stamped when scored), so ``personalize monitor`` watches
+batch scoring beside online traffic and ``personalize forget`` finds it. The Spark path writes no log rows.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,8 @@ class ScoreReport:
     path: Path
     features_s: float
     score_s: float
+    logged: int = 0  # rows written to the prediction log
+    request_id: str | None = None  # the log rows' request id
 
     @property
     def rows_per_s(self) -> float:
@@ -64,10 +72,47 @@ def score_matrix(scorer: Any, frame: pd.DataFrame, chunk: int = CHUNK) -> np.nda
     return out
 
 
+def log_scores(log_root: Path, salt: bytes | None, loaded: Any, ids: pd.Series | None, frame: pd.DataFrame,
+               p: np.ndarray, chunk: int = 50_000) -> tuple[int, str]:
+    """Write one prediction-log row per scored row of ``frame`` (its ids in ``ids``, None when it has none), as the
+    API logs a request; returns the rows written and their request id. Raises :class:`PersonalizeError` when the
+    log cannot be written (the scores themselves are already on disk)."""
+    from datetime import datetime, timezone
+
+    from serving.predlog import PredictionLog, make_row, pseudonymize
+
+    if not salt:
+        raise ValueError("logging scores needs the server's salt (serving.predlog.load_salt)")
+    scorer, request_id, ts = loaded.scorer, uuid.uuid4().hex, datetime.now(timezone.utc)
+    categorical = set(scorer.columns.categorical)
+    keys = [None] * len(frame) if ids is None else [pseudonymize(str(c), salt) for c in ids]
+    predictions = PredictionLog(Path(log_root), flush_s=3600, batch_rows=10**9)  # flushed here, chunk by chunk
+    try:
+        for start in range(0, len(frame), chunk):
+            part = frame[scorer.features].iloc[start:start + chunk].astype(object)
+            part = part.where(part.notna(), None)
+            for c in categorical.intersection(part.columns):  # as the reference holds them: text
+                part[c] = [None if v is None else str(v) for v in part[c]]
+            predictions.append([
+                make_row(request_id, "batch", loaded.ref, key, False, record,
+                         {"probability": round(float(q), 6), "decision": bool(q >= scorer.threshold)}, None, ts=ts)
+                for key, record, q in zip(keys[start:start + chunk], part.to_dict("records"),
+                                          p[start:start + chunk])])
+            predictions.flush()
+    finally:
+        predictions.close()
+    if predictions.pending or predictions.dropped:
+        raise PersonalizeError(f"the scores are written, but the prediction log under {log_root} is not: "
+                               f"{predictions.last_error}")
+    return predictions.written, request_id
+
+
 def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_of: pd.Timestamp | None = None,
-                  alias: str = "champion", engine: str = "duckdb", spark_master: str | None = None) -> ScoreReport:
+                  alias: str = "champion", engine: str = "duckdb", spark_master: str | None = None,
+                  log_root: Path | None = None, salt: bytes | None = None) -> ScoreReport:
     """Score every customer known at ``as_of`` with ``name@alias`` and write ``<out_dir>/<name>/v<n>/scores.parquet``
-    (on Spark, a directory of part files with the same columns)."""
+    (on Spark, a directory of part files with the same columns); with ``log_root`` (and the server's ``salt``), log
+    every score in the prediction log too (not on Spark)."""
     from features.definitions import FeatureSpec
     from features.engines import connect
     from features.store import FeatureStore
@@ -101,7 +146,9 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     tmp.replace(path)
     log.info("scored %d customers with %s v%s in %.2fs (%.0f rows/s)", len(out), name, loaded.version, score_s,
              len(out) / max(score_s, 1e-9))
-    return ScoreReport(name, loaded.version, len(out), as_of, path, features_s, score_s)
+    logged, request_id = (log_scores(log_root, salt, loaded, out["customer_id"], frame, p)
+                          if log_root is not None else (0, None))
+    return ScoreReport(name, loaded.version, len(out), as_of, path, features_s, score_s, logged, request_id)
 
 
 def _score_spark(store: Any, spec: Any, loaded: Any, as_of: pd.Timestamp, path: Path, started: float) -> ScoreReport:
@@ -158,6 +205,8 @@ class TableScoreReport:
     path: Path
     quarantine_path: Path | None
     score_s: float
+    logged: int = 0  # rows written to the prediction log
+    request_id: str | None = None
 
 
 def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.DataFrame, Any]:
@@ -194,14 +243,15 @@ def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.Data
 
 
 def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = "champion",
-                id_column: str | None = None, sep: str = ",") -> TableScoreReport:
+                id_column: str | None = None, sep: str = ",", log_root: Path | None = None,
+                salt: bytes | None = None) -> TableScoreReport:
     """Score every row of a CSV/Parquet table with ``name@alias`` (a model trained on a labeled table) and write
     ``<out_dir>/<name>/v<n>/<stem>-scores.parquet``: the id column (``id_column``, else the training table's if the
-    file has it), ``_source_row``, ``probability``,
-    ``decision``, ``model``, ``version``. Rows with a value the model cannot read go to ``<stem>-quarantine.parquet``
-    with their reason."""
+    file has it), ``_source_row``, ``probability``, ``decision``, ``model``, ``version``. Rows with a value the
+    model cannot read go to ``<stem>-quarantine.parquet`` with their reason. With ``log_root``, the scored rows
+    are logged in the prediction log too (keyed by their id, none without one)."""
     from features.ingest import ValidationResult, normalize_ids
-    from features.loaders import CsvOptions, read_source, separator_hint
+    from features.loaders import CsvOptions, file_format, read_source, separator_hint
     from personalize.errors import DataFileError
     from serving.scoring import load
 
@@ -212,21 +262,19 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     if loaded.kind != "classifier":
         raise PersonalizeError(f"{name} is a {loaded.kind} model; batch scoring covers churn and propensity")
     scorer = loaded.scorer
-    suffixes = [x.lower() for x in path.suffixes]
-    file_format = "parquet" if {".parquet", ".pq"} & set(suffixes) else "csv"
-    csv = CsvOptions(sep=sep)
-    raw, unreadable = read_source(path, file_format, csv)
+    fmt, csv = file_format(path), CsvOptions(sep=sep)
+    raw, unreadable = read_source(path, fmt, csv)
     trained_id = getattr(scorer.columns, "id_column", None)  # models registered before it was recorded: None
     if id_column is None and trained_id in raw.columns:
         id_column = trained_id
     for column in [id_column, *scorer.features]:
         if column and column not in raw.columns:
             what = "the id column" if column == id_column else f"a feature of {name} v{loaded.version}"
-            hint = separator_hint(path, csv) if len(raw.columns) == 1 and file_format == "csv" else ""
+            hint = separator_hint(path, csv) if len(raw.columns) == 1 and fmt == "csv" else ""
             raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{hint}",
                                 column=column)
     started = time.perf_counter()
-    typed, reasons = _typed(raw, scorer, decimal_comma=file_format == "csv" and csv.sep != ",")
+    typed, reasons = _typed(raw, scorer, decimal_comma=fmt == "csv" and csv.sep != ",")
     quarantine = reasons.quarantine(raw, str(path))
     quarantine = pd.concat([quarantine, unreadable], ignore_index=True) if len(unreadable) else quarantine
     good = typed.drop(index=reasons.rows)
@@ -249,5 +297,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     elif bad.exists():
         bad.unlink()
     result = ValidationResult("table", out, quarantine, len(raw) + len(unreadable))  # raises unless counts reconcile
+    logged, request_id = (log_scores(log_root, salt, loaded, out[id_column] if id_column else None, good, p)
+                          if log_root is not None else (0, None))
     return TableScoreReport(name, loaded.version, result.rows_in, len(out), len(quarantine), result.reasons, target,
-                            bad if len(quarantine) else None, score_s)
+                            bad if len(quarantine) else None, score_s, logged, request_id)

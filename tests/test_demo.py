@@ -42,6 +42,9 @@ def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path
     assert last["table_scoring"]["quarantined"] == 0 and 0 < last["table_scoring"]["action_rate"] < 1
     scores = __import__("pandas").read_parquet(last["table_scoring"]["scores"])
     assert scores["customerID"].is_unique and len(scores) == 7_043  # the training table's id column, by default
+    # the batch went to the prediction log and was monitored: the same customers as the reference, no drift
+    assert last["table_scoring"]["logged"] == last["table_scoring"]["monitored_rows"] == 7_043
+    assert last["table_scoring"]["drift_share"] < 0.2 and not last["table_scoring"]["prediction_drift_detected"]
     assert (isolated_home / "features" / "cdnow" / "training_frame.parquet").exists()
     # the API answered from the champions and logged every scored item
     assert last["served_versions"]["forecast"] in ("1", "2") and last["requests_served"] >= 1

@@ -110,6 +110,26 @@ def test_the_retrain_policy_needs_a_streak_waits_for_labels_and_cools_down():
     assert not info_only[1] and info_only[0].streak == 0
 
 
+def test_an_outcomes_file_labels_by_pseudonymized_id_and_counts_what_it_skips(tmp_path):
+    from monitoring.data import read_outcomes
+    from personalize.errors import DataFileError
+    from serving.predlog import pseudonymize
+
+    frame = pd.DataFrame({"id": ["a", "b", "b", None, "c", "d", "e"], "y": [1.0, 0, 1, 1, None, 0, 0]})
+    frame.to_parquet(tmp_path / "outcomes.parquet")  # a float label with a null: 1.0 is the positive "1"
+    out = read_outcomes(tmp_path / "outcomes.parquet", "id", "y", "1", b"salt")
+    key = {c: pseudonymize(c, b"salt") for c in "abde"}
+    assert out.labels.to_dict() == {key["a"]: 1, key["b"]: 1, key["d"]: 0, key["e"]: 0}  # b's last row counts
+    assert out.skipped == {"missing_id": 1, "missing_label": 1, "duplicate_id": 1}
+    assert out.rows_in == len(out.labels) + sum(out.skipped.values()) == 7
+    frame.assign(y=frame["y"].map({1.0: "churned", 0.0: "stayed"})).to_csv(tmp_path / "o.csv", index=False)
+    with pytest.raises(DataFileError, match="'yes'"):  # a positive value that is not one of the two
+        read_outcomes(tmp_path / "o.csv", "id", "y", "yes", b"salt")
+    with pytest.raises(DataFileError, match="no outcome column"):
+        read_outcomes(tmp_path / "o.csv", "customer", "y", "churned", b"salt")
+    assert read_outcomes(tmp_path / "o.csv", "id", "y", "Churned", b"salt").labels.sum() == 2  # any case
+
+
 def test_a_bad_policy_file_names_the_field(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text("drift:\n  num_threshold: -1\n")

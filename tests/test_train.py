@@ -306,6 +306,44 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"), "--id", "nosuch"])
     assert result.exit_code == 2 and "nosuch" in result.output and "Traceback" not in result.output
 
+    # the batch went to the prediction log as the API logs (keyed by the pseudonymized id, only the model's
+    # features), so the monitor watches it; --no-log leaves the log alone
+    from serving.predlog import load_salt, pseudonymize
+
+    batch = read_log(settings().log_root)
+    assert len(batch) == 39 and set(batch["endpoint"]) == {"batch"} and batch["request_id"].nunique() == 1
+    salt = load_salt(settings().home)
+    assert batch["customer_key"].iloc[0] == pseudonymize(row["acct"], salt) != row["acct"]
+    first = json.loads(batch["features"].iloc[0])
+    assert set(first) == {"tenure_m", "support_calls", "plan", "region", "monthly_fee"} and first["plan"] == row["plan"]
+    assert json.loads(batch["outputs"].iloc[0])["probability"] == answer["results"][0]["probability"]
+    assert runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"),
+                               "--no-log"]).exit_code == 0
+    assert len(read_log(settings().log_root)) == 39
+    result = runner.invoke(app, ["monitor", "churn", "--window", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    watched = json.loads(result.output[result.output.index("{"):])["pass"]
+    assert watched["window"]["rows"] == 39 and watched["metrics"]["labeled_rows"] == 0
+
+    # outcomes arrive as a file: the table's id and label columns label the window's predictions by customer
+    outcomes = frame.head(40)[["acct", "left"]].copy()
+    outcomes.loc[3, "left"] = None  # not known yet: skipped, counted
+    outcomes = pd.concat([outcomes, pd.DataFrame({"acct": ["a-stranger"], "left": ["Y"]})])  # never scored
+    outcomes.to_csv(tmp_path / "outcomes.csv", index=False)
+    (tmp_path / "policy.yaml").write_text("alerts:\n  min_labeled: 20\n")
+    result = runner.invoke(app, ["monitor", "churn", "--window", "1", "--labels", str(tmp_path / "outcomes.csv"),
+                                 "--config", str(tmp_path / "policy.yaml"), "--json"])
+    assert result.exit_code == 0, result.output
+    watched = json.loads(result.output[result.output.index("{"):])["pass"]["metrics"]
+    assert watched["outcomes"]["rows_in"] == 41 and watched["outcomes"]["skipped"] == {"missing_label": 1}
+    assert watched["labeled_rows"] == watched["outcomes"]["matched_predictions"] == 38  # 40 - quarantined - unknown
+    known = scores.set_index("acct").join(frame.set_index("acct")["left"], how="inner").drop(index=frame["acct"][3])
+    assert watched["realized_roc_auc"] == pytest.approx(
+        roc_auc_score(known["left"] == "Y", known["probability"].round(6)), abs=1e-9)
+    result = runner.invoke(app, ["monitor", "churn", "--window", "1", "--labels", str(tmp_path / "outcomes.csv"),
+                                 "--positive", "yes"])
+    assert result.exit_code == 2 and "'yes'" in result.output and "Traceback" not in result.output
+
     for args, message in [
         (["promote", "nosuchmodel"], "unknown model 'nosuchmodel'"),
         (["rollback", "churn"], "no previous champion"),
