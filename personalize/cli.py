@@ -845,8 +845,13 @@ def _print_logged(rows: int, request_id: str | None, settings: Settings) -> None
                       highlight=False, soft_wrap=True)
 
 
+ModelsOption = Annotated[list[str] | None, typer.Option(
+    "--model", help="ENDPOINT=MODEL: the registered model an endpoint serves, when not its default (repeatable), "
+                    "e.g. churn=churn_telco for a model trained with --name churn_telco.")]
+
+
 def serve_environment(settings: Settings, dataset: str, workers: int, shadow: bool, api_key: str | None,
-                      reload_s: float, store: str | None) -> dict[str, str]:
+                      reload_s: float, store: str | None, models: dict[str, str] | None = None) -> dict[str, str]:
     """The environment ``bentoml serve serving.service:Personalization`` reads its configuration from."""
     import os
 
@@ -859,6 +864,8 @@ def serve_environment(settings: Settings, dataset: str, workers: int, shadow: bo
         env["PERSONALIZE_API_KEY"] = api_key
     if store:
         env["PERSONALIZE_ONLINE_STORE"] = store
+    if models:
+        env["PERSONALIZE_MODELS"] = ",".join(f"{k}={v}" for k, v in models.items())
     return env
 
 
@@ -878,17 +885,28 @@ def serve(
     store: Annotated[str | None, typer.Option(envvar="PERSONALIZE_ONLINE_STORE", help="Online store URL.")] = None,
     catalog: CatalogOption = None,
     segments: SegmentsOption = None,
+    model: ModelsOption = None,
 ) -> None:
     """Start the BentoML personalization API on the registry's champions (Ctrl-C stops it and flushes the log)."""
     import os
     import sys
 
     from features.segments import load_segments
+    from serving.config import endpoint_models
     from serving.decisions import load_catalog
+    from training.registry import connect
 
     settings: Settings = ctx.obj
     load_catalog(catalog), load_segments(segments)  # a bad file is a clear error here, not a server that won't start
-    env = serve_environment(settings, dataset, workers, shadow, api_key, reload_s, store)
+    models = endpoint_models(model or [])
+    client = connect(settings.tracking_uri)
+    for endpoint, name in models.items():
+        try:
+            client.get_model_version_by_alias(name, "champion")
+        except Exception:
+            console.print(f"[yellow]{name} has no champion[/]: /{endpoint} answers 503 until one is promoted",
+                          highlight=False)
+    env = serve_environment(settings, dataset, workers, shadow, api_key, reload_s, store, models)
     for name, path in (("PERSONALIZE_CATALOG", catalog), ("PERSONALIZE_SEGMENTS", segments)):
         if path is not None:
             env[name] = str(path.resolve())
@@ -918,22 +936,24 @@ def bento_build(
                                                            "--no-emit-project --no-hashes`).")] = None,
     build: Annotated[bool, typer.Option(help="Run `bentoml build` (--no-build: import and write the files "
                                              "only).")] = True,
+    model: ModelsOption = None,
 ) -> None:
     """Import the champions into the BentoML model store and build a Bento that serves them without the registry
     (BENTOML_HOME chooses the store)."""
     import os
 
     from serving.bento import build as build_bento
-    from serving.config import ENDPOINT_MODELS
+    from serving.config import ENDPOINT_MODELS, endpoint_models
     from training.registry import check_name, connect
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     settings: Settings = ctx.obj
+    served = endpoint_models(model or [])
     names = ([check_name(n.strip()) for n in models.split(",") if n.strip()] if models
-             else list(ENDPOINT_MODELS.values()))
+             else list(dict.fromkeys({**ENDPOINT_MODELS, **served}.values())))
     client = connect(settings.tracking_uri)
     report = build_bento(client, names, out or settings.home / "bento", alias, required=models is not None,
-                         requirements=requirements, run_build=build)
+                         requirements=requirements, run_build=build, endpoints=served)
     table = Table(title=f"models carried ({alias})")
     for col in ("model", "version", "BentoML tag", ""):
         table.add_column(col)

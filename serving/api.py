@@ -159,6 +159,11 @@ class Runtime:
                 cold.append(False)
             elif cid in stored:
                 row = stored[cid]
+                if not _shares_a_feature(row, scorer):
+                    raise InputError("customer_id" if items is None else "items",
+                                     f"the online store ({self.config.dataset}) holds none of the features "
+                                     f"{loaded.name} v{loaded.version} reads ({', '.join(scorer.features[:4])}, ...): "
+                                     "send the customer's row as `features`")
                 records.append({c: row.get(c) for c in scorer.features})
                 cold.append(False)
             else:
@@ -268,6 +273,8 @@ class Runtime:
             if loaded is None:
                 continue
             scorer = loaded.scorer
+            if not given and not _shares_a_feature(features, scorer):
+                continue  # a model of another table's columns (e.g. churn=churn_telco): not scored from the store
             row = {c: features.get(c) for c in scorer.features}
             if given:  # the request's own record: every feature of every served model, values checked
                 missing = [c for c in scorer.features if c not in features]
@@ -456,3 +463,9 @@ def _freeze_heap(unfreeze: bool = False) -> None:
         gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def _shares_a_feature(record: dict[str, Any], scorer: Any) -> bool:
+    """Whether a stored record holds any feature the model reads: a model trained on a table of its own columns
+    finds none of them in the online store, and scoring it on all-missing values would be a made-up answer."""
+    return any(c in record for c in scorer.features)

@@ -156,9 +156,14 @@ def requirement_lines(text: str, leave_out: Iterable[str] = ("personalize", "ben
     return out
 
 
-def bentofile(models: list[str], requirements: list[str], labels: dict[str, str] | None = None) -> dict[str, Any]:
+def bentofile(models: list[str], requirements: list[str], labels: dict[str, str] | None = None,
+              endpoints: dict[str, str] | None = None) -> dict[str, Any]:
     """The build file of the personalization Bento: the service, the packages it runs, pinned requirements (listed
-    inline, not locked again at build: that would need an index), the champions' tags."""
+    inline, not locked again at build: that would need an index), the champions' tags, and which model an endpoint
+    serves where it is not the default (``PERSONALIZE_MODELS``)."""
+    envs = [{"name": "PERSONALIZE_HOME", "value": CONTAINER_HOME}, {"name": "BENTOML_DO_NOT_TRACK", "value": "True"}]
+    if endpoints:
+        envs.append({"name": "PERSONALIZE_MODELS", "value": ",".join(f"{k}={v}" for k, v in endpoints.items())})
     return {
         "service": SERVICE,
         "name": BENTO_NAME,
@@ -168,8 +173,7 @@ def bentofile(models: list[str], requirements: list[str], labels: dict[str, str]
         "exclude": ["**/__pycache__/", "tests/", ".venv/"],
         "python": {"packages": list(requirements), "lock_packages": False},
         "docker": {"distro": "debian", "system_packages": list(SYSTEM_PACKAGES)},
-        "envs": [{"name": "PERSONALIZE_HOME", "value": CONTAINER_HOME},
-                 {"name": "BENTOML_DO_NOT_TRACK", "value": "True"}],
+        "envs": envs,
         "models": list(models),
     }
 
@@ -192,10 +196,13 @@ def source_root() -> Path:
 
 
 def build(client: Any, names: Iterable[str], out_dir: Path, alias: str = "champion", required: bool = False,
-          requirements: Path | None = None, run_build: bool = True, build_ctx: Path | None = None) -> BuildReport:
+          requirements: Path | None = None, run_build: bool = True, build_ctx: Path | None = None,
+          endpoints: dict[str, str] | None = None) -> BuildReport:
     """Import each model's ``alias`` version, write ``bentofile.yaml`` into ``out_dir`` (requirements pinned from
     this environment, or read from ``requirements``) and build the Bento (``run_build``). A model with no such version
-    is left out (the API answers 503 for it) unless ``required``; with none at all there is nothing to build."""
+    is left out (the API answers 503 for it) unless ``required``; with none at all there is nothing to build.
+    ``endpoints`` (``{"churn": "churn_telco"}``) is written into the Bento's environment: which model an endpoint
+    serves where it is not the default."""
     names = list(names)
     if run_build:
         _check_uv()
@@ -213,7 +220,7 @@ def build(client: Any, names: Iterable[str], out_dir: Path, alias: str = "champi
     pins = requirement_lines(requirements.read_text()) if requirements is not None else pinned_requirements()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bentofile.yaml"
-    spec = bentofile([m.tag for m in imported], pins, {m.name: m.version for m in imported})
+    spec = bentofile([m.tag for m in imported], pins, {m.name: m.version for m in imported}, endpoints)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     if not run_build:
         return BuildReport(path, imported, None, missing)

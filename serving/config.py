@@ -25,6 +25,9 @@ From the environment (``personalize serve`` sets these from its options; ``bento
 ``PERSONALIZE_CATALOG``            the placements, variants and experiments YAML (default: serving/catalog.yaml)
 ``PERSONALIZE_SEGMENTS``           the rule segments YAML (default: features/segments.yaml)
 ``PERSONALIZE_DECISIONS``          the decision log and bandit store (default ``<home>/decisions/decisions.sqlite``)
+``PERSONALIZE_MODELS``             which registered model an endpoint serves, e.g. ``churn=churn_telco``
+                                   (comma-separated; the others keep their default: churn, propensity,
+                                   purchase_cycle, purchase_forecast)
 =================================  ==========================================================================
 """
 
@@ -34,8 +37,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from personalize.errors import ConfigError
 from personalize.settings import Settings
 
 # endpoint -> registered model it serves
@@ -45,6 +49,9 @@ ENDPOINT_MODELS: dict[str, str] = {
     "next_purchase": "purchase_cycle",
     "forecast": "purchase_forecast",
 }
+# endpoint -> the kind of model it answers with (serving.scoring.Loaded.kind)
+ENDPOINT_KINDS: dict[str, str] = {"churn": "classifier", "propensity": "classifier", "next_purchase": "cycle",
+                                  "forecast": "forecast"}
 # what a classifier's positive decision means to the application
 DEFAULT_ACTIONS: dict[str, str] = {"churn": "retention_offer", "propensity": "purchase_offer"}
 
@@ -78,6 +85,14 @@ class ServeConfig(BaseModel):
     # a customer whose consent neither the request nor the customers table states: personalize or not
     assume_consent: bool = False
     models: dict[str, str] = Field(default_factory=lambda: dict(ENDPOINT_MODELS))
+
+    @field_validator("models")
+    @classmethod
+    def _known_endpoints(cls, models: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(models) - set(ENDPOINT_MODELS))
+        if unknown:
+            raise ValueError(f"no endpoint {unknown[0]!r}; endpoints: {', '.join(ENDPOINT_MODELS)}")
+        return {**ENDPOINT_MODELS, **models}
 
     @property
     def settings(self) -> Settings:
@@ -120,4 +135,26 @@ class ServeConfig(BaseModel):
                                 ("max_concurrency", "PERSONALIZE_MAX_CONCURRENCY", int)):
             if env.get(name):
                 values[key] = kind(env[name])
+        if env.get("PERSONALIZE_MODELS"):
+            values["models"] = endpoint_models(env["PERSONALIZE_MODELS"].split(","))
         return cls(**values)
+
+
+def endpoint_models(pairs: list[str]) -> dict[str, str]:
+    """``["churn=churn_telco", ...]`` as ``{endpoint: registered model}``, every endpoint and name checked; a bad
+    pair is a :class:`ConfigError` naming it."""
+    from training.registry import RegistryError, check_name
+
+    out: dict[str, str] = {}
+    for pair in (p.strip() for p in pairs):
+        if not pair:
+            continue
+        endpoint, _, name = (x.strip() for x in pair.partition("="))
+        if endpoint not in ENDPOINT_MODELS or not name:
+            raise ConfigError(f"{pair!r}: give ENDPOINT=MODEL with an endpoint of {', '.join(ENDPOINT_MODELS)}, "
+                              "e.g. churn=churn_telco")
+        try:
+            out[endpoint] = check_name(name)
+        except RegistryError as exc:
+            raise ConfigError(f"{pair!r}: {exc}") from None
+    return out

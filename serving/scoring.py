@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from personalize.errors import PersonalizeError
+from serving.config import ENDPOINT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,9 @@ class ModelSet:
             return
         try:
             fresh = load(self.client, name, alias)
+            expected = ENDPOINT_KINDS.get(endpoint, fresh.kind)
+            if fresh.kind != expected:
+                raise NotServing(f"it is a {fresh.kind} model, and /{endpoint} answers with a {expected}")
         except Exception as exc:
             self._failed[(endpoint, alias)] = (version, time.monotonic())
             self.failed_reloads += 1

@@ -83,6 +83,8 @@ def test_a_broken_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["ingest", "nonsense"], "unknown data set 'nonsense'"),
     (["features", "build", "nowhere"], "run `personalize ingest` for this data set first"),
+    (["serve", "--model", "churn"], "'churn': give ENDPOINT=MODEL"),  # before any server starts
+    (["bento", "build", "--no-build", "--model", "nosuch=churn_telco"], "'nosuch=churn_telco': give ENDPOINT=MODEL"),
 ])
 def test_user_mistakes_are_one_line_errors(args: list[str], message: str) -> None:
     result = runner.invoke(app, args)

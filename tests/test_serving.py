@@ -575,3 +575,51 @@ def test_zz_shutdown_flushes_every_logged_prediction_pseudonymized(server: Serve
     assert last["customer_key"].nunique() == 5
     assert set(json.loads(last["features"].iloc[0])) == set(_model_features(home, "churn"))
     assert not list((home / "predlog").rglob("*.tmp"))
+
+
+def test_an_endpoint_serves_a_model_of_another_name_and_says_what_it_cannot_score(
+        home: Path, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --model churn=churn_telco`: /churn answers with a model trained on a table of its own columns. Such a
+    model scores the rows it is sent; by customer_id it would read none of its features from the online store, so
+    that is a 400 saying so, and a decision leaves its score out. A model of the wrong kind is not served."""
+    from features.pipeline import ingest_builtin
+    from personalize.errors import ConfigError
+    from serving.api import Runtime
+    from serving.config import ServeConfig, endpoint_models
+    from serving.scoring import InputError, NotServing
+    from training.registry import GateConfig, connect, promote
+    from training.train import TrainConfig, train_and_register
+    from training.tune import TuneConfig
+
+    for key, value in _env(home).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.from_env()
+    ingest_builtin(settings, "telco_churn", None, data_root)
+    fast = TuneConfig(trials=1, families=("lightgbm",), max_rounds=60, early_stopping_rounds=10)
+    train_and_register(settings, "churn", "telco_churn", TrainConfig(tune=fast), model_name="churn_telco")
+    client = connect(settings.tracking_uri)
+    promote(client, "churn_telco", GateConfig(bootstrap_rounds=100), reason="serving tests", force=True)
+
+    assert ServeConfig.from_env({"PERSONALIZE_MODELS": "churn=churn_telco"}).models == {
+        "churn": "churn_telco", "propensity": "propensity", "next_purchase": "purchase_cycle",
+        "forecast": "purchase_forecast"}
+    for bad in ("nosuch=churn", "churn", "churn=no such"):
+        with pytest.raises(ConfigError, match="churn"):
+            endpoint_models([bad])
+    config = ServeConfig(home=home, tracking_uri=settings.tracking_uri, prediction_log=tmp_path / "log",
+                         models={"churn": "churn_telco", "propensity": "purchase_cycle"})
+    runtime = Runtime(config, client, start_reloader=False, freeze_heap=False)
+    try:
+        row = pd.read_csv(data_root / "telco_churn" / "WA_Fn-UseC_-Telco-Customer-Churn.csv", nrows=1)
+        answer = runtime.classify("churn", features=json.loads(row.to_json(orient="records"))[0])
+        assert answer["model"]["name"] == "churn_telco" and 0 < answer["results"][0]["probability"] < 1
+        cid = _known_ids(home, 1)[0]
+        with pytest.raises(InputError) as error:
+            runtime.classify("churn", customer_id=cid)
+        assert error.value.field == "customer_id" and "send the customer's row as `features`" in str(error.value)
+        with pytest.raises(NotServing, match="is a cycle model, and /propensity answers with a classifier"):
+            runtime.classify("propensity", customer_id=cid)
+        decision = runtime.personalize("email", customer_id=cid, consent=True)
+        assert "churn" not in decision["scores"] and "days_to_next" in decision["scores"]
+    finally:
+        runtime.close()
