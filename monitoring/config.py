@@ -89,11 +89,21 @@ class RetrainPolicy(_Strict):
     min_gain: float = Field(default=0.0, ge=0)
 
 
+class LogPolicy(_Strict):
+    """Upkeep of the prediction log by ``personalize schedule``, before each round of passes."""
+
+    compact: bool = True  # merge each past day's one-second segments into one file (readers pay per file)
+    # Remove the days older than this. Keep at least a window plus the longest label horizon, or realized
+    # performance has nothing to join; None keeps everything.
+    keep_days: float | None = Field(default=None, gt=0)
+
+
 class MonitorConfig(_Strict):
     window_days: float = Field(default=7.0, gt=0)
     drift: DriftPolicy = DriftPolicy()
     alerts: AlertPolicy = AlertPolicy()
     retrain: RetrainPolicy = RetrainPolicy()
+    log: LogPolicy = LogPolicy()
 
 
 def load_config(path: Path | None) -> MonitorConfig:

@@ -18,7 +18,7 @@ from monitoring.retrain import RetrainOutcome, decide, load_state, retrain, save
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepResult", "schedule", "step"]
+__all__ = ["StepResult", "keep_log", "schedule", "step"]
 
 
 @dataclass
@@ -55,6 +55,25 @@ def step(settings: Any, client: Any, model: str, end: pd.Timestamp | None, confi
     return out
 
 
+def keep_log(log_root: Any, config: MonitorConfig) -> dict[str, Any]:
+    """The log upkeep the policy asks for (compaction of past days, retention); a failure is logged, never fatal:
+    the passes read the log as it is."""
+    from serving.predlog import compact, prune
+
+    done: dict[str, Any] = {}
+    try:
+        if config.log.keep_days is not None:
+            done["pruned"] = prune(log_root, config.log.keep_days)
+        if config.log.compact:
+            done["compacted"] = compact(log_root)
+    except Exception as exc:
+        log.error("prediction log upkeep failed: %s", exc)
+        done["error"] = str(exc)
+    if done.get("compacted", {}).get("segments_in") or done.get("pruned", {}).get("days"):
+        log.info("prediction log upkeep: %s", done)
+    return done
+
+
 def schedule(settings: Any, client: Any, models: list[str], config: MonitorConfig, every_s: float,
              iterations: int | None = None, allow_retrain: bool = True,
              on_step: Callable[[StepResult], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
@@ -63,6 +82,7 @@ def schedule(settings: Any, client: Any, models: list[str], config: MonitorConfi
     failed, n = 0, 0
     while iterations is None or n < iterations:
         began = time.monotonic()
+        keep_log(settings.log_root, config)
         for model in models:
             try:
                 out = step(settings, client, model, None, config, allow_retrain)

@@ -1076,6 +1076,66 @@ def monitor(
                       f"v{r.champion_after}", highlight=False)
 
 
+log_app = typer.Typer(help="Upkeep of the prediction log: what it holds, compaction, retention.", no_args_is_help=True)
+app.add_typer(log_app, name="log")
+
+
+@log_app.command("status")
+@user_errors
+def log_status_command(ctx: typer.Context) -> None:
+    """Segments, rows and size of the prediction log per day (from the Parquet footers)."""
+    from serving.predlog import log_status
+
+    settings: Settings = ctx.obj
+    days = log_status(settings.log_root)
+    table = Table(title=f"prediction log: {settings.log_root}")
+    for col in ("day", "segments", "rows", "MB"):
+        table.add_column(col, justify="right" if col != "day" else "left")
+    for d in days:
+        table.add_row(d["day"], f"{d['segments']:,}" + (f" ({d['unreadable']} unreadable)" if d["unreadable"] else ""),
+                      f"{d['rows']:,}", f"{d['bytes'] / 1e6:.1f}")
+    table.add_row("total", f"{sum(d['segments'] for d in days):,}", f"{sum(d['rows'] for d in days):,}",
+                  f"{sum(d['bytes'] for d in days) / 1e6:.1f}", style="bold")
+    console.print(table)
+
+
+@log_app.command("compact")
+@user_errors
+def log_compact_command(
+    ctx: typer.Context,
+    before: Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Compact the days before this one "
+                                                    "(default: today, UTC, which is still being written).")] = None,
+    max_rows: Annotated[int, typer.Option(min=1, help="Rows per merged file.")] = 1_000_000,
+) -> None:
+    """Merge each past day's segments into one file (per --max-rows rows): the same rows, far fewer files to open.
+    Safe beside a running server; run it between monitoring passes (`schedule` does, before each round)."""
+    from serving.predlog import compact
+
+    settings: Settings = ctx.obj
+    done = compact(settings.log_root, before.strftime("%Y-%m-%d") if before else None, max_rows)
+    console.print(f"compacted {done['days']} day(s): {done['segments_in']:,} segments -> {done['files_out']:,} "
+                  f"file(s), {done['rows']:,} rows" + (f"; {done['unreadable']} unreadable segment(s) left as they "
+                                                       "are" if done["unreadable"] else ""), highlight=False)
+
+
+@log_app.command("prune")
+@user_errors
+def log_prune_command(
+    ctx: typer.Context,
+    keep_days: Annotated[float, typer.Option(min=1, help="Keep this many days; remove the days wholly older.")],
+    dry_run: Annotated[bool, typer.Option(help="Say what would be removed, remove nothing.")] = False,
+) -> None:
+    """Retention: remove the prediction log's days older than --keep-days. Keep at least a monitoring window plus
+    the longest label horizon, or realized performance has nothing to join."""
+    from serving.predlog import prune
+
+    settings: Settings = ctx.obj
+    done = prune(settings.log_root, keep_days, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {done['days']} day(s) through {done['through']}: {done['segments']:,} segments, "
+                  f"{done['rows']:,} rows", highlight=False)
+
+
 @app.command("replay")
 @user_errors
 def replay_command(

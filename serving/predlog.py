@@ -14,6 +14,12 @@ One row per scored item: ``request_id``, ``ts`` (UTC), ``endpoint``, ``model``, 
 ``customer_key`` (the customer id pseudonymized: a salted SHA-256, never the id itself), ``cold_start``,
 ``features`` and ``outputs`` (JSON objects as text), ``shadow`` (the challenger's outputs and version as JSON
 text, or null). :func:`read_log` reads a time window back as one frame for monitoring.
+
+Upkeep (``personalize log``): a server flushing every second writes up to 86,400 segments a day, and a reader opens
+every one; :func:`compact` merges each past day's segments into one file per up to
+``max_rows`` rows (the rows, their order within a day and their schema unchanged; written and renamed into place
+before the inputs are removed). :func:`prune` removes the days older than a retention period. :func:`log_status`
+counts segments and rows per day from the Parquet footers, without reading the rows.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -214,3 +221,88 @@ def read_log(root: Path, start: pd.Timestamp | None = None, end: pd.Timestamp | 
     if end is not None:
         frame = frame[frame["ts"] < utc(end)]
     return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def _day_folders(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).glob("date=*") if p.is_dir())
+
+
+def log_status(root: Path) -> list[dict[str, Any]]:
+    """Per day of the log: segments, rows and bytes, from the Parquet footers (an unreadable segment is counted in
+    ``unreadable``, its rows unknown)."""
+    out = []
+    for day in _day_folders(root):
+        segments, rows, size, unreadable = 0, 0, 0, 0
+        for f in sorted(day.glob("part-*.parquet")):
+            segments += 1
+            size += f.stat().st_size
+            try:
+                rows += pq.ParquetFile(f).metadata.num_rows
+            except Exception:
+                unreadable += 1
+        out.append({"day": day.name[5:], "segments": segments, "rows": rows, "bytes": size,
+                    "unreadable": unreadable})
+    return out
+
+
+def compact(root: Path, before: str | None = None, max_rows: int = 1_000_000) -> dict[str, int]:
+    """Merge the segments of every day before ``before`` (``YYYY-MM-DD``; default: today, UTC, which is still being
+    written) into one file per ``max_rows`` rows, oldest rows first (``part-…-c00000.parquet``; a merged file is
+    not merged again); an unreadable segment is left as it is. Safe
+    beside a running server (it only ever adds new files); a reader listing a day while it is compacted may see a
+    row twice or miss a segment, so run it between monitoring passes (``personalize schedule`` does)."""
+    before = before or time.strftime("%Y-%m-%d", time.gmtime())
+    report = {"days": 0, "segments_in": 0, "files_out": 0, "rows": 0, "unreadable": 0}
+    for day in _day_folders(root):
+        if day.name[5:] >= before:
+            continue
+        segments = sorted(f for f in day.glob("part-*.parquet") if not f.stem.split("-")[-1].startswith("c"))
+        if len(segments) < 2:  # merged already (a late segment or two join on a later run)
+            continue
+        tables, merged = [], []
+        for f in segments:
+            try:
+                tables.append(pq.read_table(f, schema=SCHEMA))
+                merged.append(f)
+            except Exception as exc:
+                report["unreadable"] += 1
+                log.warning("prediction log: left unreadable segment %s as it is (%s)", f, exc)
+        if len(merged) < 2:
+            continue
+        table = pa.concat_tables(tables)
+        table = table.take(pc.sort_indices(table, [("ts", "ascending")]))  # stable: a day keeps its order
+        stamp, written = int(time.time() * 1000), []
+        for k, start in enumerate(range(0, table.num_rows, max_rows)):
+            name = f"part-{stamp}-{os.getpid()}-c{k:05d}.parquet"
+            tmp = day / f".{name}.tmp"
+            pq.write_table(table.slice(start, max_rows), tmp)
+            os.replace(tmp, day / name)
+            written.append(day / name)
+        if sum(pq.ParquetFile(f).metadata.num_rows for f in written) != table.num_rows:  # never lose a row
+            raise RuntimeError(f"compacting {day} wrote a different number of rows; inputs kept")
+        for f in merged:
+            f.unlink()
+        report["days"] += 1
+        report["segments_in"] += len(merged)
+        report["files_out"] += len(written)
+        report["rows"] += table.num_rows
+    return report
+
+
+def prune(root: Path, keep_days: float, now: pd.Timestamp | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Remove the days whose every row is older than ``keep_days`` (a day folder at a time); returns the days,
+    segments and rows removed (with ``dry_run``, that would be)."""
+    import shutil
+
+    cutoff = (utc(now if now is not None else pd.Timestamp.now(tz="UTC")) - pd.Timedelta(days=keep_days))
+    last_whole_day = (cutoff.normalize() - pd.Timedelta(days=1)).strftime("%Y-%m-%d")  # its rows all end before
+    report: dict[str, Any] = {"days": 0, "segments": 0, "rows": 0, "through": last_whole_day}
+    for entry in log_status(root):
+        if entry["day"] > last_whole_day:
+            continue
+        if not dry_run:
+            shutil.rmtree(Path(root) / f"date={entry['day']}")
+        report["days"] += 1
+        report["segments"] += entry["segments"]
+        report["rows"] += entry["rows"]
+    return report

@@ -97,6 +97,46 @@ def test_read_log_filters_a_time_window(tmp_path: Path) -> None:
     assert list(read_log(tmp_path, end=pd.Timestamp("2026-01-02"))["request_id"]) == ["r0"]
 
 
+def test_compaction_merges_past_days_into_one_file_with_every_row_and_retention_removes_old_days(
+        tmp_path: Path) -> None:
+    from monitoring.config import LogPolicy, MonitorConfig
+    from monitoring.schedule import schedule
+    from personalize.settings import Settings
+    from serving.predlog import compact, log_status, prune
+
+    # Given a log a server wrote over three days, one small segment a flush, and one segment that is broken
+    plog = PredictionLog(tmp_path, flush_s=3600)
+    today = pd.Timestamp.now(tz="UTC").normalize()
+    for day in (3, 2, 0):
+        for k in range(40):
+            rows = _rows(3, start=1000 * day + 3 * k)
+            for i, r in enumerate(rows):
+                r["ts"] = today - pd.Timedelta(days=day) + pd.Timedelta(minutes=k, seconds=i)
+            plog.append(rows)
+            plog.flush()
+    plog.close()
+    broken = tmp_path / f"date={(today - pd.Timedelta(days=2)):%Y-%m-%d}" / "part-0-0-000000.parquet"
+    broken.write_bytes(b"not parquet")
+    before = read_log(tmp_path, skipped=[])
+    # When the past days are compacted
+    done = compact(tmp_path, max_rows=100)
+    # Then the same rows in the same order are there, in 2 files a past day (120 rows, 100 a file); today, still
+    # being written, and the broken segment are left as they are
+    assert done == {"days": 2, "segments_in": 80, "files_out": 4, "rows": 240, "unreadable": 1}
+    assert read_log(tmp_path, skipped=[]).equals(before)
+    assert [d["segments"] for d in log_status(tmp_path)] == [2, 3, 40] and log_status(tmp_path)[1]["unreadable"] == 1
+    assert compact(tmp_path)["days"] == 0  # nothing left to merge
+    # And retention removes whole days older than it keeps (a dry run removes nothing)
+    assert prune(tmp_path, keep_days=2.5, dry_run=True)["days"] == 1 and len(log_status(tmp_path)) == 3
+    assert prune(tmp_path, keep_days=2.5)["rows"] == 120
+    assert [d["day"] for d in log_status(tmp_path)] == [f"{today - pd.Timedelta(days=2):%Y-%m-%d}", f"{today:%Y-%m-%d}"]
+    # And the scheduled loop keeps the log by its policy before each round
+    settings = Settings(home=tmp_path / "home", prediction_log=tmp_path)
+    policy = MonitorConfig(log=LogPolicy(keep_days=1))
+    assert schedule(settings, None, [], policy, every_s=0, iterations=1) == 0
+    assert [d["day"] for d in log_status(tmp_path)] == [f"{today:%Y-%m-%d}"]
+
+
 def test_salt_is_created_once_and_kept(tmp_path: Path) -> None:
     first = load_salt(tmp_path, environ={})
     assert load_salt(tmp_path, environ={}) == first
