@@ -17,7 +17,7 @@ their reason, exactly as for the raw tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +71,7 @@ class LabeledTable:
     categorical: list[str]
     boolean: list[str]
     ignored: dict[str, str]  # column -> why it is not a feature (see :func:`unusable`)
+    label_values: list[str] = field(default_factory=list)  # the label's two values, as comparable_labels writes them
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -85,6 +86,7 @@ class LabeledTable:
             **self.result.summary(),
             "label": self.spec.label_column,
             "positive": self.spec.positive,
+            "label_values": self.label_values,
             "label_rate": self.label_rate,
             "numeric": self.numeric,
             "categorical": self.categorical,
@@ -258,4 +260,4 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
     typed[LABEL] = (label_text == positive).astype("int64")
     result = ValidationResult("labeled", typed.drop(index=reasons.rows), reasons.quarantine(raw, str(spec.path)),
                               len(raw)).with_unreadable(unreadable)
-    return LabeledTable(spec, result, numeric, categorical, boolean, ignored)
+    return LabeledTable(spec, result, numeric, categorical, boolean, ignored, classes)

@@ -115,7 +115,8 @@ def ingest_labeled(settings: Settings, name: str, table: LabeledTable) -> Ingest
     out.mkdir(parents=True, exist_ok=True)
     table.frame.to_parquet(out / "table.parquet", index=False)
     report = IngestReport(name, "labeled", extra={
-        "label": table.spec.label_column, "positive": table.spec.positive, "label_rate": table.label_rate,
+        "label": table.spec.label_column, "positive": table.spec.positive, "label_values": table.label_values,
+        "label_rate": table.label_rate,
         "numeric": table.numeric,
         "categorical": table.categorical, "boolean": table.boolean, "ignored": table.ignored,
         "dropped": list(table.spec.drop_columns), "id_column": table.spec.id_column,

@@ -206,27 +206,32 @@ class Outcomes:
                 "skipped": self.skipped}
 
 
-def read_outcomes(path: Path, id_column: str, label_column: str, positive: str, salt: bytes,
-                  sep: str = ",") -> Outcomes:
+def read_outcomes(path: Path, id_column: str, label_column: str, positive: str, salt: bytes, sep: str = ",",
+                  values: list[str] | None = None) -> Outcomes:
     """The outcomes in a CSV/Parquet file: ``label_column`` is 1 where it equals ``positive`` (compared as training
     compared it: text in any case, numbers as numbers), keyed by ``id_column`` pseudonymized with ``salt``. A row
-    without an id or a label is skipped and counted; of one id given twice, the last row counts."""
+    without an id or a label is skipped and counted; of one id given twice, the last row counts. With the training
+    table's label ``values``, a value that is not one of them is an error (a file of only ``1`` read against
+    ``Yes``/``No`` would otherwise be all negatives)."""
     from features.ingest import is_blank, normalize_ids
     from features.labeled import comparable_labels
-    from features.loaders import CsvOptions, file_format, read_source
+    from features.loaders import CsvOptions, file_format, read_source, separator_hint
     from personalize.errors import DataFileError
     from serving.predlog import pseudonymize
 
     path = Path(path)
-    raw, unreadable = read_source(path, file_format(path), CsvOptions(sep=sep))
+    fmt, csv = file_format(path), CsvOptions(sep=sep)
+    raw, unreadable = read_source(path, fmt, csv)
     for column in (id_column, label_column):
         if column not in raw.columns:
-            raise DataFileError(path, f"no outcome column; the file has {list(raw.columns)[:12]}", column=column)
+            hint = separator_hint(path, csv) if len(raw.columns) == 1 and fmt == "csv" else ""
+            raise DataFileError(path, f"no outcome column; the file has {list(raw.columns)[:12]}{hint}", column=column)
     text, positive_text, blank = comparable_labels(raw[label_column], positive)
     classes = sorted(set(text[~blank]))
-    if len(classes) > 2 or (len(classes) == 2 and positive_text not in classes):
-        raise DataFileError(path, f"the positive value {positive!r} and one other are expected; values are "
-                                  f"{classes[:10]}", column=label_column)
+    strangers = [c for c in classes if values and c not in values]
+    if strangers or len(classes) > 2 or (len(classes) == 2 and positive_text not in classes):
+        expected = f"the training table's {values}" if values else f"the positive value {positive!r} and one other"
+        raise DataFileError(path, f"{expected} are expected; values are {classes[:10]}", column=label_column)
     no_id = is_blank(raw[id_column])
     keys = normalize_ids(raw[id_column]).map(lambda c: None if c is None else pseudonymize(str(c), salt))
     usable = ~no_id & ~blank
@@ -266,4 +271,6 @@ def outcomes_for(settings: Any, reference: Reference, source: OutcomesFile) -> O
         why = ("was not trained on a labeled table" if label_column is None
                else "was ingested before the positive value was recorded")
         raise MonitorError(f"{reference.model} v{reference.version} {why}: name the outcome with {missing}")
-    return read_outcomes(source.path, id_column, label_column, str(positive), load_salt(settings.home), source.sep)
+    same_table = source.label_column is None and source.positive is None  # the training table's values apply
+    return read_outcomes(source.path, id_column, label_column, str(positive), load_salt(settings.home), source.sep,
+                         report.get("label_values") if same_table else None)

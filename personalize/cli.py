@@ -892,15 +892,19 @@ def serve(
     import sys
 
     from features.segments import load_segments
-    from serving.config import endpoint_models
+    from personalize.errors import ConfigError
+    from serving.config import ENDPOINT_KINDS, endpoint_models
     from serving.decisions import load_catalog
-    from training.registry import connect
+    from training.registry import connect, kind_of
 
     settings: Settings = ctx.obj
     load_catalog(catalog), load_segments(segments)  # a bad file is a clear error here, not a server that won't start
     models = endpoint_models(model or [])
     client = connect(settings.tracking_uri)
     for endpoint, name in models.items():
+        kind, wanted = kind_of(client, name), "classifier" if ENDPOINT_KINDS[endpoint] == "classifier" else "regressor"
+        if kind != wanted:
+            raise ConfigError(f"--model {endpoint}={name}: {name} is a {kind}, and /{endpoint} answers with a {wanted}")
         try:
             client.get_model_version_by_alias(name, "champion")
         except Exception:
@@ -949,8 +953,8 @@ def bento_build(
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     settings: Settings = ctx.obj
     served = endpoint_models(model or [])
-    names = ([check_name(n.strip()) for n in models.split(",") if n.strip()] if models
-             else list(dict.fromkeys({**ENDPOINT_MODELS, **served}.values())))
+    names = list(dict.fromkeys([*([check_name(n.strip()) for n in models.split(",") if n.strip()] if models
+                                  else {**ENDPOINT_MODELS, **served}.values()), *served.values()]))
     client = connect(settings.tracking_uri)
     report = build_bento(client, names, out or settings.home / "bento", alias, required=models is not None,
                          requirements=requirements, run_build=build, endpoints=served)
@@ -1041,6 +1045,8 @@ def monitor(
     policy = load_config(config)
     if window:
         policy = policy.model_copy(update={"window_days": window})
+    if labels is None and (labels_id or labels_column or positive):
+        raise PersonalizeError("--labels-id, --labels-column and --positive describe a --labels file: give it too")
     outcomes = None if labels is None else OutcomesFile(labels, labels_id, labels_column, positive, sep)
     client = connect(settings.tracking_uri)
     if version:

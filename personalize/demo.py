@@ -186,7 +186,7 @@ def table_scoring(settings: Settings, data_root: Path) -> dict[str, Any]:
     import pandas as pd
 
     from features.datasets import labeled_sources
-    from monitoring.job import run_pass, window_bounds
+    from monitoring.job import run_pass
     from serving.batch import score_table
     from serving.predlog import load_salt
     from training.registry import connect
@@ -197,11 +197,12 @@ def table_scoring(settings: Settings, data_root: Path) -> dict[str, Any]:
     except Exception:  # the gate refused it: nothing to score with
         return {"skipped": "churn_telco has no champion (the gate refused it)"}
     spec, _ = labeled_sources(data_root)["telco_churn"]
+    start = pd.Timestamp.now(tz="UTC")
     t = score_table(client, "churn_telco", spec.path, settings.home / "scores",  # the id: the training table's
                     log_root=settings.log_root, salt=load_salt(settings.home))
     decisions = pd.read_parquet(t.path)["decision"]
-    start, end = window_bounds(None, 1.0)  # the batch just logged, against the model's held-out reference
-    watched = run_pass(settings, client, "churn_telco", start, end)
+    # the window of this batch alone (a rerun's earlier batch is before it), against the model's held-out reference
+    watched = run_pass(settings, client, "churn_telco", start, pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=1))
     return {"rows_in": t.rows_in, "scored": t.rows, "quarantined": t.quarantined, "version": t.version,
             "action_rate": round(float(decisions.mean()), 4), "score_s": round(t.score_s, 2), "scores": str(t.path),
             "logged": t.logged, "monitored_rows": watched.window["rows"],

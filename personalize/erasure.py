@@ -52,6 +52,7 @@ Limits: a running server may log the customer again after the erasure (stop serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -73,6 +74,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from personalize.settings import Settings
+from serving.predlog import log_lock
 
 log = logging.getLogger(__name__)
 
@@ -770,7 +772,10 @@ def forget(settings: Settings, customer_id: str, online_url: str | None = None, 
     if who.key is None:
         layout.problems.extend(_keyless(layout))
     tally = _Tally()
-    _sweep(layout, who, apply, tally)  # raw tables first: a materialization racing the erasure reads them without
+    # raw tables first: a materialization racing the erasure reads them without the customer; the prediction log
+    # under its lock, so a compaction cannot write back rows the erasure took out
+    with log_lock(layout.log_root) if apply and layout.log_root.exists() else contextlib.nullcontext():
+        _sweep(layout, who, apply, tally)
     _online(layout, who, apply, tally)
     _decisions(layout, who, reward, apply, tally)
     problems: list[dict[str, str]] = []

@@ -151,6 +151,10 @@ class Runtime:
         loaded = self.models.get(endpoint)
         scorer = loaded.scorer
         pairs = self._items(customer_id, features, items, "features")
+        if scorer.from_table and any(r is None for _, r in pairs):
+            raise InputError("customer_id" if items is None else "items",
+                             f"{loaded.name} v{loaded.version} was trained on a table of its own columns, which the "
+                             "online store does not hold: send the customer's row as `features`")
         stored = self._lookup([c for c, r in pairs if r is None], "features")
         records, cold = [], []
         for cid, record in pairs:
@@ -159,11 +163,6 @@ class Runtime:
                 cold.append(False)
             elif cid in stored:
                 row = stored[cid]
-                if not _shares_a_feature(row, scorer):
-                    raise InputError("customer_id" if items is None else "items",
-                                     f"the online store ({self.config.dataset}) holds none of the features "
-                                     f"{loaded.name} v{loaded.version} reads ({', '.join(scorer.features[:4])}, ...): "
-                                     "send the customer's row as `features`")
                 records.append({c: row.get(c) for c in scorer.features})
                 cold.append(False)
             else:
@@ -273,8 +272,8 @@ class Runtime:
             if loaded is None:
                 continue
             scorer = loaded.scorer
-            if not given and not _shares_a_feature(features, scorer):
-                continue  # a model of another table's columns (e.g. churn=churn_telco): not scored from the store
+            if scorer.from_table and not (given and all(c in features for c in scorer.features)):
+                continue  # a model of a table's own columns (churn=churn_telco) scores only a record that has them
             row = {c: features.get(c) for c in scorer.features}
             if given:  # the request's own record: every feature of every served model, values checked
                 missing = [c for c in scorer.features if c not in features]
@@ -319,7 +318,7 @@ class Runtime:
         scores, models = {}, []
         for endpoint in ("churn", "propensity"):
             loaded = self._served(endpoint, needed)
-            if loaded is None:
+            if loaded is None or loaded.scorer.from_table:
                 continue
             scores[endpoint] = round(float(loaded.scorer.prior), 6)
             models.append(loaded.ref)
@@ -463,9 +462,3 @@ def _freeze_heap(unfreeze: bool = False) -> None:
         gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-def _shares_a_feature(record: dict[str, Any], scorer: Any) -> bool:
-    """Whether a stored record holds any feature the model reads: a model trained on a table of its own columns
-    finds none of them in the online store, and scoring it on all-missing values would be a made-up answer."""
-    return any(c in record for c in scorer.features)

@@ -85,7 +85,7 @@ def log_scores(log_root: Path, salt: bytes | None, loaded: Any, ids: pd.Series |
         raise ValueError("logging scores needs the server's salt (serving.predlog.load_salt)")
     scorer, request_id, ts = loaded.scorer, uuid.uuid4().hex, datetime.now(timezone.utc)
     categorical = set(scorer.columns.categorical)
-    keys = [None] * len(frame) if ids is None else [pseudonymize(str(c), salt) for c in ids]
+    keys = [None] * len(frame) if ids is None else [None if pd.isna(c) else pseudonymize(str(c), salt) for c in ids]
     predictions = PredictionLog(Path(log_root), flush_s=3600, batch_rows=10**9)  # flushed here, chunk by chunk
     try:
         for start in range(0, len(frame), chunk):

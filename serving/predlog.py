@@ -31,13 +31,13 @@ import os
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -245,48 +245,95 @@ def log_status(root: Path) -> list[dict[str, Any]]:
     return out
 
 
+@contextmanager
+def log_lock(root: Path) -> Iterator[None]:
+    """One upkeep (compaction, retention) or erasure at a time on a log root: an advisory lock on ``<root>/.lock``.
+    The server's writer never takes it: it only ever adds new files, which none of those touch."""
+    import fcntl
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _merged(path: Path) -> bool:
+    return path.stem.split("-")[-1].startswith("c")  # part-<ms>-<pid>-c00000.parquet, written by compact
+
+
 def compact(root: Path, before: str | None = None, max_rows: int = 1_000_000) -> dict[str, int]:
     """Merge the segments of every day before ``before`` (``YYYY-MM-DD``; default: today, UTC, which is still being
-    written) into one file per ``max_rows`` rows, oldest rows first (``part-…-c00000.parquet``; a merged file is
-    not merged again); an unreadable segment is left as it is. Safe
-    beside a running server (it only ever adds new files); a reader listing a day while it is compacted may see a
-    row twice or miss a segment, so run it between monitoring passes (``personalize schedule`` does)."""
+    written) into files of up to ``max_rows`` rows (``part-…-c00000.parquet``; a merged file is not merged again),
+    streamed a segment at a time in the order a reader takes them; an unreadable segment is left as it is.
+
+    The merged files are written under temporary names, renamed into place once all are whole, and the inputs
+    removed after their rows are counted again in the outputs (a crash between the two leaves rows twice, never
+    none). Safe beside a running server (it only adds files); under :func:`log_lock`, so a concurrent compaction
+    or erasure waits. A monitoring pass reading the same day meanwhile may see a row twice: run it between passes
+    (``personalize schedule`` does)."""
     before = before or time.strftime("%Y-%m-%d", time.gmtime())
     report = {"days": 0, "segments_in": 0, "files_out": 0, "rows": 0, "unreadable": 0}
-    for day in _day_folders(root):
-        if day.name[5:] >= before:
-            continue
-        segments = sorted(f for f in day.glob("part-*.parquet") if not f.stem.split("-")[-1].startswith("c"))
-        if len(segments) < 2:  # merged already (a late segment or two join on a later run)
-            continue
-        tables, merged = [], []
-        for f in segments:
-            try:
-                tables.append(pq.read_table(f, schema=SCHEMA))
-                merged.append(f)
-            except Exception as exc:
-                report["unreadable"] += 1
-                log.warning("prediction log: left unreadable segment %s as it is (%s)", f, exc)
-        if len(merged) < 2:
-            continue
-        table = pa.concat_tables(tables)
-        table = table.take(pc.sort_indices(table, [("ts", "ascending")]))  # stable: a day keeps its order
-        stamp, written = int(time.time() * 1000), []
-        for k, start in enumerate(range(0, table.num_rows, max_rows)):
-            name = f"part-{stamp}-{os.getpid()}-c{k:05d}.parquet"
-            tmp = day / f".{name}.tmp"
-            pq.write_table(table.slice(start, max_rows), tmp)
-            os.replace(tmp, day / name)
-            written.append(day / name)
-        if sum(pq.ParquetFile(f).metadata.num_rows for f in written) != table.num_rows:  # never lose a row
-            raise RuntimeError(f"compacting {day} wrote a different number of rows; inputs kept")
-        for f in merged:
-            f.unlink()
-        report["days"] += 1
-        report["segments_in"] += len(merged)
-        report["files_out"] += len(written)
-        report["rows"] += table.num_rows
+    if not Path(root).exists():
+        return report
+    with log_lock(root):
+        for day in _day_folders(root):
+            if day.name[5:] >= before:
+                continue
+            segments = []
+            for f in sorted(f for f in day.glob("part-*.parquet") if not _merged(f)):
+                try:
+                    pq.ParquetFile(f).metadata  # the footer: a half-written or foreign file is left alone
+                    segments.append(f)
+                except Exception as exc:
+                    report["unreadable"] += 1
+                    log.warning("prediction log: left unreadable segment %s as it is (%s)", f, exc)
+            if len(segments) < 2:  # merged already (a late segment or two join on a later run)
+                continue
+            rows, outputs = _merge(day, segments, max_rows)
+            report["days"] += 1
+            report["segments_in"] += len(segments)
+            report["files_out"] += len(outputs)
+            report["rows"] += rows
     return report
+
+
+def _merge(day: Path, segments: list[Path], max_rows: int) -> tuple[int, list[Path]]:
+    stamp, pending, rows = int(time.time() * 1000), [], 0
+    writer, in_file = None, 0
+    try:
+        for f in segments:
+            table = pq.read_table(f, schema=SCHEMA)
+            rows += table.num_rows
+            offset = 0
+            while offset < table.num_rows:
+                if writer is None or in_file >= max_rows:
+                    if writer is not None:
+                        writer.close()
+                    pending.append(day / f".part-{stamp}-{os.getpid()}-c{len(pending):05d}.parquet.tmp")
+                    writer, in_file = pq.ParquetWriter(pending[-1], SCHEMA), 0
+                take = min(max_rows - in_file, table.num_rows - offset)
+                writer.write_table(table.slice(offset, take))
+                in_file, offset = in_file + take, offset + take
+        if writer is not None:
+            writer.close()
+    except Exception:
+        if writer is not None:
+            writer.close()
+        for tmp in pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    outputs = [tmp.with_name(tmp.name[1:-len(".tmp")]) for tmp in pending]
+    for tmp, out in zip(pending, outputs):
+        os.replace(tmp, out)
+    if sum(pq.ParquetFile(f).metadata.num_rows for f in outputs) != rows:  # never lose a row
+        raise RuntimeError(f"compacting {day} wrote a different number of rows than it read; its segments are kept")
+    for f in segments:
+        f.unlink()
+    return rows, outputs
 
 
 def prune(root: Path, keep_days: float, now: pd.Timestamp | None = None, dry_run: bool = False) -> dict[str, Any]:
@@ -297,12 +344,15 @@ def prune(root: Path, keep_days: float, now: pd.Timestamp | None = None, dry_run
     cutoff = (utc(now if now is not None else pd.Timestamp.now(tz="UTC")) - pd.Timedelta(days=keep_days))
     last_whole_day = (cutoff.normalize() - pd.Timedelta(days=1)).strftime("%Y-%m-%d")  # its rows all end before
     report: dict[str, Any] = {"days": 0, "segments": 0, "rows": 0, "through": last_whole_day}
-    for entry in log_status(root):
-        if entry["day"] > last_whole_day:
-            continue
-        if not dry_run:
-            shutil.rmtree(Path(root) / f"date={entry['day']}")
-        report["days"] += 1
-        report["segments"] += entry["segments"]
-        report["rows"] += entry["rows"]
+    if not Path(root).exists():
+        return report
+    with log_lock(root):
+        for entry in log_status(root):
+            if entry["day"] > last_whole_day:
+                continue
+            if not dry_run:
+                shutil.rmtree(Path(root) / f"date={entry['day']}")
+            report["days"] += 1
+            report["segments"] += entry["segments"]
+            report["rows"] += entry["rows"]
     return report

@@ -182,6 +182,9 @@ class Classifier:
                                                            list(model.columns.boolean))
         self.features: list[str] = list(model.columns.features)
         self.unused = frozenset(model.columns.unused)
+        # A model of a labeled table (its label is among the unused columns): its columns are not in the online
+        # store, so it scores the rows it is sent, never a customer looked up by id.
+        self.from_table = bool(self.unused)
         self.numeric_only = not model.columns.categorical
         self.calibrator = Calibrator.from_dict(model.calibrator)
         self.threshold = float(model.threshold)

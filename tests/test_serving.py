@@ -604,7 +604,7 @@ def test_an_endpoint_serves_a_model_of_another_name_and_says_what_it_cannot_scor
         "churn": "churn_telco", "propensity": "propensity", "next_purchase": "purchase_cycle",
         "forecast": "purchase_forecast"}
     for bad in ("nosuch=churn", "churn", "churn=no such"):
-        with pytest.raises(ConfigError, match="churn"):
+        with pytest.raises(ConfigError, match="give ENDPOINT=MODEL|use letters, digits"):
             endpoint_models([bad])
     config = ServeConfig(home=home, tracking_uri=settings.tracking_uri, prediction_log=tmp_path / "log",
                          models={"churn": "churn_telco", "propensity": "purchase_cycle"})
@@ -614,12 +614,14 @@ def test_an_endpoint_serves_a_model_of_another_name_and_says_what_it_cannot_scor
         answer = runtime.classify("churn", features=json.loads(row.to_json(orient="records"))[0])
         assert answer["model"]["name"] == "churn_telco" and 0 < answer["results"][0]["probability"] < 1
         cid = _known_ids(home, 1)[0]
-        with pytest.raises(InputError) as error:
-            runtime.classify("churn", customer_id=cid)
-        assert error.value.field == "customer_id" and "send the customer's row as `features`" in str(error.value)
+        for who in (cid, "never-seen"):  # neither a stored customer nor a new one is scored on made-up values
+            with pytest.raises(InputError) as error:
+                runtime.classify("churn", customer_id=who)
+            assert error.value.field == "customer_id" and "send the customer's row as `features`" in str(error.value)
         with pytest.raises(NotServing, match="is a cycle model, and /propensity answers with a classifier"):
             runtime.classify("propensity", customer_id=cid)
         decision = runtime.personalize("email", customer_id=cid, consent=True)
         assert "churn" not in decision["scores"] and "days_to_next" in decision["scores"]
+        assert "churn" not in runtime.personalize("email", customer_id="never-seen", consent=True)["scores"]
     finally:
         runtime.close()

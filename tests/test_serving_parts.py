@@ -127,8 +127,9 @@ def test_compaction_merges_past_days_into_one_file_with_every_row_and_retention_
     assert [d["segments"] for d in log_status(tmp_path)] == [2, 3, 40] and log_status(tmp_path)[1]["unreadable"] == 1
     assert compact(tmp_path)["days"] == 0  # nothing left to merge
     # And retention removes whole days older than it keeps (a dry run removes nothing)
-    assert prune(tmp_path, keep_days=2.5, dry_run=True)["days"] == 1 and len(log_status(tmp_path)) == 3
-    assert prune(tmp_path, keep_days=2.5)["rows"] == 120
+    noon = today + pd.Timedelta(hours=13)  # 2.5 days before: day -2, 01:00; day -3 is wholly older
+    assert prune(tmp_path, keep_days=2.5, now=noon, dry_run=True)["days"] == 1 and len(log_status(tmp_path)) == 3
+    assert prune(tmp_path, keep_days=2.5, now=noon)["rows"] == 120
     assert [d["day"] for d in log_status(tmp_path)] == [f"{today - pd.Timedelta(days=2):%Y-%m-%d}", f"{today:%Y-%m-%d}"]
     # And the scheduled loop keeps the log by its policy before each round
     settings = Settings(home=tmp_path / "home", prediction_log=tmp_path)
