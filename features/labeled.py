@@ -28,7 +28,7 @@ import pandera.pandas as pa
 from pydantic import BaseModel, ConfigDict
 
 from features.ingest import RowReasons, ValidationResult, is_blank, parse_timestamp
-from features.loaders import CsvOptions, file_format, read_source, separator_hint
+from features.loaders import CsvOptions, column_hint, file_format, read_source
 from personalize.errors import DataFileError
 
 LABEL = "label"  # the normalised 0/1 target column added to every labeled table
@@ -205,7 +205,7 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
     raw, unreadable = read_source(spec.path, spec.file_format, spec.csv)
     for column in [spec.label_column, spec.id_column, spec.time_column, *spec.drop_columns]:
         if column and column not in raw.columns:
-            hint = separator_hint(spec.path, spec.csv) if len(raw.columns) == 1 and spec.file_format == "csv" else ""
+            hint = column_hint(spec.path, spec.file_format, spec.csv, raw.columns)
             raise DataFileError(spec.path, f"configured column is missing; the file has {list(raw.columns)}{hint}",
                                 column=column)
     kept = {spec.label_column: "the label", spec.id_column: "the id", spec.time_column: "the time column"}

@@ -223,6 +223,11 @@ def separator_hint(path: Path, csv: CsvOptions) -> str:
             f"--sep '{given}' when training on the file")
 
 
+def column_hint(path: Path, file_format: str, csv: CsvOptions, columns: Any) -> str:
+    """For a CSV file read as one column (most likely a wrong separator), :func:`separator_hint`; else nothing."""
+    return separator_hint(path, csv) if file_format == "csv" and len(columns) == 1 else ""
+
+
 def _check_header(path: Path, csv: CsvOptions) -> None:
     """Duplicate column names (pandas would silently rename the second to ``name.1``) are an error."""
     with _open_text(path, csv.encoding) as fh:

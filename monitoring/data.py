@@ -215,7 +215,7 @@ def read_outcomes(path: Path, id_column: str, label_column: str, positive: str, 
     ``Yes``/``No`` would otherwise be all negatives)."""
     from features.ingest import is_blank, normalize_ids
     from features.labeled import comparable_labels
-    from features.loaders import CsvOptions, file_format, read_source, separator_hint
+    from features.loaders import CsvOptions, column_hint, file_format, read_source
     from personalize.errors import DataFileError
     from serving.predlog import pseudonymize
 
@@ -224,8 +224,8 @@ def read_outcomes(path: Path, id_column: str, label_column: str, positive: str, 
     raw, unreadable = read_source(path, fmt, csv)
     for column in (id_column, label_column):
         if column not in raw.columns:
-            hint = separator_hint(path, csv) if len(raw.columns) == 1 and fmt == "csv" else ""
-            raise DataFileError(path, f"no outcome column; the file has {list(raw.columns)[:12]}{hint}", column=column)
+            raise DataFileError(path, f"no outcome column; the file has {list(raw.columns)[:12]}"
+                                      f"{column_hint(path, fmt, csv, raw.columns)}", column=column)
     text, positive_text, blank = comparable_labels(raw[label_column], positive)
     classes = sorted(set(text[~blank]))
     strangers = [c for c in classes if values and c not in values]

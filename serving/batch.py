@@ -251,7 +251,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     model cannot read go to ``<stem>-quarantine.parquet`` with their reason. With ``log_root``, the scored rows
     are logged in the prediction log too (keyed by their id, none without one)."""
     from features.ingest import ValidationResult, normalize_ids
-    from features.loaders import CsvOptions, file_format, read_source, separator_hint
+    from features.loaders import CsvOptions, column_hint, file_format, read_source
     from personalize.errors import DataFileError
     from serving.scoring import load
 
@@ -270,7 +270,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     for column in [id_column, *scorer.features]:
         if column and column not in raw.columns:
             what = "the id column" if column == id_column else f"a feature of {name} v{loaded.version}"
-            hint = separator_hint(path, csv) if len(raw.columns) == 1 and fmt == "csv" else ""
+            hint = column_hint(path, fmt, csv, raw.columns)
             raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{hint}",
                                 column=column)
     started = time.perf_counter()
