@@ -805,7 +805,7 @@ def score(
         "--id", help="Id column of --table, copied to the scores (default: the training table's, if there).")] = None,
     sep: Annotated[str, typer.Option(help="Separator of a CSV --table ('\\t' or tab for tabs).")] = ",",
     log: Annotated[bool, typer.Option("--log/--no-log", help="Write every score to the prediction log too, as the API "
-                                      "does, so `monitor` sees batch scoring (not on Spark).")] = True,
+                                      "does, so `monitor` sees batch scoring.")] = True,
 ) -> None:
     """Score every customer of a data set (or every row of a table file) with a model's champion and write the
     scores to Parquet (and to the prediction log)."""
@@ -833,10 +833,7 @@ def score(
     console.print(f"scored [bold]{report.rows:,}[/] customers with {report.model} v{report.version} (as of "
                   f"{report.as_of}): features {report.features_s:.1f}s, scoring {report.score_s:.2f}s "
                   f"({report.rows_per_s:,.0f} rows/s) -> {report.path}", highlight=False, soft_wrap=True)
-    if log and engine == "spark":
-        console.print("not logged: the Spark path writes no prediction-log rows", highlight=False)
-    else:
-        _print_logged(report.logged, report.request_id, settings)
+    _print_logged(report.logged, report.request_id, settings)
 
 
 def _print_logged(rows: int, request_id: str | None, settings: Settings) -> None:

@@ -18,15 +18,18 @@ Spark writes the scores as a directory of Parquet parts at the same path.
 Given a ``log_root``, every score also goes to the prediction log as the API writes a request's (one row per
 customer or table row: the pseudonymized id, the model's features as it read them, the probability and decision;
 endpoint ``batch``, one request id for the whole run, stamped when scored), so ``personalize monitor`` watches
-batch scoring beside online traffic and ``personalize forget`` finds it. The Spark path writes no log rows.
+batch scoring beside online traffic and ``personalize forget`` finds it. On Spark, Spark writes the log rows too
+(the same keys, features and outputs; :func:`_log_spark`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -73,38 +76,51 @@ def score_matrix(scorer: Any, frame: pd.DataFrame, chunk: int = CHUNK) -> np.nda
 
 
 def log_scores(log_root: Path, salt: bytes | None, loaded: Any, ids: pd.Series | None, frame: pd.DataFrame,
-               p: np.ndarray, chunk: int = 50_000) -> tuple[int, str]:
+               p: np.ndarray, chunk: int = 100_000) -> tuple[int, str]:
     """Write one prediction-log row per scored row of ``frame`` (its ids in ``ids``, None when it has none), as the
-    API logs a request; returns the rows written and their request id. Raises :class:`PersonalizeError` when the
-    log cannot be written (the scores themselves are already on disk)."""
-    from datetime import datetime, timezone
+    API logs a request; returns the rows written and their request id. The features' JSON is written by DuckDB
+    (``to_json``, a chunk at a time), not row by row. Raises :class:`PersonalizeError` when the log cannot be
+    written (the scores themselves are already on disk)."""
+    import duckdb
+    import pyarrow as pa
 
-    from serving.predlog import PredictionLog, make_row, pseudonymize
+    from serving.predlog import pseudonymize
 
     if not salt:
         raise ValueError("logging scores needs the server's salt (serving.predlog.load_salt)")
     scorer, request_id, ts = loaded.scorer, uuid.uuid4().hex, datetime.now(timezone.utc)
     categorical = set(scorer.columns.categorical)
     keys = [None] * len(frame) if ids is None else [None if pd.isna(c) else pseudonymize(str(c), salt) for c in ids]
-    predictions = PredictionLog(Path(log_root), flush_s=3600, batch_rows=10**9)  # flushed here, chunk by chunk
+    con, written = duckdb.connect(), 0
     try:
         for start in range(0, len(frame), chunk):
-            part = frame[scorer.features].iloc[start:start + chunk].astype(object)
-            part = part.where(part.notna(), None)
+            part = frame[scorer.features].iloc[start:start + chunk].copy()
             for c in categorical.intersection(part.columns):  # as the reference holds them: text
-                part[c] = [None if v is None else str(v) for v in part[c]]
-            predictions.append([
-                make_row(request_id, "batch", loaded.ref, key, False, record,
-                         {"probability": round(float(q), 6), "decision": bool(q >= scorer.threshold)}, None, ts=ts)
-                for key, record, q in zip(keys[start:start + chunk], part.to_dict("records"),
-                                          p[start:start + chunk])])
-            predictions.flush()
+                part[c] = [None if pd.isna(v) else str(v) for v in part[c]]
+            con.register("features", pa.Table.from_pandas(part, preserve_index=False))  # NaN -> null, as the API
+            features = con.sql("SELECT to_json(features) FROM features").to_arrow_table().column(0)
+            _segment(log_root, loaded, request_id, ts, keys[start:start + len(part)], features,
+                     p[start:start + len(part)])
+            con.unregister("features")
+            written += len(part)
+    except (OSError, pa.ArrowException, duckdb.Error) as exc:
+        raise PersonalizeError(f"the scores are written, but the prediction log under {log_root} is not "
+                               f"({written:,} of {len(frame):,} rows logged): {type(exc).__name__}: {exc}") from exc
     finally:
-        predictions.close()
-    if predictions.pending or predictions.dropped:
-        raise PersonalizeError(f"the scores are written, but the prediction log under {log_root} is not: "
-                               f"{predictions.last_error}")
-    return predictions.written, request_id
+        con.close()
+    return written, request_id
+
+
+def _segment(log_root: Path, loaded: Any, request_id: str, ts: datetime, keys: Any, features: Any,
+             p: np.ndarray) -> None:
+    """One prediction-log segment of a batch's scores ``p`` (the outputs as the API writes them: the probability
+    rounded to 6 and the decision at the model's threshold)."""
+    from serving.predlog import batch_rows, write_segment
+
+    threshold = loaded.scorer.threshold
+    outputs = [json.dumps({"probability": round(float(q), 6), "decision": bool(q >= threshold)}) for q in p]
+    write_segment(log_root, ts.strftime("%Y-%m-%d"),
+                  batch_rows(request_id, ts, "batch", loaded.ref, keys, features, outputs))
 
 
 def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_of: pd.Timestamp | None = None,
@@ -112,7 +128,7 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
                   log_root: Path | None = None, salt: bytes | None = None) -> ScoreReport:
     """Score every customer known at ``as_of`` with ``name@alias`` and write ``<out_dir>/<name>/v<n>/scores.parquet``
     (on Spark, a directory of part files with the same columns); with ``log_root`` (and the server's ``salt``), log
-    every score in the prediction log too (not on Spark)."""
+    every score in the prediction log too."""
     from features.definitions import FeatureSpec
     from features.engines import connect
     from features.store import FeatureStore
@@ -130,7 +146,7 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     spec = FeatureSpec(categories=store.top_categories(as_of, k=10_000))
     path = out_dir / name / f"v{loaded.version}" / "scores.parquet"
     if engine == "spark":
-        return _score_spark(store, spec, loaded, as_of, path, started)
+        return _score_spark(store, spec, loaded, as_of, path, started, log_root, salt)
     frame = store.offline([as_of], spec)
     features_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -151,9 +167,11 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     return ScoreReport(name, loaded.version, len(out), as_of, path, features_s, score_s, logged, request_id)
 
 
-def _score_spark(store: Any, spec: Any, loaded: Any, as_of: pd.Timestamp, path: Path, started: float) -> ScoreReport:
+def _score_spark(store: Any, spec: Any, loaded: Any, as_of: pd.Timestamp, path: Path, started: float,
+                 log_root: Path | None = None, salt: bytes | None = None) -> ScoreReport:
     """Features computed by Spark and cached, then the registered model version applied by
-    ``mlflow.pyfunc.spark_udf`` (in the executors' Python workers, the pyfunc's own ``predict``), written by Spark."""
+    ``mlflow.pyfunc.spark_udf`` (in the executors' Python workers, the pyfunc's own ``predict``), written by Spark.
+    With ``log_root``, the scores are cached too and Spark writes the log rows (:func:`_log_spark`)."""
     import mlflow.pyfunc
     import pyspark.sql.functions as F
 
@@ -164,11 +182,14 @@ def _score_spark(store: Any, spec: Any, loaded: Any, as_of: pd.Timestamp, path: 
     rows = features.count()
     features_s = time.perf_counter() - started
     started = time.perf_counter()
+    names = loaded.scorer.features
     predict = mlflow.pyfunc.spark_udf(session, f"models:/{loaded.name}/{loaded.version}",
                                       result_type="probability double, decision boolean", env_manager="local")
     scored = features.select(
-        F.col("customer_id").cast("string").alias("customer_id"),
-        predict(*[F.col(c) for c in loaded.scorer.features]).alias("out"))
+        F.col("customer_id").cast("string").alias("customer_id"), *[F.col(c) for c in names],
+        predict(*[F.col(c) for c in names]).alias("out"))
+    if log_root is not None:
+        scored = scored.cache()  # the model runs once for the scores and the log
     out = scored.select(
         "customer_id", F.lit(as_of.to_pydatetime()).cast("timestamp_ntz").alias("as_of"),  # naive UTC, as the store
         F.col("out.probability").alias("probability"), F.col("out.decision").alias("decision"),
@@ -176,12 +197,60 @@ def _score_spark(store: Any, spec: Any, loaded: Any, as_of: pd.Timestamp, path: 
     _clear(path)
     out.write.mode("overwrite").parquet(str(path.resolve()))
     score_s = time.perf_counter() - started
-    features.unpersist()
     for crc in path.glob(".*.crc"):  # Hadoop checksums would go stale when an erasure rewrites a part file
         crc.unlink()
     log.info("scored %d customers with %s v%s on Spark in %.2fs (%.0f rows/s)", rows, loaded.name, loaded.version,
              score_s, rows / max(score_s, 1e-9))
-    return ScoreReport(loaded.name, loaded.version, rows, as_of, path, features_s, score_s)
+    try:
+        logged, request_id = _log_spark(scored, loaded, log_root, salt) if log_root is not None else (0, None)
+    finally:
+        scored.unpersist()
+        features.unpersist()
+    return ScoreReport(loaded.name, loaded.version, rows, as_of, path, features_s, score_s, logged, request_id)
+
+
+def _log_spark(scored: Any, loaded: Any, log_root: Path, salt: bytes | None) -> tuple[int, str]:
+    """The prediction-log rows of Spark's scores, as :func:`log_scores` writes them: Spark computes the
+    pseudonymized keys (the same salted SHA-256) and the features' JSON (NaN and infinities as null, categoricals
+    as text) and writes them as Parquet parts to a temporary folder of the log root (which no reader looks in);
+    each part then becomes one segment (the outputs' JSON added a part at a time), and the folder is removed."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import pyspark.sql.functions as F
+
+    if not salt:
+        raise ValueError("logging scores needs the server's salt (serving.predlog.load_salt)")
+    request_id, ts = uuid.uuid4().hex, datetime.now(timezone.utc)
+    types, categorical = dict(scored.dtypes), set(loaded.scorer.columns.categorical)
+
+    def as_logged(c: str) -> Any:
+        if c in categorical:
+            return F.col(c).cast("string").alias(c)
+        if types[c] in ("double", "float"):  # JSON has no NaN; the API writes a missing value as null
+            return F.when(F.isnan(c) | F.col(c).isin(float("inf"), float("-inf")), None).otherwise(F.col(c)).alias(c)
+        return F.col(c).alias(c)
+
+    key = F.substring(F.sha2(F.concat(F.lit(bytearray(salt + b"\x00")), F.col("customer_id").cast("binary")), 256),
+                      1, 32)
+    features = F.to_json(F.struct(*[as_logged(c) for c in loaded.scorer.features]), {"ignoreNullFields": "false"})
+    staging = Path(log_root) / f".spark-{request_id}"
+    written = 0
+    try:
+        scored.select(key.alias("customer_key"), features.alias("features"), F.col("out.probability").alias("p")) \
+            .write.mode("overwrite").parquet(str(staging.resolve()))
+        for part in sorted(staging.glob("part-*.parquet")):
+            t = pq.read_table(part)
+            _segment(log_root, loaded, request_id, ts, t.column("customer_key"), t.column("features"),
+                     t.column("p").to_numpy())
+            written += t.num_rows
+    except Exception as exc:
+        raise PersonalizeError(f"the scores are written, but the prediction log under {log_root} is not "
+                               f"({written:,} rows logged): {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                               ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written, request_id
 
 
 def _clear(path: Path) -> None:

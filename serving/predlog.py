@@ -25,6 +25,7 @@ counts segments and rows per day from the Parquet footers, without reading the r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ SCHEMA = pa.schema([
     ("cold_start", pa.bool_()), ("features", pa.string()), ("outputs", pa.string()), ("shadow", pa.string()),
 ])
 COLUMNS = SCHEMA.names
+_SEGMENT_SEQ = itertools.count(1)  # segment names, unique within a process (next() is atomic under the GIL)
 
 
 def load_salt(home: Path, environ: dict[str, str] | None = None) -> bytes:
@@ -87,7 +89,6 @@ class PredictionLog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._seq = 0
         self.written = 0  # rows in segments on disk
         self.segments = 0
         self.dropped = 0  # rows that failed to write (kept in memory for the next try up to a limit)
@@ -148,14 +149,8 @@ class PredictionLog:
                 day = (ts if ts.tzinfo is None else ts.astimezone(timezone.utc)).strftime("%Y-%m-%d")
             by_day.setdefault(day, []).append(r)
         for day, part in by_day.items():
-            folder = self.root / f"date={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            self._seq += 1
-            name = f"part-{int(now * 1000)}-{os.getpid()}-{self._seq:06d}.parquet"
-            table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in part], schema=SCHEMA)
-            tmp = folder / f".{name}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, folder / name)
+            write_segment(self.root, day, pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in part],
+                                                               schema=SCHEMA))
             self.written += len(part)
             self.segments += 1
 
@@ -169,6 +164,38 @@ class PredictionLog:
     def status(self) -> dict[str, Any]:
         return {"root": str(self.root), "written": self.written, "segments": self.segments, "pending": self.pending,
                 "dropped": self.dropped, "last_error": self.last_error}
+
+
+def write_segment(root: Path, day: str, table: pa.Table) -> Path:
+    """``table`` (the log's columns) as one new segment in ``day``'s folder (``YYYY-MM-DD``, the UTC day of its
+    rows), written under a temporary name and renamed into place; the name is unique across the writers of a
+    process (the server's log, a batch run) and, by the pid, across processes."""
+    folder = Path(root) / f"date={day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"part-{int(time.time() * 1000)}-{os.getpid()}-{next(_SEGMENT_SEQ):06d}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table.select(COLUMNS).cast(SCHEMA), tmp)
+    os.replace(tmp, folder / name)
+    return folder / name
+
+
+def batch_rows(request_id: str, ts: datetime, endpoint: str, model: dict[str, str], customer_keys: Any, features: Any,
+               outputs: Any) -> pa.Table:
+    """Log rows of one batch (one request id, one time; features and outputs as JSON text already, in lists or
+    Arrow arrays), as a table."""
+    n = len(outputs)
+    constant = {"request_id": request_id, "ts": ts, "endpoint": endpoint, "model": model.get("name"),
+                "version": model.get("version"), "alias": model.get("alias"), "cold_start": False}
+    columns = {c: pa.array([v] * n, SCHEMA.field(c).type) for c, v in constant.items()}
+    columns.update(customer_key=_text(customer_keys), features=_text(features), outputs=_text(outputs),
+                   shadow=pa.nulls(n, pa.string()))
+    return pa.table(columns).select(COLUMNS)
+
+
+def _text(values: Any) -> Any:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.cast(pa.string())
+    return pa.array(values, pa.string())
 
 
 def make_row(request_id: str, endpoint: str, model: dict[str, str], customer_key: str | None, cold_start: bool,

@@ -6,6 +6,7 @@ skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -73,13 +74,17 @@ def test_features_and_labels_are_identical_on_spark_and_duckdb(home: Path, spark
 
 def test_spark_batch_scores_through_spark_udf_equal_the_duckdb_path(home: Path, spark) -> None:
     from serving.batch import score_dataset
+    from serving.predlog import load_salt, pseudonymize, read_log
     from training.registry import connect
 
-    client = connect(Settings(home=home).tracking_uri)
-    local = score_dataset(client, "churn", home / "data" / "shop", home / "scores")
+    settings = Settings(home=home)
+    client, salt = connect(settings.tracking_uri), load_salt(home)
+    local = score_dataset(client, "churn", home / "data" / "shop", home / "scores", log_root=home / "local-log",
+                          salt=salt)
     local_scores = pd.read_parquet(local.path).set_index("customer_id").sort_index()
 
-    distributed = score_dataset(client, "churn", home / "data" / "shop", home / "scores", engine="spark")
+    distributed = score_dataset(client, "churn", home / "data" / "shop", home / "scores", engine="spark",
+                                log_root=settings.log_root, salt=salt)
 
     assert distributed.path == local.path and distributed.path.is_dir()  # Spark's parts replaced the file
     spark_scores = pd.read_parquet(distributed.path).set_index("customer_id").sort_index()
@@ -90,6 +95,22 @@ def test_spark_batch_scores_through_spark_udf_equal_the_duckdb_path(home: Path, 
     assert (spark_scores["version"] == "1").all() and (spark_scores["model"] == "churn").all()
     assert (spark_scores["as_of"] == local_scores["as_of"]).all()
     assert not list(distributed.path.glob(".*.crc"))
+
+    # Spark wrote the prediction-log rows as the DuckDB path does: same keys, features (JSON) and outputs
+    def logged(root: Path) -> pd.DataFrame:
+        rows = read_log(root)
+        assert set(rows["endpoint"]) == {"batch"} and rows["request_id"].nunique() == 1
+        return rows.set_index("customer_key").sort_index()
+
+    assert distributed.logged == local.logged == distributed.rows and distributed.request_id
+    assert not list(settings.log_root.glob(".spark-*"))  # the staging folder is gone
+    ours, theirs = logged(settings.log_root), logged(home / "local-log")
+    assert list(ours.index) == list(theirs.index) == sorted(pseudonymize(c, salt) for c in local_scores.index)
+    assert [json.loads(o) for o in ours["outputs"]] == [json.loads(o) for o in theirs["outputs"]]
+    spark_features = pd.DataFrame([json.loads(f) for f in ours["features"]])
+    duck_features = pd.DataFrame([json.loads(f) for f in theirs["features"]])
+    assert list(spark_features.columns) == list(duck_features.columns)
+    pd.testing.assert_frame_equal(spark_features, duck_features, check_dtype=False, rtol=1e-12)
 
     # an erasure reaches Spark's part files, and Spark still reads the rewritten directory
     from personalize.erasure import forget
