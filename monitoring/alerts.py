@@ -52,9 +52,10 @@ class Alert:
 
 def evaluate(metrics: dict[str, Any], config: MonitorConfig, model: str, version: str, start: pd.Timestamp,
              end: pd.Timestamp) -> list[Alert]:
-    """The alerts a pass's numbers raise under the policy (pure). ``metrics`` holds ``rows``, ``drift_share``,
-    ``drifted_features``, ``prediction_drift``/``prediction_drift_detected``, the estimated and reference ROC-AUC,
-    and, with labels, ``labeled_rows`` and ``realized_roc_auc``."""
+    """The alerts a pass's numbers raise under the policy (pure). ``metrics`` holds ``rows``, ``drift_share`` (of
+    ``tested_features``), ``drifted_features``, ``empty_features`` (null on every row of the window, not of the
+    reference: not tested for drift, so alerted on their own), ``prediction_drift``/``prediction_drift_detected``,
+    the estimated and reference ROC-AUC, and, with labels, ``labeled_rows`` and ``realized_roc_auc``."""
     policy: AlertPolicy = config.alerts
     out: list[Alert] = []
     start, end = utc(start), utc(end)
@@ -68,10 +69,16 @@ def evaluate(metrics: dict[str, Any], config: MonitorConfig, model: str, version
         share = float(metrics.get("drift_share", 0.0))
         if share >= config.drift.share_threshold:
             drifted = metrics.get("drifted_features", [])
+            tested = f"{metrics['tested_features']} tested " if "tested_features" in metrics else ""
             alert("dataset_drift", policy.dataset_drift,
-                  f"{share:.0%} of the features drifted (at least {config.drift.share_threshold:.0%} alerts): "
+                  f"{share:.0%} of the {tested}features drifted (at least {config.drift.share_threshold:.0%} alerts): "
                   f"{', '.join(drifted[:8])}{', ...' if len(drifted) > 8 else ''}", share,
                   config.drift.share_threshold)
+        empty = metrics.get("empty_features", [])
+        if empty:
+            alert("empty_feature", policy.empty_feature,
+                  f"{len(empty)} feature(s) null on every row of the window, not of the reference (not tested for "
+                  f"drift): {', '.join(empty[:8])}{', ...' if len(empty) > 8 else ''}", len(empty), 0)
         if metrics.get("prediction_drift_detected"):
             alert("prediction_drift", policy.prediction_drift,
                   f"the score's distribution moved: {config.drift.prediction_method} "

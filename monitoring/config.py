@@ -57,6 +57,7 @@ class DriftPolicy(_Strict):
 class AlertPolicy(_Strict):
     dataset_drift: Severity = "warning"
     prediction_drift: Severity = "warning"
+    empty_feature: Severity = "warning"  # a feature the reference has values for is null on every row of the window
     estimated_drop: float = Field(default=0.05, gt=0)  # ROC-AUC points, CBPE estimate against the reference's
     estimated_severity: Severity = "critical"
     realized_drop: float = Field(default=0.05, gt=0)  # ROC-AUC points, labeled rows against the reference's

@@ -142,7 +142,7 @@ def read_window(log_root: Path, reference: Reference, start: pd.Timestamp, end: 
         raise MonitorError(f"{reference.model}: the logged features ({', '.join(sorted(features.columns)[:6])}) "
                            f"share no column with version {reference.version}'s reference")
     missing = [c for c in reference.features if c not in features.columns]
-    for c in missing:  # a feature the log lacks compares as all-missing: its drift shows it
+    for c in missing:  # a feature the log lacks is all-missing: the pass reports it empty and alerts
         features[c] = np.nan
     frame = pd.concat([mine[["ts", "customer_key"]], outputs[["probability"]].astype(float),
                        features[reference.features]], axis=1)

@@ -1,5 +1,8 @@
 """Evidently reports for one monitoring pass, as build → extract → persist.
 
+- :func:`drift_inputs`: the frames Evidently can take: a feature empty (all null) in the reference or the window has
+  no distribution to compare and is left out of the drift tests, saying why; numeric values beyond ±``LIMIT``
+  (infinities too) are clipped to it and counted.
 - :func:`build_drift_report`: data drift of every feature (Evidently's ``DataDriftPreset`` with the configured
   method and threshold per feature), prediction drift of the score column, and data-quality summaries
   (``DataSummaryPreset``: missing values, ranges, quantiles), window against reference.
@@ -16,6 +19,7 @@ import json
 import logging
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,9 +30,16 @@ from monitoring.data import Reference, Window
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_drift_report", "build_performance_report", "drift_flags", "extract", "persist"]
+__all__ = ["LIMIT", "DriftInputs", "build_drift_report", "build_performance_report", "drift_flags", "drift_inputs",
+           "extract", "persist"]
 
 PREDICTION = "probability"
+# Evidently bins a column over max - min and squares its values for its statistics: a finite value the API accepted
+# (1e308) overflows both and fails the whole report. Clipped to ±1e150, ranges and squares stay finite, and a clipped
+# value still lies so far out that the column's drift test flags it.
+LIMIT = 1e150
+EMPTY_REFERENCE = "empty in the reference"
+EMPTY_WINDOW = "empty in the current window"
 
 
 def _definition(reference: Reference, extra_numeric: tuple[str, ...] = ()) -> Any:
@@ -43,29 +54,76 @@ def _when(window: Window) -> datetime:
     return (end.tz_convert("UTC").tz_localize(None) if end.tzinfo else end).to_pydatetime()
 
 
-def build_drift_report(reference: Reference, window: Window, policy: DriftPolicy, summary: bool = True) -> Any:
-    """The window's drift and data-quality snapshot against the reference (an Evidently ``Snapshot``)."""
+@dataclass(frozen=True)
+class DriftInputs:
+    """The reference and window frames as the drift report reads them, and what was done to get there."""
+
+    reference: pd.DataFrame  # features and probability, numeric values clipped to ±LIMIT
+    current: pd.DataFrame
+    tested: list[str]  # the features whose drift is measured
+    skipped: dict[str, str]  # feature → why its drift is not measured (EMPTY_REFERENCE, EMPTY_WINDOW)
+    clipped: dict[str, int]  # the window's values clipped to ±LIMIT, by column (none: not listed)
+    reference_clipped: dict[str, int]
+
+    @property
+    def empty_in_window(self) -> list[str]:
+        """Features the reference has values for and the window has none: a broken input, not a model property."""
+        return [c for c, why in self.skipped.items() if why == EMPTY_WINDOW]
+
+
+def _clip(frame: pd.DataFrame, numeric: list[str]) -> tuple[pd.DataFrame, dict[str, int]]:
+    counts: dict[str, int] = {}
+    for c in numeric:
+        values = pd.to_numeric(frame[c], errors="coerce")  # an all-null column read as objects is not numeric yet
+        beyond = int((values.abs() > LIMIT).sum())
+        if beyond:
+            counts[c] = beyond
+        frame[c] = values.clip(-LIMIT, LIMIT)
+    return frame, counts
+
+
+def drift_inputs(reference: Reference, window: Window) -> DriftInputs:
+    """The frames to compare (pure): numeric values beyond ±``LIMIT`` (infinities too) clipped to it and counted,
+    and every feature that is all null in the reference or in the window left out of the drift tests (Evidently
+    refuses an empty column; it stays in the data-quality summary, where its missing values show)."""
+    columns = [*reference.features, PREDICTION]
+    numeric = [*reference.numeric, PREDICTION]
+    ref, reference_clipped = _clip(reference.frame[columns].copy(), numeric)
+    cur, clipped = _clip(window.frame[columns].copy(), numeric)
+    skipped = {c: EMPTY_REFERENCE if ref[c].isna().all() else EMPTY_WINDOW
+               for c in reference.features if ref[c].isna().all() or cur[c].isna().all()}
+    return DriftInputs(ref, cur, [c for c in reference.features if c not in skipped], skipped, clipped,
+                       reference_clipped)
+
+
+def build_drift_report(reference: Reference, window: Window, policy: DriftPolicy, summary: bool = True,
+                       inputs: DriftInputs | None = None) -> Any:
+    """The window's drift and data-quality snapshot against the reference (an Evidently ``Snapshot``), on
+    ``inputs`` (default: :func:`drift_inputs` of the two): the drift of its tested features only."""
     from evidently import Dataset, Report
     from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset, DataSummaryPreset
 
-    columns = [*reference.features, PREDICTION]
+    if inputs is None:
+        inputs = drift_inputs(reference, window)
     definition = _definition(reference, (PREDICTION,))
+    tested = inputs.tested
     items: list[Any] = [
-        DataDriftPreset(columns=reference.features, drift_share=policy.share_threshold,
+        DataDriftPreset(columns=tested, drift_share=policy.share_threshold,
                         num_method=policy.num_method, num_threshold=policy.num_threshold,
                         cat_method=policy.cat_method, cat_threshold=policy.cat_threshold,
-                        per_column_method={c: f.method for c, f in policy.per_feature.items() if f.method} or None,
+                        per_column_method={c: f.method for c, f in policy.per_feature.items()
+                                           if f.method and c in tested} or None,
                         per_column_threshold={c: f.threshold for c, f in policy.per_feature.items()
-                                              if f.threshold} or None),
-        ValueDrift(column=PREDICTION, method=policy.prediction_method, threshold=policy.prediction_threshold),
-    ]
+                                              if f.threshold and c in tested} or None),
+    ] if tested else []  # no columns would be every column to Evidently
+    items.append(ValueDrift(column=PREDICTION, method=policy.prediction_method, threshold=policy.prediction_threshold))
     if summary:
-        items.append(DataSummaryPreset(columns=columns))
+        items.append(DataSummaryPreset(columns=list(inputs.current.columns)))
     report = Report(items, include_tests=True, metadata={"model": reference.model, "version": reference.version},
                     tags=[reference.model, f"v{reference.version}", "drift"])
-    return report.run(Dataset.from_pandas(window.frame[columns], data_definition=definition),
-                      Dataset.from_pandas(reference.frame[columns], data_definition=definition),
+    return report.run(Dataset.from_pandas(inputs.current, data_definition=definition),
+                      Dataset.from_pandas(inputs.reference, data_definition=definition),
                       timestamp=_when(window))
 
 

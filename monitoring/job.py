@@ -60,10 +60,20 @@ def compare(reference: Reference, window: Window, config: MonitorConfig, summary
             matured: Window | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pass's numbers and its Evidently snapshots (no I/O beyond the computation): drift and the CBPE estimate
     on ``window``; realized performance and target drift on ``matured`` (an earlier window whose labels have
-    arrived, with a ``label`` column), when given."""
-    from monitoring.drift import build_drift_report, build_performance_report, drift_flags, extract
+    arrived, with a ``label`` column), when given.
 
-    snapshot = build_drift_report(reference, window, config.drift, summary=summary)
+    The drift share is over the ``tested_features``: a feature empty in the reference or the window is not tested
+    and is listed in ``skipped_features`` with the reason (the ones only the window lacks also in
+    ``empty_features``, which alerts); values clipped to stay finite in Evidently are counted in
+    ``clipped_values`` (window) and ``reference_clipped_values``."""
+    from monitoring.drift import LIMIT, build_drift_report, build_performance_report, drift_flags, drift_inputs, extract
+
+    inputs = drift_inputs(reference, window)
+    if inputs.skipped:
+        log.info("drift not measured for %s", ", ".join(f"{c} ({why})" for c, why in inputs.skipped.items()))
+    if inputs.clipped:
+        log.warning("window values beyond ±%g clipped to it: %s", LIMIT, inputs.clipped)
+    snapshot = build_drift_report(reference, window, config.drift, summary=summary, inputs=inputs)
     content = snapshot.dict()  # built once: it serializes every metric of the report
     flags = drift_flags(content)
     flat = extract(content)
@@ -75,6 +85,8 @@ def compare(reference: Reference, window: Window, config: MonitorConfig, summary
     metrics: dict[str, Any] = {
         "rows": len(window.frame), "logged_rows": window.logged_rows, "cold_start_rows": window.cold_start_rows,
         "drift_share": len(drifted) / len(features) if features else 0.0, "drifted_features": drifted,
+        "tested_features": len(features), "skipped_features": inputs.skipped, "empty_features": inputs.empty_in_window,
+        "clipped_values": inputs.clipped, "reference_clipped_values": inputs.reference_clipped,
         "prediction_drift": flat.get("ValueDrift.probability", float("nan")),
         "prediction_drift_detected": bool(flags.get("probability", False)),
         "mean_probability": float(np.mean(p_cur)), "reference_mean_probability": float(np.mean(p_ref)),
