@@ -163,7 +163,9 @@ class Runtime:
                 cold.append(False)
             elif cid in stored:
                 row = stored[cid]
-                records.append({c: row.get(c) for c in scorer.features})
+                if not all(c in row for c in scorer.features):
+                    raise NotServing(self._foreign(loaded, row))
+                records.append({c: row[c] for c in scorer.features})
                 cold.append(False)
             else:
                 records.append(None)
@@ -198,6 +200,15 @@ class Runtime:
                 for i, r in enumerate(results)]
         self._emit(rows)
         return {"request_id": rid, "model": loaded.ref, "results": results}
+
+    def _foreign(self, loaded: Loaded, row: dict[str, Any]) -> str:
+        """Why a model cannot score the online store's customers: it reads features the store does not hold (it was
+        trained on another data set's, e.g. other categories' shares). Scoring them as missing would be made up."""
+        missing = [c for c in loaded.scorer.features if c not in row]
+        named = ", ".join(missing[:3]) + ("…" if len(missing) > 3 else "")
+        return (f"{loaded.name} v{loaded.version} reads {len(missing)} feature(s) the online store of "
+                f"{self.config.dataset} does not hold ({named}): it was trained on another data set; serve this "
+                "store a model of its own data set, or send `features`")
 
     def classify_ids(self, endpoint: str, customer_ids: list[str]) -> list[dict[str, Any]]:
         """The adaptive-batching path: customer ids only (features from the online store, so nothing in a merged
@@ -272,8 +283,10 @@ class Runtime:
             if loaded is None:
                 continue
             scorer = loaded.scorer
-            if scorer.from_table and not (given and all(c in features for c in scorer.features)):
-                continue  # a model of a table's own columns (churn=churn_telco) scores only a record that has them
+            complete = all(c in features for c in scorer.features)
+            if (scorer.from_table and not (given and complete)) or (not given and not complete):
+                continue  # a model of a table's own columns (churn=churn_telco), or of another data set's features,
+                # scores only a record that has them
             row = {c: features.get(c) for c in scorer.features}
             if given:  # the request's own record: every feature of every served model, values checked
                 missing = [c for c in scorer.features if c not in features]

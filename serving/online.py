@@ -221,6 +221,8 @@ class MaterializeReport:
     feature_columns: int
     url: str
     seconds: float
+    clusters: str = ""  # the clustering champion that gave each customer a cluster, or why none did
+    clustered: bool = False
 
 
 def default_as_of(store: Any) -> pd.Timestamp:
@@ -265,11 +267,12 @@ def profiles(features: pd.DataFrame, customers: pd.DataFrame, segments: Any,
     return out
 
 
-def champion_clusters(tracking_uri: str | None, features: pd.DataFrame) -> pd.Series | None:
-    """The behavioural cluster of each row by the clustering champion (``customer_segments@champion``), or None
-    when there is none (clustering is optional)."""
+def champion_clusters(tracking_uri: str | None, features: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """The behavioural cluster of each row by the clustering champion (``customer_segments@champion``) and which
+    version gave them; or None and why not: there is no champion (clustering is optional), or it was fitted on
+    another data set's features (a category share these customers do not have), which would not cluster them."""
     if tracking_uri is None:
-        return None
+        return None, "no tracking store"
     try:
         import mlflow
 
@@ -277,14 +280,20 @@ def champion_clusters(tracking_uri: str | None, features: pd.DataFrame) -> pd.Se
         from training.registry import connect
 
         client = connect(tracking_uri)
-        client.get_model_version_by_alias("customer_segments", "champion")
+        version = client.get_model_version_by_alias("customer_segments", "champion").version
         mlflow.set_tracking_uri(tracking_uri)
         model = mlflow.pyfunc.load_model(model_uri("customer_segments", "champion"))
     except Exception as exc:  # no clustering champion: profiles without a cluster
         log.info("no clustering champion (%s): profiles carry no cluster", str(exc).splitlines()[0][:120])
-        return None
-    labels = model.predict(features)
-    return pd.Series(list(labels), index=features.index)
+        return None, "no customer_segments champion"
+    schema = model.metadata.get_input_schema()
+    missing = [c for c in (schema.input_names() if schema is not None else []) if c not in features.columns]
+    if missing:
+        why = (f"customer_segments v{version} was fitted on features these customers do not have "
+               f"({', '.join(missing[:3])}{'…' if len(missing) > 3 else ''}): cluster this data set and promote it")
+        log.warning("profiles carry no cluster: %s", why)
+        return None, why
+    return pd.Series(list(model.predict(features)), index=features.index), f"customer_segments v{version}"
 
 
 def champion_cycle_scores(tracking_uri: str | None, cycle: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
@@ -322,6 +331,7 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
     from features.definitions import FeatureSpec
     from features.segments import check_columns, load_segments
     from features.store import FeatureStore
+    from personalize.errors import PersonalizeError
     from training.cycle import CycleError, customer_summary
 
     started = time.perf_counter()
@@ -335,6 +345,9 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
                        else store.top_categories(as_of, k=10_000))
     check_columns(segments, spec.columns)
     features = store.offline([as_of], spec)
+    if features.empty:
+        raise PersonalizeError(f"no customer of {dataset_dir.name} has a row before {as_of}: nothing to materialize "
+                               f"(the data runs to {store.observed_until()}; the online store is left as it is)")
     transactions = store.transactions.select("customer_id", "timestamp", "amount", "is_return").to_pandas()
     transactions = transactions[~transactions["is_return"].fillna(False).astype(bool)]
     try:
@@ -342,7 +355,7 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
     except CycleError:
         cycle = None
     customers = store.customers.select("customer_id", "consent").to_pandas()
-    clusters = champion_clusters(tracking_uri, features)
+    clusters, clustered_by = champion_clusters(tracking_uri, features)
     profile = profiles(features, customers, segments, clusters)
     for cid, scores in champion_cycle_scores(tracking_uri, cycle).items():
         if cid in profile:
@@ -359,4 +372,5 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
         online.close()
     log.info("materialized %d customers of %s at %s into %s", written, dataset_dir.name, as_of, url)
     return MaterializeReport(dataset_dir.name, as_of, written, 0 if cycle is None else len(cycle), spec.version,
-                             len(spec.columns), url, time.perf_counter() - started)
+                             len(spec.columns), url, time.perf_counter() - started, clustered_by,
+                             clusters is not None)

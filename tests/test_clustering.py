@@ -210,3 +210,23 @@ def test_log_clusters_registers_a_model_that_serves_the_same_labels(shop: tuple[
                              promote=True)
     assert str(client.get_model_version_by_alias("customer_segments", "champion").version) == second == "2"
     assert [e["action"] for e in history(client, "customer_segments")] == ["register", "register", "promote"]
+
+
+def test_materialize_leaves_out_clusters_of_another_data_sets_features(shop: tuple[pd.DataFrame, np.ndarray],
+                                                                        isolated_home: Path) -> None:
+    """The clustering champion fitted on one data set's features does not cluster another's customers (other
+    categories' shares): the profiles carry no cluster, and the report says why, instead of a crash."""
+    from personalize.settings import Settings
+    from serving.online import champion_clusters
+
+    settings = Settings.from_env()
+    frame, _ = shop
+    model = CustomerClusters(method="kmeans", k_range=(2, 3)).fit(frame)
+    assert champion_clusters(settings.tracking_uri, frame) == (None, "no customer_segments champion")
+    _, version = log_clusters(model, frame, settings.tracking_uri, dataset="s", artifact_root=settings.artifact_root,
+                              promote=True)
+    labels, by = champion_clusters(settings.tracking_uri, frame)
+    assert by == f"customer_segments v{version}" and list(labels) == list(model.predict(frame))
+    other = frame.drop(columns=[model.input_columns_[-1]])
+    labels, why = champion_clusters(settings.tracking_uri, other)
+    assert labels is None and model.input_columns_[-1] in why and "cluster this data set" in why

@@ -625,3 +625,41 @@ def test_an_endpoint_serves_a_model_of_another_name_and_says_what_it_cannot_scor
         assert "churn" not in runtime.personalize("email", customer_id="never-seen", consent=True)["scores"]
     finally:
         runtime.close()
+
+
+def test_a_model_of_another_data_sets_features_is_not_scored_on_made_up_values(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An online store that lacks features the champion reads (it was materialized from another data set, other
+    categories' shares): by id that is a 503 naming them, not a score on missing values; a decision leaves that
+    score out; a record sent with the request is still scored."""
+    from serving.api import Runtime
+    from serving.config import ServeConfig
+    from serving.online import default_url, open_store
+    from serving.scoring import NotServing
+    from training.registry import connect
+
+    for key, value in _env(home).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.from_env()
+    cid = _known_ids(home, 1)[0]
+    source = open_store(default_url(home, "synthetic"), "synthetic")
+    record, meta = source.get_many([cid])[cid], source.meta()
+    source.close()
+    client = connect(settings.tracking_uri)
+    config = ServeConfig(home=home, tracking_uri=settings.tracking_uri, prediction_log=tmp_path / "log",
+                         online_store=f"sqlite:///{tmp_path / 'other.sqlite'}")
+    runtime = Runtime(config, client, start_reloader=False, freeze_heap=False)
+    try:
+        features = runtime.models.get("churn").scorer.features
+        foreign = [c for c in features if c.startswith("cat_share_")][:1] or features[:1]
+        other = open_store(config.online_url, "synthetic")
+        other.write({cid: {**record, "features": {k: v for k, v in record["features"].items() if k not in foreign}}},
+                    meta)
+        other.close()
+        with pytest.raises(NotServing, match=f"does not hold \\({foreign[0]}"):
+            runtime.classify("churn", customer_id=cid)
+        assert "churn" not in runtime.personalize("email", customer_id=cid, consent=True)["scores"]
+        sent = runtime.classify("churn", features=record["features"])
+        assert 0 < sent["results"][0]["probability"] < 1 and not sent["results"][0]["cold_start"]
+    finally:
+        runtime.close()

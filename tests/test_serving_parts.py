@@ -253,6 +253,12 @@ def test_materialize_fills_the_store_with_what_training_computes(tmp_path: Path)
     for column in spec.columns:
         want = frame.loc[cid, column]
         assert (got[column] is None and pd.isna(want)) or got[column] == pytest.approx(float(want)), column
+    # a moment before any customer: a clear error, and the store keeps what it had
+    from personalize.errors import PersonalizeError
+
+    with pytest.raises(PersonalizeError, match="nothing to materialize"):
+        materialize(settings.dataset_dir("s"), f"sqlite:///{tmp_path / 's.sqlite'}", pd.Timestamp("2000-01-01"))
+    assert online.count() == report.customers
 
 
 def test_a_table_file_is_typed_as_the_model_was_trained_and_bad_values_name_their_row() -> None:
