@@ -33,6 +33,8 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "transactions": ("is_return", "category", "item"),
     "events": ("item", "category", "duration_s"),
 }
+# Required columns a mapping may leave out: the ingest derives them (see features.ingest.line_order_ids).
+DERIVED_WHEN_UNMAPPED: dict[str, tuple[str, ...]] = {"transactions": ("order_id",)}
 # Columns that carry a time, checked against the ingestion clock ("future timestamps").
 TIME_COLUMNS: dict[str, str] = {"customers": "signup_at", "transactions": "timestamp", "events": "timestamp"}
 # What makes two rows the same record: a repeat of one of these is a duplicate.

@@ -3,7 +3,7 @@
 - ``online_retail``: UCI Online Retail invoice lines -> transactions. Cancellations (InvoiceNo starting with "C")
   are returns; lines without CustomerID are quarantined; the category is derived from the product description
   by keyword (the data set has none; see :data:`RETAIL_CATEGORIES`).
-- ``cdnow``: CDNOW master file -> transactions; one order per (customer, day, line).
+- ``cdnow``: CDNOW master file -> transactions; no order ids, so one order per line (customer, day, n).
 - ``telco_churn`` and ``online_shoppers``: labeled tables (label ``Churn`` = Yes, ``Revenue`` = TRUE).
 
 Transaction-only data sets have no customers table: :func:`derive_customers` makes one from the valid
@@ -72,13 +72,6 @@ def _prepare_retail(raw: pd.DataFrame) -> pd.DataFrame:
     return raw
 
 
-def _prepare_cdnow(raw: pd.DataFrame) -> pd.DataFrame:
-    raw = raw.copy()
-    line = raw.groupby(["customer_id", "date"]).cumcount().astype(str)
-    raw["_order_id"] = raw["customer_id"].astype(str) + "-" + raw["date"].astype(str) + "-" + line
-    return raw
-
-
 def transaction_sources(root: Path = DEFAULT_DATA_ROOT) -> dict[str, TransactionSource]:
     return {
         "online_retail": TransactionSource(
@@ -100,11 +93,10 @@ def transaction_sources(root: Path = DEFAULT_DATA_ROOT) -> dict[str, Transaction
                 table="transactions",
                 path=root / "cdnow" / "CDNOW_master.txt",
                 csv=CsvOptions(sep=r"\s+"),
-                columns={"customer_id": "customer_id", "order_id": "_order_id", "timestamp": "date",
-                         "quantity": "number_of_cds", "amount": "dollar_value"},
+                columns={"customer_id": "customer_id", "timestamp": "date", "quantity": "number_of_cds",
+                         "amount": "dollar_value"},  # no order ids: one per line (features.ingest.line_order_ids)
                 timestamp_format="%Y%m%d",
             ),
-            prepare=_prepare_cdnow,
         ),
     }
 

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from features.contracts import KEY_COLUMNS, OPTIONAL_COLUMNS, RAW_SCHEMAS, REQUIRED_COLUMNS, TIME_COLUMNS
+from features.contracts import (DERIVED_WHEN_UNMAPPED, KEY_COLUMNS, OPTIONAL_COLUMNS, RAW_SCHEMAS, REQUIRED_COLUMNS,
+                                TIME_COLUMNS)
 from personalize.errors import ContractError
 
 SOURCE_ROW = "_source_row"
@@ -43,7 +44,9 @@ class ParseOptions:
 
     timestamp_format: str | None = None  # strftime format; None accepts ISO 8601 only (never guesses day/month)
     return_prefix: str | None = None  # order ids that start with it are returns (Online Retail: "C")
-    strip_float_ids: bool = False  # "17850.0" -> "17850" (ids written as floats by a spreadsheet export)
+    # "17850.0" -> "17850" (ids written as floats by a spreadsheet or pandas export): True strips every such id,
+    # False none, None (the default) strips a column's ids when every one of them is written so
+    strip_float_ids: bool | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # contract column -> value when the column is absent
 
 
@@ -129,14 +132,30 @@ def is_blank(s: pd.Series) -> pd.Series:
     return s.isna()
 
 
-def _parse_id(s: pd.Series, strip_float: bool) -> pd.Series:
+def _parse_id(s: pd.Series, strip_float: bool | None) -> pd.Series:
+    """Ids as trimmed text, blanks None. Whole numbers written as floats (``"17850.0"``) lose the ``.0`` when
+    ``strip_float`` is True, or, when it is None, if every id of the column is written so (an id column exported
+    through floats), so that the customer ``17850`` is ``"17850"`` wherever it is looked up."""
     if pd.api.types.is_float_dtype(s) and (s.dropna() % 1 == 0).all():
         s = s.astype("Int64")  # integer ids read as floats because of a null (Parquet, pandas): 1.0 means "1"
     out = s.astype(object).where(s.notna(), None)
     out = out.map(lambda v: None if v is None else (str(v).strip() or None))
+    whole = out.map(lambda v: isinstance(v, str) and v.endswith(".0") and v[:-2].isdigit())
+    if strip_float is None:
+        strip_float = bool(whole[out.notna()].all()) and bool(whole.any())
     if strip_float:
-        out = out.map(lambda v: v[:-2] if isinstance(v, str) and v.endswith(".0") and v[:-2].isdigit() else v)
+        out = out.where(~whole, out.str[:-2])
     return out
+
+
+def line_order_ids(customer_id: pd.Series, timestamp: pd.Series) -> pd.Series:
+    """Order ids for transactions without them: each line its own order, ``<customer>-<timestamp as written>-<n>``
+    with n counting the customer's lines at that timestamp in file order (CDNOW: ``00001-19970101-0``). Repeated
+    lines stay separate purchases rather than duplicates, since nothing tells a repeat purchase from a repeated
+    row."""
+    keys = pd.DataFrame({"c": customer_id.astype(str), "t": timestamp.astype(str)}, index=customer_id.index)
+    line = keys.groupby(["c", "t"], sort=False, dropna=False).cumcount().astype(str)
+    return keys["c"] + "-" + keys["t"] + "-" + line
 
 
 def normalize_ids(s: pd.Series) -> pd.Series:
@@ -206,7 +225,8 @@ def validate_table(
     provided = set(frame.columns) | set(options.defaults)
     if table == "transactions" and "unit_price" in provided:
         provided.add("amount")  # amount = quantity x unit price
-    missing = [c for c in REQUIRED_COLUMNS[table] if c not in provided]
+    derived = [c for c in DERIVED_WHEN_UNMAPPED.get(table, ()) if c not in provided]
+    missing = [c for c in REQUIRED_COLUMNS[table] if c not in provided and c not in derived]
     if missing:
         raise ContractError(f"{table}: required column(s) {missing} are not mapped")
     source = frame if source is None else source
@@ -219,11 +239,13 @@ def validate_table(
         return pd.Series([options.defaults.get(name)] * len(frame), index=frame.index, dtype=object)
 
     # 1. parse
+    time_col = TIME_COLUMNS[table]
     for name in ("customer_id", "order_id", "session_id"):
-        if name in REQUIRED_COLUMNS[table]:
+        if name in derived:
+            out[name] = line_order_ids(out["customer_id"], col(time_col))
+        elif name in REQUIRED_COLUMNS[table]:
             out[name] = _parse_id(col(name), options.strip_float_ids)
             reasons.add(out[name].isna(), f"missing_{name}")
-    time_col = TIME_COLUMNS[table]
     raw_time = col(time_col)
     out[time_col] = parse_timestamp(raw_time, options.timestamp_format)
     reasons.add(is_blank(raw_time), f"missing_{time_col}")
@@ -247,7 +269,7 @@ def validate_table(
             amount = amount * qty
         out["amount"] = amount.astype(float)
         out["quantity"] = qty.where(np.isfinite(qty.fillna(0)), 0).fillna(0).round().astype("int64")
-        if "is_return" in frame.columns:
+        if "is_return" in provided:
             is_return, bad = _parse_bool(col("is_return"))
             reasons.add(bad, "unparseable_is_return")
         elif options.return_prefix:
@@ -263,12 +285,12 @@ def validate_table(
         out["event_type"] = col("event_type").astype(object).map(
             lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip().lower())
         reasons.add(out["event_type"].isna(), "missing_event_type")
-        if "duration_s" in frame.columns:
+        if "duration_s" in provided:
             duration = _parse_number(col("duration_s"))
             reasons.add(~is_blank(col("duration_s")) & duration.isna(), "unparseable_duration_s")
             out["duration_s"] = duration
     for name in OPTIONAL_COLUMNS[table]:
-        if name in ("item", "category") and name in frame.columns:
+        if name in ("item", "category") and name in provided:
             out[name] = _parse_id(col(name), strip_float=False)
     # Attributes beyond the contract (customers' country, age band, ...) pass through as read.
     if table == "customers":

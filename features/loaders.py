@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from features.contracts import DERIVED_WHEN_UNMAPPED, OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from features.ingest import (DETAIL, RAW_LINE, REASON, SOURCE_FILE, SOURCE_ROW, ParseOptions, ValidationResult,
                              validate_table)
 from personalize.errors import ConfigError, DataFileError
@@ -61,7 +61,7 @@ class TableMapping(BaseModel):
     columns: dict[str, str] = Field(description="contract column -> source column")
     timestamp_format: str | None = None
     return_prefix: str | None = None
-    strip_float_ids: bool = False
+    strip_float_ids: bool | None = None  # None: strip "17850.0" -> "17850" when every id of a column is so written
     defaults: dict[str, Any] = Field(default_factory=dict, description="contract column -> constant value")
 
     @model_validator(mode="after")
@@ -72,9 +72,11 @@ class TableMapping(BaseModel):
         if self.table == "customers":
             known = None  # any attribute may be mapped
         if known is not None:
-            unknown = sorted(set(self.columns) - known)
-            if unknown:
-                raise ValueError(f"unknown contract column(s) {unknown} for table {self.table}; known: {sorted(known)}")
+            for what, given in (("", self.columns), ("defaults for ", self.defaults)):  # a typo is never ignored
+                unknown = sorted(set(given) - known)
+                if unknown:
+                    raise ValueError(f"{what}unknown contract column(s) {unknown} for table {self.table}; known: "
+                                     f"{sorted(known)}")
         sources = list(self.columns.values())
         twice = sorted({c for c in sources if sources.count(c) > 1})
         if twice:
@@ -82,7 +84,8 @@ class TableMapping(BaseModel):
         provided = set(self.columns) | set(self.defaults)
         if self.table == "transactions" and "amount" not in provided and "unit_price" in provided:
             provided.add("amount")
-        missing = [c for c in REQUIRED_COLUMNS[self.table] if c not in provided]
+        missing = [c for c in REQUIRED_COLUMNS[self.table]
+                   if c not in provided and c not in DERIVED_WHEN_UNMAPPED.get(self.table, ())]
         if missing:
             raise ValueError(f"table {self.table} needs a mapping for {missing}")
         return self

@@ -25,12 +25,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from features.datasets import (DEFAULT_DATA_ROOT, derive_customers, labeled_sources, load_labeled_source,
                                load_transactions, transaction_sources)
 from features.definitions import FeatureSpec
-from features.ingest import ValidationResult, validate_table
+from features.ingest import ParseOptions, ValidationResult, validate_table
 from features.labeled import LabeledTable, LabeledTableSpec, load_labeled
 from features.loaders import TableMapping, load_tables
 from features.store import FeatureStore, default_cutoffs, write_frame, write_raw
 from features.synthetic import SyntheticData
-from personalize.errors import ConfigError
+from personalize.errors import ConfigError, ContractError
 from personalize.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,41 @@ def _finish(settings: Settings, report: IngestReport, results: dict[str, Validat
     return report
 
 
+# What to check first when every row of a table is quarantined for this reason.
+_EMPTY_HINTS = {
+    "unparseable_timestamp": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
+    "unparseable_signup_at": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
+    "unknown_customer": "check that the customers table's customer_id maps the same ids",
+    "future_timestamp": "check the mapping's timestamp_format (day and month swapped?) and the time zone",
+}
+
+
+def refuse_nothing_valid(settings: Settings, dataset: str, results: dict[str, ValidationResult]) -> None:
+    """A table whose every row is quarantined is a wrong mapping, not data: write its quarantine (to see why), store
+    nothing (so a copy ingested before is kept, not replaced by an empty one) and say so in one error."""
+    empty = [(t, r) for t, r in results.items() if r.rows_in and r.valid.empty]
+    if not empty:
+        return
+    table, result = empty[0]
+    path = _write_quarantine(settings, dataset, table, result)
+    reasons = ", ".join(f"{k} {v:,}" for k, v in list(result.reasons.items())[:3])
+    hint = _EMPTY_HINTS.get(next(iter(result.reasons), ""))
+    others = f" (also {', '.join(t for t, _ in empty[1:])})" if len(empty) > 1 else ""
+    kept = ("the data set as ingested before is kept" if settings.dataset_dir(dataset).exists()
+            else "nothing was stored")
+    raise ContractError(f"{dataset}: every row of {table}{others} was quarantined ({result.rows_in:,} rows: "
+                        f"{reasons}) -> {path}; {kept}" + (f"; {hint}" if hint else ""))
+
+
 def ingest_raw(settings: Settings, dataset: str, results: dict[str, ValidationResult],
                now: pd.Timestamp | None, attributes: pd.DataFrame | None = None) -> IngestReport:
-    """Write validated raw tables; derive the customers table from the transactions when there is none."""
+    """Write validated raw tables; derive the customers table from the transactions when there is none. Nothing
+    is written when every row of a table was quarantined (:func:`refuse_nothing_valid`)."""
+    refuse_nothing_valid(settings, dataset, results)
     derived: tuple[str, ...] = ()
     if "customers" not in results:
         results["customers"] = validate_table(derive_customers(results["transactions"].valid, attributes),
-                                              "customers", now)
+                                              "customers", now, ParseOptions(strip_float_ids=False))  # ids as parsed
         derived = ("customers",)
     write_raw(settings.dataset_dir(dataset), {t: r.valid for t, r in results.items()})
     customers = len(results["customers"].valid)
@@ -111,6 +139,7 @@ def builtin_names() -> list[str]:
 
 
 def ingest_labeled(settings: Settings, name: str, table: LabeledTable) -> IngestReport:
+    refuse_nothing_valid(settings, name, {"table": table.result})
     out = settings.dataset_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     table.frame.to_parquet(out / "table.parquet", index=False)
@@ -217,8 +246,11 @@ def build_training_frame(settings: Settings, dataset: str, horizon_days: int = 9
     store = FeatureStore(settings.dataset_dir(dataset), connect(engine) if engine != "duckdb" else None)
     observed_until = store.observed_until()
     cuts = sorted(as_of) if as_of else default_cutoffs(observed_until, horizon_days, cutoffs, step_days)
+    check_history(dataset, cuts, store.observed_from(), observed_until, explicit=bool(as_of))
     spec = FeatureSpec(categories=store.top_categories(cuts[0], top_categories))
     frame = store.training_frame(cuts, horizon_days, spec, observed_until)
+    if frame.empty:  # never replace a frame with an empty one: the next command would fail far from the cause
+        raise ContractError(f"{dataset}: no customer had signed up by the cutoffs {_dates(cuts)}; nothing written")
     path = write_frame(frame, settings.features_dir(dataset) / "training_frame.parquet", frame.attrs)
     rates = {c: float(frame[c].mean()) for c in ("churn", "propensity", "next_purchase_event") if len(frame)}
     rates["purchases_in_h"] = float(frame["purchases_in_h"].mean()) if len(frame) else float("nan")
@@ -226,3 +258,22 @@ def build_training_frame(settings: Settings, dataset: str, horizon_days: int = 9
              [str(c.date()) for c in cuts], path)
     return FrameSummary(dataset, path, len(frame), int(frame["customer_id"].nunique()),
                         [str(c) for c in cuts], len(spec.columns), rates, spec.version)
+
+
+def _dates(cuts: list[pd.Timestamp]) -> str:
+    return ", ".join(str(c.date()) for c in cuts) if len(cuts) <= 3 else f"{cuts[0].date()} … {cuts[-1].date()}"
+
+
+def check_history(dataset: str, cuts: list[pd.Timestamp], observed_from: pd.Timestamp,
+                  observed_until: pd.Timestamp, explicit: bool = False) -> None:
+    """Refuse cutoffs at or before the first transaction, as training does: such a cutoff has no purchase history
+    (no features, no churn label), so the frame would be empty or meaningless."""
+    early = [c for c in cuts if c <= observed_from]
+    if not early:
+        return
+    fix = (f"give --as-of dates after {observed_from.date()}" if explicit else
+           "use a shorter --horizon, fewer --cutoffs or a smaller --step (the latest cutoff is one horizon before "
+           "the data ends, the others step back from it)")
+    raise ContractError(f"{dataset}: the cutoff(s) {_dates(early)} fall before the data starts (transactions "
+                        f"{observed_from.date()} … {observed_until.date()}, {(observed_until - observed_from).days} "
+                        f"days); {fix}")

@@ -165,6 +165,13 @@ class FeatureStore:
             raise PersonalizeError(f"{self.dataset_dir}: no transactions")
         return pd.Timestamp(end)
 
+    def observed_from(self) -> pd.Timestamp:
+        """Where the purchase history starts: the earliest transaction (a cutoff at or before it has no history)."""
+        start = self.transactions.timestamp.min().execute()
+        if start is None or pd.isna(start):
+            raise PersonalizeError(f"{self.dataset_dir}: no transactions")
+        return pd.Timestamp(start)
+
     def events_until(self) -> pd.Timestamp | None:
         end = self.events.timestamp.max().execute()
         return None if end is None or pd.isna(end) else pd.Timestamp(end)

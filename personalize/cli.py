@@ -369,6 +369,17 @@ def _threshold_policy(text: str):
                            "value:TP_VALUE,FP_COST[,FN_COST]")
 
 
+FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".parquet", ".pq", ".yaml", ".yml")
+
+
+def looks_like_file(dataset: str) -> bool:
+    """A DATASET argument meant as a file, not a data set name: a table or config suffix, or a path separator (a
+    data set name has neither), so a missing one is "no such file", not "no data set"."""
+    import os
+
+    return dataset.lower().endswith(FILE_SUFFIXES) or any(sep in dataset for sep in {"/", os.sep})
+
+
 def _dataset_from_table(settings: Settings, dataset: str, label: str | None, positive: str | None,
                         id_column: str | None, time_column: str | None, drop: list[str] | None = None,
                         sep: str | None = None) -> str:
@@ -378,6 +389,8 @@ def _dataset_from_table(settings: Settings, dataset: str, label: str | None, pos
     from features.pipeline import ingest_config, ingest_labeled, load_ingest_config
 
     path = Path(dataset)
+    if looks_like_file(dataset) and not path.exists():
+        raise PersonalizeError(f"no such file: {path}")
     if path.suffix.lower() in (".yaml", ".yml"):
         report = ingest_config(settings, load_ingest_config(path), _now())
         console.print(ingest_table([report]))
@@ -699,12 +712,14 @@ def evaluate(
 def rollback(
     ctx: typer.Context,
     model: ModelName,
-    reason: Annotated[str, typer.Option(help="Why: written to the audit trail.")] = "",
+    reason: Annotated[str, typer.Option(help="Why (required): written to the audit trail.")] = "",
 ) -> None:
     """Return `champion` to the previous champion."""
     from training.registry import connect, rollback as run_rollback
 
-    old, new = run_rollback(connect(ctx.obj.tracking_uri), model, reason)
+    if not reason.strip():  # checked here, not by Typer, for one line instead of a usage box
+        raise PersonalizeError("rollback needs --reason TEXT: why the champion goes back, for the audit trail")
+    old, new = run_rollback(connect(ctx.obj.tracking_uri), model, reason.strip())
     console.print(f"[bold]{model}@champion[/]: version {old} -> version {new}", highlight=False)
 
 
@@ -786,6 +801,8 @@ def materialize(
     console.print(f"materialized [bold]{report.customers:,}[/] customers of {report.dataset} as of "
                   f"{report.as_of} ({report.feature_columns} features, {report.with_cycle:,} with a purchase "
                   f"summary) into {url} in {report.seconds:.1f}s", highlight=False, soft_wrap=True)
+    console.print(f"clusters: {report.clusters}" if report.clustered else f"[yellow]no clusters:[/] {report.clusters}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -793,7 +810,8 @@ def materialize(
 def score(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Registered classifier: churn or propensity.")],
-    dataset: Annotated[str, typer.Option(help="Ingested transaction data set to score.")] = "synthetic",
+    dataset: Annotated[str | None, typer.Option(help="Ingested transaction data set to score (default: the one the "
+                                                     "model version was trained on).")] = None,
     as_of: Annotated[datetime | None, typer.Option(help="Features as of this time (default: after the data's "
                                                          "last row).")] = None,
     alias: Annotated[str, typer.Option(help="Which version: the alias to score with.")] = "champion",
@@ -825,15 +843,44 @@ def score(
                       f"{t.score_s:.2f}s -> {t.path}{bad}", highlight=False, soft_wrap=True)
         _print_logged(t.logged, t.request_id, settings)
         return
+    trained_on = _trained_on(client, _model_version(client, check_name(model), alias))
+    if dataset is None:
+        if trained_on is None:
+            raise PersonalizeError(f"{model}@{alias} does not record the data set it was trained on; give --dataset")
+        dataset = trained_on
+        console.print(f"scoring {dataset}, the data set {model}@{alias} was trained on (--dataset scores another)",
+                      highlight=False)
     if (settings.dataset_dir(dataset) / "table.parquet").exists():
         raise PersonalizeError(f"{dataset} is a labeled table, without transactions to build features from; score a "
                                "table file of its columns with --table FILE [--id COLUMN]")
-    report = score_dataset(client, check_name(model), settings.dataset_dir(dataset), settings.home / "scores", as_of,
-                           alias, engine, log_root=log_root, salt=salt)
+    try:
+        report = score_dataset(client, check_name(model), settings.dataset_dir(dataset), settings.home / "scores",
+                               as_of, alias, engine, log_root=log_root, salt=salt)
+    except PersonalizeError as exc:  # name the data set scored: the cause is often scoring the wrong one
+        hint = (f"; {model}@{alias} was trained on {trained_on}: try --dataset {trained_on}"
+                if trained_on and trained_on != dataset else "")
+        raise PersonalizeError(f"scoring data set {dataset!r} with {model}@{alias}: {exc}{hint}") from None
     console.print(f"scored [bold]{report.rows:,}[/] customers with {report.model} v{report.version} (as of "
                   f"{report.as_of}): features {report.features_s:.1f}s, scoring {report.score_s:.2f}s "
                   f"({report.rows_per_s:,.0f} rows/s) -> {report.path}", highlight=False, soft_wrap=True)
     _print_logged(report.logged, report.request_id, settings)
+
+
+def _model_version(client: Any, model: str, alias: str) -> Any:
+    """``model@alias`` as the registry has it; no such model or alias is an error in the words scoring uses."""
+    try:
+        return client.get_model_version_by_alias(model, alias)
+    except Exception as exc:
+        raise PersonalizeError(f"no {model}@{alias} in the registry: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _trained_on(client: Any, version: Any) -> str | None:
+    """The data set a model version was trained on, as its registration recorded it (the version's ``dataset`` tag,
+    else its run's ``dataset`` parameter); None when nothing records it."""
+    try:
+        return version.tags.get("dataset") or client.get_run(version.run_id).data.params.get("dataset") or None
+    except Exception:  # a run deleted from the tracking store
+        return None
 
 
 def _print_logged(rows: int, request_id: str | None, settings: Settings) -> None:
@@ -984,7 +1031,8 @@ def _pass_table(out: Any) -> Table:
     table.add_column("reference", justify="right")
     table.add_row("predictions (warm / logged / cold start)",
                   f"{m['rows']:,} / {m['logged_rows']:,} / {m['cold_start_rows']:,}", "")
-    table.add_row("drifted features", f"{m['drift_share']:.0%}", ", ".join(m["drifted_features"][:4]))
+    table.add_row(f"drifted features (of {m.get('tested_features', '?')} tested)", f"{m['drift_share']:.0%}",
+                  ", ".join(m["drifted_features"][:4]))
     table.add_row("prediction drift (score)", f"{m['prediction_drift']:.3f}", "")
     table.add_row("mean probability", f"{m['mean_probability']:.3f}", f"{m['reference_mean_probability']:.3f}")
     table.add_row("estimated ROC-AUC (CBPE)", f"{m['estimated_roc_auc']:.3f}", f"{m['reference_estimated_roc_auc']:.3f}")
@@ -1069,6 +1117,15 @@ def monitor(
     if out.result.window["extra_columns"]:
         console.print("[yellow]logged columns the reference lacks (not compared):[/] "
                       + ", ".join(out.result.window["extra_columns"]), highlight=False, soft_wrap=True)
+    m = out.result.metrics
+    if m.get("skipped_features"):
+        console.print("[yellow]features not tested for drift:[/] "
+                      + ", ".join(f"{c} ({why})" for c, why in m["skipped_features"].items()),
+                      highlight=False, soft_wrap=True)
+    if m.get("clipped_values"):
+        console.print("[yellow]values beyond ±1e150 clipped before the drift report:[/] "
+                      + ", ".join(f"{c} {n:,}" for c, n in m["clipped_values"].items()),
+                      highlight=False, soft_wrap=True)
     html = out.result.persisted.get("html", {})
     console.print("reports: " + ", ".join(html.values()) + f"; MLflow run {out.result.persisted.get('mlflow_run_id')}",
                   highlight=False, soft_wrap=True)

@@ -45,6 +45,25 @@ CLASSIFIERS = (("churn", "churn", "synthetic", "age_band"), ("propensity", "prop
                ("churn_telco", "churn", "telco_churn", "gender"))
 
 
+class TimedProgress(Progress):
+    """Rich's progress bar that also times each stage of the demo: the span between two descriptions, named by the
+    description up to its first parenthesis or comma (``stages_s`` of the demo's JSON)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stages: dict[str, float] = {}
+        self._stage: tuple[str, float] | None = None
+
+    def update(self, task_id: Any, *, description: str | None = None, **kwargs: Any) -> None:
+        if description is not None:
+            now = time.perf_counter()
+            if self._stage is not None:
+                name, since = self._stage
+                self.stages[name] = round(self.stages.get(name, 0.0) + now - since, 1)
+            self._stage = (description.split(" (")[0].split(",")[0], now) if description != "done" else None
+        super().update(task_id, description=description, **kwargs)
+
+
 def summary_table(reports: list[Any], frames: dict[str, Any]) -> Table:
     """One row per data set. Labeled tables show their label's rate under the task it stands for."""
     table = Table(title="personalize demo: data layer")
@@ -222,8 +241,9 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
     builtins = builtin_names()
     steps = len(builtins) + 1 + len(FRAME_DATASETS) + len(CLASSIFIERS) + 7
     reports, frames = [], {}
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console, transient=False)
+    progress = TimedProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+                             transient=False)
     with progress:
         task = progress.add_task("demo", total=steps)
         for name in builtins:
@@ -242,10 +262,10 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
         progress.update(task, description="score the Telco table file with churn_telco, monitor the batch")
         telco = table_scoring(settings, data_root)
         progress.advance(task)
-        progress.update(task, description="cluster customers, materialize the online store, start the API, send "
-                                          "requests and decisions, run the experiment; replay traffic before and "
-                                          "after the change through it, monitor (Evidently), alert, retrain, gate, "
-                                          "hot-reload; stop it, forget a customer")
+        progress.update(task, description="the API loop: cluster customers, materialize the online store, start "
+                                          "the API, send requests and decisions, run the experiment; replay traffic "
+                                          "before and after the change through it, monitor (Evidently), alert, "
+                                          "retrain, gate, hot-reload; stop it, forget a customer")
         from personalize.demo_serving import decisions_lines, serve_and_query, serving_table
 
         serving = serve_and_query(settings, lambda http, probe: monitor_loop(settings, http, world, min(trials, 5),
@@ -299,6 +319,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
     result = {
         "demo": "ok",
         "wall_s": round(time.perf_counter() - started, 1),
+        "stages_s": progress.stages,
         "datasets": {r.dataset: {"rows_in": r.rows_in, "quarantined": r.quarantined} for r in reports},
         "frames": {k: {"rows": f.rows, "feature_version": f.feature_version} for k, f in frames.items()},
         # before / after: the champion before and after the monitoring loop's retrain

@@ -56,6 +56,9 @@ def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path
         assert set(run) >= {"demo", "wall_s", "models", "requests_served", "alerts", "retrained",
                             "served_version_changed"}
         assert run["requests_served"] > 400  # the examples, the experiment's traffic, the replayed windows
+        stages = run["stages_s"]  # where the time went: every stage timed, together about the whole run
+        assert {"ingest online_retail", "features + labels cdnow", "promotion gates"} <= set(stages)
+        assert 0.8 * run["wall_s"] <= sum(stages.values()) <= run["wall_s"] + 1, stages
         if run["models"]["churn"]["before"] is None:  # the gate refused every churn version: nothing to monitor
             assert not run["retrained"] and not run["monitoring"]
             continue

@@ -346,7 +346,7 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
 
     for args, message in [
         (["promote", "nosuchmodel"], "unknown model 'nosuchmodel'"),
-        (["rollback", "churn"], "no previous champion"),
+        (["rollback", "churn", "--reason", "test"], "no previous champion"),
         (["train", "churn", str(path), "--label", "nosuch", "--positive", "Y"], "nosuch"),
         (["train", "churn", "customer_churn", "--threshold", "fixed:2"], "fixed"),
     ]:

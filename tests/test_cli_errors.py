@@ -1,0 +1,187 @@
+"""Error paths of the `personalize` command: one line, exit code 2, and nothing good overwritten by something bad."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from personalize.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def one_line(output: str) -> str:
+    """The output with Rich's wrapping undone, to match a message however wide the terminal."""
+    return " ".join(output.split())
+
+
+def write_shop(tmp_path: Path, timestamp_format: str | None = None, ids: tuple[str, ...] = ("1", "2", "3"),
+               order_id: bool = True, extra: str = "") -> Path:
+    """A small CSV export (ids as given) and its mapping; ``order_id=False`` maps no order id."""
+    a, b, c = ids
+    (tmp_path / "orders.csv").write_text(
+        "cust,invoice,when,qty,price\n"
+        f"{a},A1,2024-01-02 10:00:00,2,3.50\n{a},A2,2024-03-05 11:00:00,1,10.00\n{a},A2,2024-03-05 11:00:00,1,10.00\n"
+        f"{b},A3,2024-02-06 11:00:00,1,10.00\n{c},A6,2024-04-01 09:00:00,4,1.25\n")
+    columns = "customer_id: cust, " + ("order_id: invoice, " if order_id else "") + \
+        "timestamp: when, quantity: qty, unit_price: price"
+    config = tmp_path / "shop.yaml"
+    config.write_text(f"""
+dataset: shop
+tables:
+  - table: transactions
+    path: orders.csv
+    columns: {{{columns}}}
+""" + (f'    timestamp_format: "{timestamp_format}"\n' if timestamp_format else "") + extra)
+    return config
+
+
+@pytest.fixture
+def small_synthetic(isolated_home: Path) -> str:
+    """150 synthetic customers over 120 days (2024-01-01 on), ingested as `tiny`."""
+    result = run("synth", "--customers", "150", "--days", "120", "--no-events", "--name", "tiny")
+    assert result.exit_code == 0, result.output
+    return "tiny"
+
+
+# 1. features build: cutoffs before the data are an error, and the frame built before is kept
+def test_cutoffs_before_the_data_are_one_line_and_keep_the_frame(small_synthetic: str, isolated_home: Path) -> None:
+    # given a good frame
+    assert run("features", "build", small_synthetic, "--horizon", "30", "--cutoffs", "1").exit_code == 0
+    frame = isolated_home / "features" / small_synthetic / "training_frame.parquet"
+    before = frame.read_bytes()
+    # when a horizon longer than the history puts every cutoff before the first transaction
+    result = run("features", "build", small_synthetic, "--horizon", "400")
+    # then one line names the cutoffs and the data's range, and the frame is untouched
+    assert result.exit_code == 2, result.output
+    text = one_line(result.output)
+    assert "fall before the data starts (transactions 2024-01-01 … " in text and "--horizon" in text, text
+    assert "Traceback" not in result.output and "KeyError" not in result.output
+    assert frame.read_bytes() == before
+    # and an explicit cutoff before the data says which one
+    result = run("features", "build", small_synthetic, "--horizon", "30", "--as-of", "2023-12-01")
+    assert result.exit_code == 2 and "the cutoff(s) 2023-12-01 fall before the data starts" in one_line(result.output)
+    assert frame.read_bytes() == before
+
+
+# 2. ingest: every row quarantined is an error, and the copy ingested before is kept
+def test_ingest_with_every_row_quarantined_fails_and_keeps_the_good_copy(tmp_path: Path, isolated_home: Path) -> None:
+    # given a good ingest (some rows quarantined as duplicates: still exit code 0)
+    good = run("ingest", str(write_shop(tmp_path)))
+    assert good.exit_code == 0, good.output
+    data = isolated_home / "data" / "shop"
+    stored = {p.name: p.read_bytes() for p in data.iterdir()}
+    assert json.loads((data / "ingest_report.json").read_text())["quarantined"] == 1
+    # when the mapping's timestamp format is wrong, so no row parses
+    result = run("ingest", str(write_shop(tmp_path, timestamp_format="%d/%m/%Y %H:%M")))
+    # then one line with the reasons and the quarantine file, and the data set as it was
+    assert result.exit_code == 2, result.output
+    text = one_line(result.output)
+    quarantine = isolated_home / "quarantine" / "shop" / "transactions.parquet"
+    assert "every row of transactions was quarantined (5 rows: unparseable_timestamp 5)" in text, text
+    assert f"-> {quarantine};" in text
+    assert "timestamp_format" in text and "Traceback" not in result.output
+    assert len(pd.read_parquet(quarantine)) == 5
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == stored
+
+
+def test_ingest_with_every_row_quarantined_stores_nothing_new(tmp_path: Path, isolated_home: Path) -> None:
+    result = run("ingest", str(write_shop(tmp_path, timestamp_format="%d/%m/%Y %H:%M")))
+    assert result.exit_code == 2 and "nothing was stored" in one_line(result.output)
+    assert not (isolated_home / "data" / "shop").exists()
+
+
+# 3. a DATASET that is a file path, missing: "no such file", before any progress bar
+@pytest.mark.parametrize("dataset", ["/tmp/nonexist.csv", "nonexist.parquet", "nowhere/shop.yaml", "x/y"])
+def test_a_missing_table_file_is_no_such_file(dataset: str) -> None:
+    result = run("train", "churn", dataset, "--label", "x", "--positive", "y")
+    assert result.exit_code == 2, result.output
+    assert one_line(result.output) == f"error: no such file: {Path(dataset)}"
+
+
+# 4. rollback needs a reason
+@pytest.mark.parametrize("reason", [None, "", "   "])
+def test_rollback_needs_a_reason(reason: str | None) -> None:
+    result = run("rollback", "churn", *(["--reason", reason] if reason is not None else []))
+    assert result.exit_code == 2, result.output
+    assert one_line(result.output) == ("error: rollback needs --reason TEXT: why the champion goes back, for the "
+                                       "audit trail")
+
+
+# 5. score: the data set the model was trained on by default, and the data set named when scoring fails
+def test_score_defaults_to_the_training_data_set_and_names_the_one_it_scores(tmp_path: Path,
+                                                                              isolated_home: Path) -> None:
+    from features.pipeline import ingest_synthetic
+    from features.synthetic import SyntheticConfig, generate
+    from personalize.settings import Settings
+    from training.train import TrainConfig, train_and_register
+    from training.tune import TuneConfig
+
+    # given a churn challenger trained on `shop` (categories) and a data set without categories, `plain`
+    settings = Settings.from_env()
+    ingest_synthetic(settings, "shop", generate(SyntheticConfig(customers=300, days=400, events=False)))
+    fast = TuneConfig(trials=1, families=("lightgbm",), max_rounds=40, early_stopping_rounds=10, cv_folds=None)
+    train_and_register(settings, "churn", "shop", TrainConfig(tune=fast, horizon_days=60), model_name="churn")
+    config = write_shop(tmp_path).read_text().replace("dataset: shop", "dataset: plain")
+    (tmp_path / "plain.yaml").write_text(config)
+    assert run("ingest", str(tmp_path / "plain.yaml")).exit_code == 0
+    # when scored without --dataset: the training data set, said so
+    result = run("score", "churn", "--alias", "challenger", "--no-log")
+    assert result.exit_code == 0, result.output
+    assert "scoring shop, the data set churn@challenger was trained on" in one_line(result.output)
+    assert len(pd.read_parquet(isolated_home / "scores" / "churn" / "v1" / "scores.parquet")) == 300
+    # when scored on a data set that lacks its features: the data set named, the right one suggested
+    result = run("score", "churn", "--alias", "challenger", "--no-log", "--dataset", "plain")
+    assert result.exit_code == 2, result.output
+    text = one_line(result.output)
+    assert text.startswith("error: scoring data set 'plain' with churn@challenger: the frame lacks the model's")
+    assert text.endswith("churn@challenger was trained on shop: try --dataset shop"), text
+
+
+# 6. ids written as floats ("17850.0") are read as the integers they are, unless a mapping says otherwise
+@pytest.mark.parametrize(("ids", "extra", "expected"), [
+    (("17850.0", "13047.0", "12346.0"), "", ["12346", "13047", "17850"]),
+    (("17850.0", "13047.0", "A1"), "", ["13047.0", "17850.0", "A1"]),  # not an id column exported through floats
+    (("17850.0", "13047.0", "12346.0"), "    strip_float_ids: false\n", ["12346.0", "13047.0", "17850.0"]),
+    (("17850.0", "13047.0", "A1"), "    strip_float_ids: true\n", ["13047", "17850", "A1"]),
+])
+def test_float_written_ids_are_read_as_integers(tmp_path: Path, isolated_home: Path, ids: tuple[str, ...],
+                                                extra: str, expected: list[str]) -> None:
+    result = run("ingest", str(write_shop(tmp_path, ids=ids, extra=extra)))
+    assert result.exit_code == 0, result.output
+    data = isolated_home / "data" / "shop"
+    assert sorted(pd.read_parquet(data / "customers.parquet")["customer_id"]) == expected
+    assert sorted(set(pd.read_parquet(data / "transactions.parquet")["customer_id"])) == expected
+
+
+# 7. transactions without order ids: each line its own order, as the built-in CDNOW adapter makes them
+def test_a_mapping_without_order_id_makes_one_order_per_line(tmp_path: Path, isolated_home: Path) -> None:
+    result = run("ingest", str(write_shop(tmp_path, order_id=False)))
+    assert result.exit_code == 0, result.output
+    tx = pd.read_parquet(isolated_home / "data" / "shop" / "transactions.parquet")
+    assert len(tx) == 5  # the repeated line is a second purchase, not a duplicate: nothing tells them apart
+    assert sorted(tx.loc[tx["customer_id"] == "1", "order_id"]) == [
+        "1-2024-01-02 10:00:00-0", "1-2024-03-05 11:00:00-0", "1-2024-03-05 11:00:00-1"]
+
+
+def test_mapping_defaults_fill_absent_columns_and_a_typo_is_refused(tmp_path: Path, isolated_home: Path) -> None:
+    # given a file with one row per order: no quantity, no category
+    config = write_shop(tmp_path, extra="    defaults: {quantity: 1, category: misc}\n")
+    config.write_text(config.read_text().replace(", quantity: qty", ""))
+    # when ingested, the defaults fill both columns
+    result = run("ingest", str(config))
+    assert result.exit_code == 0, result.output
+    tx = pd.read_parquet(isolated_home / "data" / "shop" / "transactions.parquet")
+    assert set(tx["quantity"]) == {1} and set(tx["category"]) == {"misc"}
+    # and a default for a column the contract does not have is an error, not silently ignored
+    config.write_text(config.read_text().replace("quantity: 1", "qty: 1"))
+    result = run("ingest", str(config))
+    assert result.exit_code == 2 and "defaults for unknown contract column(s) ['qty']" in one_line(result.output)
