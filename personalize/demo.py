@@ -47,7 +47,7 @@ CLASSIFIERS = (("churn", "churn", "synthetic", "age_band"), ("propensity", "prop
 
 class TimedProgress(Progress):
     """Rich's progress bar that also times each stage of the demo: the span between two descriptions, named by the
-    description up to its first parenthesis or comma (``stages_s`` of the demo's JSON)."""
+    description up to its first " (" or ", " (``stages_s`` of the demo's JSON)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,7 +60,7 @@ class TimedProgress(Progress):
             if self._stage is not None:
                 name, since = self._stage
                 self.stages[name] = round(self.stages.get(name, 0.0) + now - since, 1)
-            self._stage = (description.split(" (")[0].split(",")[0], now) if description != "done" else None
+            self._stage = (description.split(" (")[0].split(", ")[0], now) if description != "done" else None
         super().update(task_id, description=description, **kwargs)
 
 
