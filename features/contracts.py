@@ -35,6 +35,13 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 # Required columns a mapping may leave out: the ingest derives them (see features.ingest.line_order_ids).
 DERIVED_WHEN_UNMAPPED: dict[str, tuple[str, ...]] = {"transactions": ("order_id",)}
+
+
+def missing_required(table: str, provided: set[str]) -> list[str]:
+    """The required columns of ``table`` that neither ``provided`` (mapped or defaulted) nor a derivation gives:
+    ``amount`` comes from ``unit_price`` (times quantity), an unmapped ``order_id`` from the line."""
+    given = set(provided) | ({"amount"} if table == "transactions" and "unit_price" in provided else set())
+    return [c for c in REQUIRED_COLUMNS[table] if c not in given and c not in DERIVED_WHEN_UNMAPPED.get(table, ())]
 # Columns that carry a time, checked against the ingestion clock ("future timestamps").
 TIME_COLUMNS: dict[str, str] = {"customers": "signup_at", "transactions": "timestamp", "events": "timestamp"}
 # What makes two rows the same record: a repeat of one of these is a duplicate.

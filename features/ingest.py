@@ -25,7 +25,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from features.contracts import (DERIVED_WHEN_UNMAPPED, KEY_COLUMNS, OPTIONAL_COLUMNS, RAW_SCHEMAS, REQUIRED_COLUMNS,
-                                TIME_COLUMNS)
+                                TIME_COLUMNS, missing_required)
 from personalize.errors import ContractError
 
 SOURCE_ROW = "_source_row"
@@ -223,10 +223,8 @@ def validate_table(
         raise ContractError(f"{table}: the row index must be unique (it names each row in quarantine)")
     options = options or ParseOptions()
     provided = set(frame.columns) | set(options.defaults)
-    if table == "transactions" and "unit_price" in provided:
-        provided.add("amount")  # amount = quantity x unit price
     derived = [c for c in DERIVED_WHEN_UNMAPPED.get(table, ()) if c not in provided]
-    missing = [c for c in REQUIRED_COLUMNS[table] if c not in provided and c not in derived]
+    missing = missing_required(table, provided)
     if missing:
         raise ContractError(f"{table}: required column(s) {missing} are not mapped")
     source = frame if source is None else source

@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from features.contracts import DERIVED_WHEN_UNMAPPED, OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, missing_required
 from features.ingest import (DETAIL, RAW_LINE, REASON, SOURCE_FILE, SOURCE_ROW, ParseOptions, ValidationResult,
                              validate_table)
 from personalize.errors import ConfigError, DataFileError
@@ -81,11 +81,7 @@ class TableMapping(BaseModel):
         twice = sorted({c for c in sources if sources.count(c) > 1})
         if twice:
             raise ValueError(f"source column(s) {twice} are mapped to more than one contract column")
-        provided = set(self.columns) | set(self.defaults)
-        if self.table == "transactions" and "amount" not in provided and "unit_price" in provided:
-            provided.add("amount")
-        missing = [c for c in REQUIRED_COLUMNS[self.table]
-                   if c not in provided and c not in DERIVED_WHEN_UNMAPPED.get(self.table, ())]
+        missing = missing_required(self.table, set(self.columns) | set(self.defaults))
         if missing:
             raise ValueError(f"table {self.table} needs a mapping for {missing}")
         return self

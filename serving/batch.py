@@ -104,11 +104,16 @@ def log_scores(log_root: Path, salt: bytes | None, loaded: Any, ids: pd.Series |
             con.unregister("features")
             written += len(part)
     except (OSError, pa.ArrowException, duckdb.Error) as exc:
-        raise PersonalizeError(f"the scores are written, but the prediction log under {log_root} is not "
-                               f"({written:,} of {len(frame):,} rows logged): {type(exc).__name__}: {exc}") from exc
+        raise _unlogged(log_root, f"{written:,} of {len(frame):,}", exc) from exc
     finally:
         con.close()
     return written, request_id
+
+
+def _unlogged(log_root: Path, logged: str, exc: Exception) -> PersonalizeError:
+    text = (str(exc).splitlines() or [""])[0][:300]
+    return PersonalizeError(f"the scores are written, but the prediction log under {log_root} is not ({logged} rows "
+                            f"logged): {type(exc).__name__}: {text}")
 
 
 def _segment(log_root: Path, loaded: Any, request_id: str, ts: datetime, keys: Any, features: Any,
@@ -245,9 +250,7 @@ def _log_spark(scored: Any, loaded: Any, log_root: Path, salt: bytes | None) -> 
                      t.column("p").to_numpy())
             written += t.num_rows
     except Exception as exc:
-        raise PersonalizeError(f"the scores are written, but the prediction log under {log_root} is not "
-                               f"({written:,} rows logged): {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                               ) from exc
+        raise _unlogged(log_root, f"{written:,}", exc) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written, request_id
