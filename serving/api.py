@@ -56,6 +56,7 @@ class Runtime:
         self._rng = np.random.default_rng()
         self._lock = threading.Lock()
         self._store = None
+        self._known: set[str] = set()  # feature names a request's record may carry (filled on first need)
         self.served = 0
         self._stop = threading.Event()
         self._reloader = None
@@ -261,14 +262,37 @@ class Runtime:
         """The customer's rule segments (all that hold, in priority order), the primary one, and the cluster."""
         record = self._record(customer_id, features)
         if features is not None:
-            self._check_segment_features(features)
+            self._check_record(features)
         return {"request_id": self.request_id(request_id), "customer_id": customer_id, **self._segments_of(record)}
 
-    def _check_segment_features(self, features: dict[str, Any]) -> None:
+    def _check_record(self, features: dict[str, Any]) -> None:
+        """A request's own feature record: the names the segments read are numbers or null, and every name is one
+        this server knows (a typo would otherwise read as a missing feature and land the customer in "other")."""
         for name in sorted(self.segments.columns()):
             value = features.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise InputError(f"features.{name}", f"must be a number or null, got {value!r}")
+        unknown = sorted(set(features) - self._known)
+        if unknown:  # the store may have been materialized again, or a model reloaded, since the names were read
+            self._known = self._known_features()
+            unknown = sorted(set(features) - self._known)
+        if unknown:
+            read = ", ".join(sorted(self.segments.columns())) or "none"
+            raise InputError(f"features.{unknown[0]}", f"unknown feature {unknown[0]!r}: not a feature of the online "
+                                                       f"store or of a served model (the segments read: {read})")
+
+    def _known_features(self) -> set[str]:
+        """Every feature name a record may carry: the segments' and the catalog's, the served models', the store's."""
+        known = self.segments.columns() | self.catalog.rule_names()
+        for endpoint in ("churn", "propensity"):
+            loaded = self._served(endpoint)
+            if loaded is not None:
+                known |= set(loaded.scorer.features)
+        try:
+            known |= set(self.store.meta().get("feature_columns") or ())
+        except OnlineStoreError:  # a record can still be checked against the models' and the rules' names
+            pass
+        return known
 
     def _scores(self, record: dict[str, Any], customer_key: str | None, rid: str, needed: frozenset[str],
                 given: bool = False) -> tuple[dict[str, Any], list, list]:
@@ -348,11 +372,14 @@ class Runtime:
             known = ", ".join(p.name for p in self.catalog.placements)
             raise InputError("placement", f"unknown placement {placement!r}; known: {known}") from None
         if features is not None:
-            self._check_segment_features(features)
+            self._check_record(features)
         rid = self.request_id(request_id)
         record = self._record(customer_id, features)
         cold = record is None
         profile = {} if cold else (record.get("profile") or {})
+        if consent is None and features is not None and customer_id is not None:
+            # a known customer's own record: still their stored consent (an opt-out holds whatever is sent)
+            profile = ((self._record(customer_id, None) or {}).get("profile") or {})
         if consent is None:
             consent = profile.get("consent")
         consent = bool(consent) if consent is not None else self.config.assume_consent

@@ -174,6 +174,7 @@ class Guard:
             if media not in (b"application/json", b""):
                 return await _json(send, 415, {"error": f"content-type {media.decode(errors='replace')!r}: the API "
                                                         "takes application/json", "field": "content-type"})
+            send = _named_400(send)
         if self.api_key and path != "/" and not path.startswith(self.OPEN):
             given = headers.get(b"x-api-key", b"").decode(errors="replace")
             auth = headers.get(b"authorization", b"").decode(errors="replace")
@@ -183,6 +184,78 @@ class Guard:
                 return await _json(send, 401, {"error": "missing or wrong API key (send X-API-Key or "
                                                         "Authorization: Bearer)"})
         return await self.app(scope, receive, send)
+
+
+def _named_400(send: Any) -> Any:
+    """``send`` with every 400 answer made to name its field: pydantic's own checks (a mistyped or unknown field,
+    malformed JSON) answer BentoML's ``{"error": "3 validation error for …", "detail": [...]}``, the model's checks
+    ``{"error": ..., "field": ...}``; a client reads ``field`` from either."""
+    held: dict[str, Any] = {}
+
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            held["start"], held["body"] = message, b""
+            return None
+        if "start" not in held or message["type"] != "http.response.body":
+            return await send(message)
+        held["body"] += message.get("body", b"")
+        if message.get("more_body"):
+            return None
+        try:
+            body = named_error(json.loads(held["body"]))
+        except ValueError:
+            body = {"error": held["body"].decode(errors="replace"), "field": "body"}
+        raw = json.dumps(body, default=str).encode()
+        headers = [(k, v) for k, v in held.pop("start")["headers"] if k.lower() != b"content-length"]
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
+        await send({"type": "http.response.body", "body": raw})
+
+    return sending
+
+
+def named_error(body: Any) -> dict[str, Any]:
+    """A 400 answer with a top-level ``field`` (dotted: ``features.recency_days``, ``items[0].customer_id``; ``body``
+    for malformed JSON) and an ``error`` that starts with it; pydantic's ``detail`` list is kept."""
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict):
+        body = body[0]  # BentoML answers its BadInput as a one-element list
+    if not isinstance(body, dict):
+        return {"error": str(body), "field": "body"}
+    if "field" in body:
+        return body
+    detail = body.get("detail")
+    if not (isinstance(detail, list) and detail and isinstance(detail[0], dict)):
+        return {**body, "field": "body"}
+    loc = list(detail[0].get("loc") or ())
+    branches = [d for d in detail if list(d.get("loc") or ())[:-1] == loc[:-1] and len(d.get("loc") or ()) == len(loc)]
+    union = len(loc) > 1 and len({d.get("type") for d in branches}) > 1  # a value that fits no branch of a union
+    if union:
+        loc = loc[:-1]
+    field = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "body"
+    message = detail[0].get("msg") or body.get("error")
+    more = len(detail) - (len(branches) if union else 1)
+    return {"error": f"{field}: {message}" + (f" (and {more} more)" if more > 0 else ""), "field": field,
+            "detail": detail}
+
+
+class QuietBadRequests(logging.Filter):
+    """BentoML logs every request pydantic turns away at ERROR with a traceback; a client's mistake is one INFO
+    line here (the 400 answer names the field)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValidationError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            detail = exc.errors(include_context=False, include_input=False)
+            record.msg, record.args = "bad request on %s: %s", (record.args[0] if record.args else "?",
+                                                                 named_error({"detail": detail})["error"])
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietBadRequests())
 
 
 async def _json(send: Any, status: int, body: dict[str, Any]) -> None:

@@ -290,6 +290,11 @@ def test_segment_endpoint_answers_the_stored_segments_and_a_records(runtime, sho
     with pytest.raises(InputError) as err:
         runtime.segment(features={"monetary_total": "lots"})
     assert err.value.field == "features.monetary_total"
+    with pytest.raises(InputError) as err:  # a typo is not a missing feature that lands the customer in "other"
+        runtime.segment(features={"monetary_totl": 900.0})
+    assert err.value.field == "features.monetary_totl" and "monetary_total" in str(err.value)
+    stored = runtime.store.get_many([cid])[cid]["features"]
+    assert runtime.segment(features=stored)["segments"] == profile["segments"]  # the store's own record is known
 
 
 def test_a_customer_without_consent_gets_the_default_and_leaves_no_trace(runtime, shop: Settings) -> None:
@@ -299,6 +304,9 @@ def test_a_customer_without_consent_gets_the_default_and_leaves_no_trace(runtime
     runtime.feedback(out["decision_id"], "conversion")
     row = runtime.decisions.decision(out["decision_id"])
     assert row["customer_key"] is None and row["scores"] is None
+    own = runtime.personalize("homepage_banner", cid, features=runtime.store.get_many([cid])[cid]["features"])
+    assert own["consent"] is False and own["policy"] == "default"  # sending a record does not bypass the opt-out
+    assert runtime.decisions.decision(own["decision_id"])["customer_key"] is None
     assert runtime.decisions.bandits().empty  # no bandit learned from it
     runtime.log.flush()
     assert not list(runtime.config.log_root.rglob("*.parquet"))  # nothing in the prediction log either
