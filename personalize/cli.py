@@ -21,7 +21,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from personalize.errors import PersonalizeError
-from personalize.settings import Settings
+from personalize.settings import Settings, looks_like_file
 
 app = typer.Typer(
     name="personalize",
@@ -369,17 +369,6 @@ def _threshold_policy(text: str):
                            "value:TP_VALUE,FP_COST[,FN_COST]")
 
 
-FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".parquet", ".pq", ".yaml", ".yml")
-
-
-def looks_like_file(dataset: str) -> bool:
-    """A DATASET argument meant as a file, not a data set name: a table or config suffix, or a path separator (a
-    data set name has neither), so a missing one is "no such file", not "no data set"."""
-    import os
-
-    return dataset.lower().endswith(FILE_SUFFIXES) or any(sep in dataset for sep in {"/", os.sep})
-
-
 def _dataset_from_table(settings: Settings, dataset: str, label: str | None, positive: str | None,
                         id_column: str | None, time_column: str | None, drop: list[str] | None = None,
                         sep: str | None = None) -> str:
@@ -717,9 +706,9 @@ def rollback(
     """Return `champion` to the previous champion."""
     from training.registry import connect, rollback as run_rollback
 
-    if not reason.strip():  # checked here, not by Typer, for one line instead of a usage box
+    if not reason.strip():  # checked here too, before connecting, naming the option
         raise PersonalizeError("rollback needs --reason TEXT: why the champion goes back, for the audit trail")
-    old, new = run_rollback(connect(ctx.obj.tracking_uri), model, reason.strip())
+    old, new = run_rollback(connect(ctx.obj.tracking_uri), model, reason)
     console.print(f"[bold]{model}@champion[/]: version {old} -> version {new}", highlight=False)
 
 

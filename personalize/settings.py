@@ -36,8 +36,22 @@ class Settings(BaseModel):
 
     # --- data ---------------------------------------------------------------------------------------------------
     def dataset_dir(self, dataset: str) -> Path:
-        """Validated raw tables of one data set (customers/transactions/events or a labeled table)."""
+        """Validated raw tables of one data set (customers/transactions/events or a labeled table). A file path is
+        refused here, once for every command that takes a data set name (it would otherwise read as a data set
+        nobody ingested, or, absolute, replace the home)."""
+        if looks_like_file(dataset):
+            from personalize.errors import PersonalizeError
+
+            known = ", ".join(self.datasets()) or "none yet"
+            raise PersonalizeError(f"{dataset}: a file, where a data set name goes (ingested: {known}); ingest it "
+                                   "first: `personalize ingest MAPPING.yaml`, or `personalize train churn "
+                                   "FILE` for a labeled table")
         return self.home / "data" / dataset
+
+    def datasets(self) -> list[str]:
+        """The data sets ingested under this home."""
+        root = self.home / "data"
+        return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
 
     def quarantine_dir(self, dataset: str) -> Path:
         return self.home / "quarantine" / dataset
@@ -85,3 +99,12 @@ class Settings(BaseModel):
 def model_uri(name: str, alias: str) -> str:
     """The registry URI a model is served and promoted by: ``models:/name@alias``."""
     return f"models:/{name}@{alias}"
+
+
+FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".parquet", ".pq", ".yaml", ".yml")
+
+
+def looks_like_file(dataset: str) -> bool:
+    """A DATASET argument meant as a file, not a data set name: a table or config suffix, or a path separator (a
+    data set name has neither), so a missing one is "no such file", not "no data set"."""
+    return dataset.lower().endswith(FILE_SUFFIXES) or any(sep in dataset for sep in {"/", os.sep})

@@ -82,7 +82,10 @@ def test_a_broken_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["ingest", "nonsense"], "unknown data set 'nonsense'"),
-    (["features", "build", "nowhere"], "run `personalize ingest` for this data set first"),
+    (["features", "build", "nowhere"], "no data set 'nowhere'"),
+    (["features", "build", "../shared/data/telco.csv"], "a file, where a data set name goes"),
+    (["materialize", "/tmp/orders.parquet"], "a file, where a data set name goes"),
+    (["segments", "cluster", "data/x"], "a file, where a data set name goes"),
     (["serve", "--model", "churn"], "'churn': give ENDPOINT=MODEL"),  # before any server starts
     (["bento", "build", "--no-build", "--model", "nosuch=churn_telco"], "'nosuch=churn_telco': give ENDPOINT=MODEL"),
 ])

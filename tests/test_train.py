@@ -176,8 +176,10 @@ def test_a_new_churn_table_trains_registers_and_is_promoted_by_the_gate(tmp_path
                                             "rollback"]
     assert trail[-1]["reason"] == "bad week" and trail[-1]["who"]
     assert champion_stack(trail) == ["1"]
+    with pytest.raises(RegistryError, match="needs a reason"):
+        rollback(client, "mychurn", "  ")
     with pytest.raises(RegistryError, match="no previous champion"):
-        rollback(client, "mychurn")
+        rollback(client, "mychurn", "again")
 
 
 def test_the_fairness_bound_can_refuse_a_challenger(tmp_path: Path) -> None:

@@ -520,8 +520,12 @@ def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
     return stack
 
 
-def rollback(client, name: str, reason: str = "") -> tuple[str, str]:
-    """Move ``champion`` back to the previous champion; returns (from version, to version)."""
+def rollback(client, name: str, reason: str) -> tuple[str, str]:
+    """Move ``champion`` back to the previous champion; returns (from version, to version). The reason goes to
+    the audit trail and may not be blank."""
+    if not (reason or "").strip():
+        raise RegistryError(f"rolling {name} back needs a reason: why the champion goes back, for the audit trail")
+    reason = reason.strip()
     stack = champion_stack(history(client, name))
     current = _version_of(client, name, CHAMPION)
     if len(stack) < 2 or current is None:
