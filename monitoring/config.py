@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalize.errors import load_yaml_model
 
 Severity = Literal["info", "warning", "critical"]
+Rule = Literal["dataset_drift", "prediction_drift", "empty_feature", "estimated_performance_drop",
+               "realized_performance_drop"]
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
@@ -75,6 +77,9 @@ class RetrainPolicy(_Strict):
     # Alerts of at least this severity count toward a retrain. Sustained drift warnings qualify by default: the gate,
     # not the alert, decides whether the retrained model replaces the champion.
     on: Severity = "warning"
+    # Alerts of these rules never count: an empty feature is a broken pipeline, fixed upstream, not learned from
+    # (a model retrained on it would learn the feature's absence).
+    not_on: list[Rule] = ["empty_feature"]
     consecutive: int = Field(default=2, ge=1)  # hysteresis: qualifying windows in a row
     cooldown_days: float = Field(default=30.0, ge=0)  # between two retrains of one model
     # A challenger is only judged on labeled data from the changed world: wait until the label horizon has passed

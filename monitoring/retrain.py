@@ -60,7 +60,8 @@ def save_state(folder: Path, model: str, state: RetrainState) -> None:
 def decide(state: RetrainState, alerts: list[Alert], window_start: pd.Timestamp, window_end: pd.Timestamp,
            policy: RetrainPolicy, horizon_days: int | None) -> tuple[RetrainState, bool, str]:
     """(new state, retrain now?, why) after one window's alerts."""
-    qualifying = [a for a in alerts if SEVERITY_RANK[a.severity] >= SEVERITY_RANK[policy.on]]
+    qualifying = [a for a in alerts if SEVERITY_RANK[a.severity] >= SEVERITY_RANK[policy.on]
+                  and a.rule not in policy.not_on]
     if qualifying:
         state = RetrainState(state.streak + 1, state.first_window or str(window_start), state.last_retrain,
                              state.last_reason)

@@ -757,6 +757,9 @@ def mlflow_ui(
 
 
 # --- serving ---------------------------------------------------------------------------------------------------
+ClustersOption = Annotated[str, typer.Option(
+    "--clusters", envvar="PERSONALIZE_CLUSTERS", help="The registered clustering model (`segments cluster --name`) "
+                                                      "whose champion gives each customer's cluster.")]
 SegmentsOption = Annotated[Path | None, typer.Option("--segments", envvar="PERSONALIZE_SEGMENTS", exists=True,
                                                      dir_okay=False, help="Rule segments YAML (default: the "
                                                                           "built-in features/segments.yaml).")]
@@ -777,16 +780,18 @@ def materialize(
                                                    "(default: SQLite under home).")] = None,
     segments: SegmentsOption = None,
     engine: EngineOption = "duckdb",
+    clusters: ClustersOption = "customer_segments",
 ) -> None:
     """Write every customer's latest features, purchase summary and profile (consent, segments, cluster) to the
     online store the API reads."""
     from features.segments import load_segments
     from serving.online import default_url, materialize as run
+    from training.registry import check_name
 
     settings: Settings = ctx.obj
     url = store or default_url(settings.home, dataset)
     report = run(settings.dataset_dir(dataset), url, as_of, segments=load_segments(segments),
-                 tracking_uri=settings.tracking_uri, engine=engine)
+                 tracking_uri=settings.tracking_uri, engine=engine, clusters_model=check_name(clusters))
     console.print(f"materialized [bold]{report.customers:,}[/] customers of {report.dataset} as of "
                   f"{report.as_of} ({report.feature_columns} features, {report.with_cycle:,} with a purchase "
                   f"summary) into {url} in {report.seconds:.1f}s", highlight=False, soft_wrap=True)
@@ -1385,14 +1390,18 @@ def segments_cluster(
     promote: Annotated[bool, typer.Option("--promote", help="Also make the new version the champion (clustering "
                                                             "has no gate); the online store uses the champion.")]
     = False,
+    name: Annotated[str, typer.Option(help="Registered model name: one per data set or purpose (`materialize "
+                                           "--clusters NAME` reads it).")] = "customer_segments",
 ) -> None:
-    """Cluster customers on their behaviour, describe each cluster, and register the model as customer_segments."""
+    """Cluster customers on their behaviour, describe each cluster, and register the model (customer_segments)."""
     from features.clustering import CustomerClusters, cluster_frame, log_clusters
+    from training.registry import check_name
 
     settings: Settings = ctx.obj
+    check_name(name)  # before the fit, not after it
     frame = cluster_frame(settings.dataset_dir(dataset), as_of)
     model = CustomerClusters(method=method, k=k, k_range=(k_min, k_max), seed=seed).fit(frame)
-    run_id, version = log_clusters(model, frame, settings.tracking_uri, dataset=dataset,
+    run_id, version = log_clusters(model, frame, settings.tracking_uri, name=name, dataset=dataset,
                                    artifact_root=settings.artifact_root, promote=promote)
     scores = ", ".join(f"k={kk}: {v:.3f}" for kk, v in sorted(model.scores_.items()))
     table = Table(title=f"{model.k_} {method} clusters of {len(frame):,} customers of {dataset} "
@@ -1404,8 +1413,9 @@ def segments_cluster(
         table.add_row(str(c["cluster"]), f"{100 * c['share']:.1f}%", c["name"], apart)
     console.print(table)
     alias = "champion and challenger" if promote else "challenger"
-    console.print(f"registered customer_segments v{version} ({alias}; MLflow run {run_id}); "
-                  f"{'run personalize materialize to put clusters in the online store' if promote else 'promote with --promote'}",
+    then = (f"run personalize materialize{'' if name == 'customer_segments' else f' --clusters {name}'} to put "
+            "clusters in the online store" if promote else "promote with --promote")
+    console.print(f"registered {name} v{version} ({alias}; MLflow run {run_id}); {then}",
                   highlight=False, soft_wrap=True)
 
 

@@ -267,10 +267,12 @@ def profiles(features: pd.DataFrame, customers: pd.DataFrame, segments: Any,
     return out
 
 
-def champion_clusters(tracking_uri: str | None, features: pd.DataFrame) -> tuple[pd.Series | None, str]:
-    """The behavioural cluster of each row by the clustering champion (``customer_segments@champion``) and which
-    version gave them; or None and why not: there is no champion (clustering is optional), or it was fitted on
-    another data set's features (a category share these customers do not have), which would not cluster them."""
+def champion_clusters(tracking_uri: str | None, features: pd.DataFrame,
+                      name: str = "customer_segments") -> tuple[pd.Series | None, str]:
+    """The behavioural cluster of each row by the clustering champion (``<name>@champion``, by default
+    ``customer_segments``) and which version gave them; or None and why not: there is no champion (clustering is
+    optional), or it was fitted on another data set's features (a category share these customers do not have),
+    which would not cluster them."""
     if tracking_uri is None:
         return None, "no tracking store"
     try:
@@ -280,20 +282,20 @@ def champion_clusters(tracking_uri: str | None, features: pd.DataFrame) -> tuple
         from training.registry import connect
 
         client = connect(tracking_uri)
-        version = client.get_model_version_by_alias("customer_segments", "champion").version
+        version = client.get_model_version_by_alias(name, "champion").version
         mlflow.set_tracking_uri(tracking_uri)
-        model = mlflow.pyfunc.load_model(model_uri("customer_segments", "champion"))
+        model = mlflow.pyfunc.load_model(model_uri(name, "champion"))
     except Exception as exc:  # no clustering champion: profiles without a cluster
         log.info("no clustering champion (%s): profiles carry no cluster", str(exc).splitlines()[0][:120])
-        return None, "no customer_segments champion"
+        return None, f"no {name} champion"
     schema = model.metadata.get_input_schema()
     missing = [c for c in (schema.input_names() if schema is not None else []) if c not in features.columns]
     if missing:
-        why = (f"customer_segments v{version} was fitted on features these customers do not have "
+        why = (f"{name} v{version} was fitted on features these customers do not have "
                f"({', '.join(missing[:3])}{'…' if len(missing) > 3 else ''}): cluster this data set and promote it")
         log.warning("profiles carry no cluster: %s", why)
         return None, why
-    return pd.Series(list(model.predict(features)), index=features.index), f"customer_segments v{version}"
+    return pd.Series(list(model.predict(features)), index=features.index), f"{name} v{version}"
 
 
 def champion_cycle_scores(tracking_uri: str | None, cycle: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
@@ -323,9 +325,11 @@ def champion_cycle_scores(tracking_uri: str | None, cycle: pd.DataFrame | None) 
 
 def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
                 categories: Iterable[str] | None = None, segments: Any | None = None,
-                tracking_uri: str | None = None, engine: str = "duckdb") -> MaterializeReport:
+                tracking_uri: str | None = None, engine: str = "duckdb",
+                clusters_model: str = "customer_segments") -> MaterializeReport:
     """Compute every customer's features, cycle summary and profile at ``as_of`` and replace the online store's
-    content. ``engine`` computes the features on DuckDB or Spark (:mod:`features.engines`)."""
+    content. ``engine`` computes the features on DuckDB or Spark (:mod:`features.engines`); each profile's cluster
+    comes from the champion of the registered clustering model ``clusters_model``."""
     import time
 
     from features.definitions import FeatureSpec
@@ -355,7 +359,7 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
     except CycleError:
         cycle = None
     customers = store.customers.select("customer_id", "consent").to_pandas()
-    clusters, clustered_by = champion_clusters(tracking_uri, features)
+    clusters, clustered_by = champion_clusters(tracking_uri, features, clusters_model)
     profile = profiles(features, customers, segments, clusters)
     for cid, scores in champion_cycle_scores(tracking_uri, cycle).items():
         if cid in profile:

@@ -230,3 +230,26 @@ def test_materialize_leaves_out_clusters_of_another_data_sets_features(shop: tup
     other = frame.drop(columns=[model.input_columns_[-1]])
     labels, why = champion_clusters(settings.tracking_uri, other)
     assert labels is None and model.input_columns_[-1] in why and "cluster this data set" in why
+
+
+def test_a_named_clustering_model_is_the_one_materialize_reads(isolated_home: Path) -> None:
+    """`segments cluster --name` registers one clustering model per data set or purpose; `materialize --clusters`
+    picks the one whose champion clusters the profiles."""
+    from typer.testing import CliRunner
+
+    from personalize.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    run("synth", "--customers", "300", "--days", "240", "--seed", "3", "--name", "tiny")
+    out = run("segments", "cluster", "tiny", "--name", "tiny_segments", "--k", "3", "--promote")
+    assert "registered tiny_segments v1 (champion and challenger" in out and "--clusters tiny_segments" in out
+    assert "no clusters: no customer_segments champion" in run("materialize", "tiny")
+    assert "clusters: tiny_segments v1" in run("materialize", "tiny", "--clusters", "tiny_segments")
+    bad = runner.invoke(app, ["segments", "cluster", "tiny", "--name", "9 lives"])
+    assert bad.exit_code == 2 and "model name '9 lives'" in bad.output

@@ -108,6 +108,11 @@ def test_the_retrain_policy_needs_a_streak_waits_for_labels_and_cools_down():
     info_only = decide(RetrainState(streak=5, first_window=str(t0)), [_alert(severity="info")], t0, t0 + week * 9,
                        policy, 30)
     assert not info_only[1] and info_only[0].streak == 0
+    empty = decide(RetrainState(streak=5, first_window=str(t0)), [_alert(rule="empty_feature")], t0, t0 + week * 9,
+                   policy, 30)  # a broken pipeline is fixed upstream, not retrained on
+    assert not empty[1] and empty[0].streak == 0
+    counted = decide(RetrainState(), [_alert(rule="empty_feature")], t0, t0 + week, RetrainPolicy(not_on=[]), 30)
+    assert counted[0].streak == 1
 
 
 def test_an_outcomes_file_labels_by_pseudonymized_id_and_counts_what_it_skips(tmp_path):
