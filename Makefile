@@ -20,8 +20,12 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
+# Bytecode is compiled once here (~20 s): where PYTHONDONTWRITEBYTECODE is set, as on our CI machines, every
+# process would otherwise compile MLflow & co. from source on each start (`personalize history churn`: 7.8 s -> 3.3 s;
+# every server, worker and MLflow Project step pays it).
 $(VENV)/.installed: $(UV) uv.lock pyproject.toml
-	$(UV) sync --frozen --all-extras --python $(PYTHON)
+	$(UV) sync --frozen --all-extras --python $(PYTHON) --compile-bytecode
+	$(VENV)/bin/python -m compileall -q personalize features training serving monitoring
 	@touch $@
 
 install: $(VENV)/.installed
