@@ -142,7 +142,12 @@ def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: p
     known = None
     if outcomes is not None:
         known = outcomes_for(settings, reference, outcomes)
-        matured = replace(window, frame=window.frame.assign(label=window.frame["customer_key"].map(known.labels)))
+        # One outcome per customer, judged against the customer's latest prediction in the window: a customer the
+        # API scored ten times would otherwise weigh ten times in the realized ROC-AUC.
+        frame = window.frame.sort_values("ts", kind="stable")
+        matched = int(frame["customer_key"].map(known.labels).notna().sum())
+        frame = frame[~frame.duplicated("customer_key", keep="last") | frame["customer_key"].isna()]
+        matured = replace(window, frame=frame.assign(label=frame["customer_key"].map(known.labels)))
     elif reference.horizon_days and dataset and (settings.dataset_dir(dataset) / "transactions.parquet").exists():
         shift = pd.Timedelta(days=reference.horizon_days)
         try:
@@ -157,7 +162,8 @@ def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: p
     t = time.perf_counter()
     metrics, snapshots = compare(reference, window, config, summary=summary, matured=matured)
     if known is not None:
-        metrics["outcomes"] = {**known.summary(), "matched_predictions": int(matured.frame["label"].notna().sum())}
+        metrics["outcomes"] = {**known.summary(), "matched_predictions": matched,
+                               "evaluated_customers": int(matured.frame["label"].notna().sum())}
     seconds["compare"] = time.perf_counter() - t
     alerts = evaluate(metrics, config, model, reference.version, window.start, window.end)
     result = PassResult(model, reference.version, window.summary(), metrics, alerts)

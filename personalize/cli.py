@@ -1034,7 +1034,7 @@ def _pass_table(out: Any) -> Table:
         o = m["outcomes"]
         skipped = ", ".join(f"{k} {v:,}" for k, v in o["skipped"].items())
         table.add_row(f"outcomes file ({o['rows_in']:,} rows{'; skipped ' + skipped if skipped else ''})",
-                      f"{o['matched_predictions']:,} labeled", "")
+                      f"{o['evaluated_customers']:,} customers ({o['matched_predictions']:,} predictions)", "")
     if "realized_roc_auc" in m:
         table.add_row(f"realized ROC-AUC ({m['labeled_rows']:,} labeled)", f"{m['realized_roc_auc']:.3f}",
                       f"{m['reference_roc_auc']:.3f}")

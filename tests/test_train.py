@@ -333,12 +333,15 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     outcomes = pd.concat([outcomes, pd.DataFrame({"acct": ["a-stranger"], "left": ["Y"]})])  # never scored
     outcomes.to_csv(tmp_path / "outcomes.csv", index=False)
     (tmp_path / "policy.yaml").write_text("alerts:\n  min_labeled: 20\n")
+    # the same customers scored once more: two predictions each, one outcome each, judged once (the latest)
+    assert runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV")]).exit_code == 0
     result = runner.invoke(app, ["monitor", "churn", "--window", "1", "--labels", str(tmp_path / "outcomes.csv"),
                                  "--config", str(tmp_path / "policy.yaml"), "--json"])
     assert result.exit_code == 0, result.output
     watched = json.loads(result.output[result.output.index("{"):])["pass"]["metrics"]
     assert watched["outcomes"]["rows_in"] == 41 and watched["outcomes"]["skipped"] == {"missing_label": 1}
-    assert watched["labeled_rows"] == watched["outcomes"]["matched_predictions"] == 38  # 40 - quarantined - unknown
+    assert watched["labeled_rows"] == watched["outcomes"]["evaluated_customers"] == 38  # 40 - quarantined - unknown
+    assert watched["outcomes"]["matched_predictions"] == 2 * 38
     known = scores.set_index("acct").join(frame.set_index("acct")["left"], how="inner").drop(index=frame["acct"][3])
     assert watched["realized_roc_auc"] == pytest.approx(
         roc_auc_score(known["left"] == "Y", known["probability"].round(6)), abs=1e-9)
