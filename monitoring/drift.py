@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -122,9 +124,19 @@ def build_drift_report(reference: Reference, window: Window, policy: DriftPolicy
         items.append(DataSummaryPreset(columns=list(inputs.current.columns)))
     report = Report(items, include_tests=True, metadata={"model": reference.model, "version": reference.version},
                     tags=[reference.model, f"v{reference.version}", "drift"])
-    return report.run(Dataset.from_pandas(inputs.current, data_definition=definition),
-                      Dataset.from_pandas(inputs.reference, data_definition=definition),
-                      timestamp=_when(window))
+    with _quiet_evidently():
+        return report.run(Dataset.from_pandas(inputs.current, data_definition=definition),
+                          Dataset.from_pandas(inputs.reference, data_definition=definition),
+                          timestamp=_when(window))
+
+
+@contextmanager
+def _quiet_evidently():
+    """Evidently's column summary divides by the count of values, 0 for a feature empty in the window (numpy's
+    "invalid value encountered in scalar divide", a dozen lines a pass); the report shows such a column as empty."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"evidently\.")
+        yield
 
 
 def build_performance_report(reference: Reference, window: Window, labeled: pd.DataFrame) -> Any:
@@ -145,7 +157,8 @@ def build_performance_report(reference: Reference, window: Window, labeled: pd.D
     report = Report([ClassificationPreset(probas_threshold=reference.threshold), ValueDrift(column="label")],
                     include_tests=False, metadata={"model": reference.model, "version": reference.version},
                     tags=[reference.model, f"v{reference.version}", "performance"])
-    return report.run(part(labeled), part(reference.frame), timestamp=_when(window))
+    with _quiet_evidently():
+        return report.run(part(labeled), part(reference.frame), timestamp=_when(window))
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/ ]+")

@@ -266,20 +266,21 @@ def features_get(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Argument(help="An ingested data set.")],
     customer_id: Annotated[str, typer.Argument(help="The customer to look up.")],
-    as_of: Annotated[datetime | None, typer.Option(help="Point in time (default: end of the data).")] = None,
+    as_of: Annotated[datetime | None, typer.Option(help="Point in time (default: as `materialize`, the day after "
+                                                         "the data's last row).")] = None,
 ) -> None:
-    """Print one customer's features at a point in time: the online path over the same definitions."""
+    """Print one customer's features at a point in time: the online path over the same definitions (by default
+    the values `materialize` puts in the online store, every category's share included)."""
     import pandas as pd
 
     from features.definitions import FeatureSpec
-    from features.store import FeatureStore, read_frame
+    from features.store import FeatureStore
+    from serving.online import default_as_of
 
     settings: Settings = ctx.obj
     store = FeatureStore(settings.dataset_dir(dataset))
-    when = pd.Timestamp(as_of) if as_of else store.observed_until()
-    frame_path = settings.features_dir(dataset) / "training_frame.parquet"
-    categories = tuple(read_frame(frame_path).attrs.get("categories", ())) if frame_path.exists() else ()
-    values = store.features_for(customer_id, when, FeatureSpec(categories=categories))
+    when = pd.Timestamp(as_of) if as_of else default_as_of(store)
+    values = store.features_for(customer_id, when, FeatureSpec(categories=store.top_categories(when, k=10_000)))
     console.print_json(json.dumps(values, default=str))
 
 
@@ -462,12 +463,23 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
         f"{len(t.tuned.study.trials)} trials (validation AUC {t.tuned.valid_auc:.4f}), trained on {t.trained_on}; "
         f"calibration {calibration} on {t.calibrated_on}: test ECE {t.test_raw_metrics['ece']:.4f} -> "
         f"{t.test_metrics['ece']:.4f}\n"
-        f"decision: act when probability >= {d['threshold']:.4f} ({config.threshold.kind}); on test: precision "
-        f"{d['precision']:.3f}, recall {d['recall']:.3f}, action rate {d['action_rate']:.3f}\n"
+        f"decision: act when probability >= {d['threshold']:.4f} ({_policy_label(config.threshold)}); on test: "
+        f"precision {d['precision']:.3f}, recall {d['recall']:.3f}, action rate {d['action_rate']:.3f}\n"
         f"top features (mean |TreeSHAP|): {', '.join(t.importance['feature'].head(5))}\n"
+        + (f"test ROC-AUC by category: {', '.join(f'{c} {v:.3f}' for c, v in t.by_category_auc.items())}\n"
+           if t.by_category_auc else "") +
         f"registered [bold]{outcome.model_name}[/] version {outcome.version} as challenger (run {outcome.run_id}, "
         f"{time.perf_counter() - started:.0f}s); next: personalize promote {outcome.model_name}",
         highlight=False, soft_wrap=True)
+
+
+def _policy_label(policy: Any) -> str:
+    """A threshold policy as `--threshold` spells it: f1, fbeta:2, fixed:0.7, value:…"""
+    if policy.kind == "f_beta":
+        return "f1" if policy.beta == 1 else f"fbeta:{policy.beta:g}"
+    if policy.kind == "fixed":
+        return f"fixed:{policy.value:g}"
+    return f"value:{policy.value_tp:g},{policy.cost_fp:g},{policy.cost_fn:g}"
 
 
 def _classifier_command(task: str, doc: str):

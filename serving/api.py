@@ -295,22 +295,31 @@ class Runtime:
         return known
 
     def _scores(self, record: dict[str, Any], customer_key: str | None, rid: str, needed: frozenset[str],
-                given: bool = False) -> tuple[dict[str, Any], list, list]:
+                given: bool = False) -> tuple[dict[str, Any], list, list, dict[str, str]]:
         """Churn, propensity and next-purchase scores from the record, with the prediction-log rows; a model that is
-        not served leaves its scores out (the decision works on what there is)."""
+        not served leaves its scores out (the decision works on what there is), and so does one that cannot score
+        the record, saying why (the last item)."""
         scores: dict[str, Any] = {}
         models: list[dict[str, str]] = []
         rows = []
+        unavailable: dict[str, str] = {}
         features = record.get("features") or {}
         for endpoint in ("churn", "propensity"):
-            loaded = self._served(endpoint, needed)
+            if endpoint not in needed:
+                continue
+            loaded = self._served(endpoint)
             if loaded is None:
+                unavailable[endpoint] = f"no {endpoint} model is served"
                 continue
             scorer = loaded.scorer
             complete = all(c in features for c in scorer.features)
-            if (scorer.from_table and not (given and complete)) or (not given and not complete):
-                continue  # a model of a table's own columns (churn=churn_telco), or of another data set's features,
-                # scores only a record that has them
+            if scorer.from_table and not (given and complete):  # a model of a table's own columns (churn_telco)
+                unavailable[endpoint] = (f"{loaded.name} v{loaded.version} scores a labeled table's rows: send its "
+                                         "columns as `features`")
+                continue
+            if not given and not complete:  # a model of another data set's features scores only a record with them
+                unavailable[endpoint] = self._foreign(loaded, features)
+                continue
             row = {c: features.get(c) for c in scorer.features}
             if given:  # the request's own record: every feature of every served model, values checked
                 missing = [c for c in scorer.features if c not in features]
@@ -324,9 +333,12 @@ class Runtime:
             rows.append(make_row(rid, "personalize", loaded.ref, customer_key, False, row,
                                  {"probability": scores[endpoint], "decision": p >= scorer.threshold}, None))
         cycle = record.get("cycle") or {}
-        if cycle and needed & CYCLE_SCORES:
+        if needed & CYCLE_SCORES:
             loaded = self._served("next_purchase")
-            if loaded is not None:
+            if loaded is None or not cycle:
+                unavailable["next_purchase"] = ("no purchase-cycle model is served" if loaded is None else
+                                                "no purchase summary for this customer")
+            else:
                 scorer = loaded.scorer
                 inputs = {c: cycle.get(c) for c in scorer.inputs}
                 stored = (record.get("profile") or {}).get("cycle_scores") or {}
@@ -340,7 +352,7 @@ class Runtime:
                 models.append(loaded.ref)
                 rows.append(make_row(rid, "personalize", loaded.ref, customer_key, False, inputs,
                                      dict(out), None))
-        return scores, models, rows
+        return scores, models, rows, unavailable
 
     def _served(self, endpoint: str, needed: frozenset[str] | None = None) -> Any | None:
         """The loaded champion of ``endpoint``, or None when the decision does not need it or none is served."""
@@ -394,9 +406,9 @@ class Runtime:
         needed = self._needed[placement]
         if cold:
             scores, models = self._cold_scores(needed)
-            rows = []
+            rows, unavailable = [], {}
         else:
-            scores, models, rows = self._scores(record, key, rid, needed, given=features is not None)
+            scores, models, rows, unavailable = self._scores(record, key, rid, needed, given=features is not None)
         ctx = {**(context or {}), **(record or {}).get("features", {}), **scores, "segment": segments["segment"],
                "cluster": segments.get("cluster"), "cold_start": cold,
                **{name: name in segments["segments"] for name in self.segments.names}}
@@ -409,7 +421,7 @@ class Runtime:
             self._emit(rows)
         return {**out, **_public(decision), "segment": segments["segment"], "segments": segments["segments"],
                 **({"cluster": segments["cluster"]} if "cluster" in segments else {}), "scores": scores,
-                "models": models}
+                "models": models, **({"unavailable_scores": unavailable} if unavailable else {})}
 
     def feedback(self, decision_id: str, event: str, value: float | None = None,
                  request_id: str | None = None) -> dict[str, Any]:

@@ -108,6 +108,15 @@ def test_synth_then_features_then_lookup(isolated_home: Path) -> None:
     assert result.exit_code == 0, result.output
     values = json.loads(result.output)
     assert values["frequency"] == one["frequency"] and values["monetary_total"] == one["monetary_total"]
+    # by default, the values the online store serves
+    assert run("materialize", "tiny").exit_code == 0
+    from serving.online import default_url, open_store
+
+    stored = open_store(default_url(isolated_home, "tiny"), "tiny").get_many([one["customer_id"]])[one["customer_id"]]
+    result = run("features", "get", "tiny", one["customer_id"])
+    assert result.exit_code == 0, result.output
+    values = json.loads(result.output)
+    assert {k: values[k] for k in stored["features"]} == pytest.approx(stored["features"], nan_ok=True)
 
 
 def test_synth_drift_dropout_is_parsed_and_a_bad_one_is_a_usage_error(isolated_home: Path) -> None:

@@ -670,7 +670,9 @@ def test_a_model_of_another_data_sets_features_is_not_scored_on_made_up_values(
         other.close()
         with pytest.raises(NotServing, match=f"does not hold \\({foreign[0]}"):
             runtime.classify("churn", customer_id=cid)
-        assert "churn" not in runtime.personalize("email", customer_id=cid, consent=True)["scores"]
+        decided = runtime.personalize("email", customer_id=cid, consent=True)
+        assert "churn" not in decided["scores"]  # left out, and the answer says why
+        assert f"does not hold ({foreign[0]}" in decided["unavailable_scores"]["churn"]
         sent = runtime.classify("churn", features=record["features"])
         assert 0 < sent["results"][0]["probability"] < 1 and not sent["results"][0]["cold_start"]
     finally:

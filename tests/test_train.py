@@ -215,6 +215,11 @@ def test_transaction_data_trains_out_of_time(task: str) -> None:
         assert len(p.test) == p.test["customer_id"].nunique() * p.test["category"].nunique()
         assert set(outcome.trained.by_category_auc) <= set(p.test["category"])
         assert len(outcome.trained.by_category_auc) >= 2
+        from serving.batch import score_dataset
+
+        with pytest.raises(PersonalizeError, match="per-category propensity model"):  # not a frame-lacks error
+            score_dataset(connect(settings().tracking_uri), outcome.model_name, settings().dataset_dir("synth"),
+                          settings().home / "scores", alias="challenger")
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

@@ -464,7 +464,10 @@ def fit_classifier(prepared: Prepared, config: TrainConfig, tune_fn) -> Trained:
     else:  # early stopping on the validation cutoff, as in the search; the model is not trained on it
         y_cal, raw_cal = y_valid, predict(booster, x_valid, rounds)
         calibrated_on = "the validation part"
-        trained_on = f"the training part ({len(y_train):,} rows), stopped early on the validation part"
+        capped = rounds + search.early_stopping_rounds > search.max_rounds  # still improving at the round cap
+        trained_on = f"the training part ({len(y_train):,} rows), " + (
+            f"boosted to the {search.max_rounds}-round cap (validation still improving)" if capped
+            else "stopped early on the validation part")
     raw_test = predict(booster, x_test, rounds)
     calibrator = Calibrator(config.calibration).fit(raw_cal, y_cal)
     p_cal, p_test = calibrator.transform(raw_cal), calibrator.transform(raw_test)
