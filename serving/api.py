@@ -93,11 +93,21 @@ class Runtime:
 
         try:
             store = {"url": _redact(self.config.online_url), **self.store.meta()}
-            store.pop("feature_columns", None)
+            columns = store.pop("feature_columns", None)
         except Exception as exc:
-            store = {"url": _redact(self.config.online_url), "error": str(exc)}
+            store, columns = {"url": _redact(self.config.online_url), "error": str(exc)}, None
+        # a champion of another data set's features loads fine but answers every id with a 503: say so here
+        by_id = {}
+        for endpoint in ("churn", "propensity"):
+            loaded = self._served(endpoint)
+            if loaded is not None and columns is not None:
+                if loaded.scorer.from_table:
+                    by_id[endpoint] = f"{loaded.name} v{loaded.version} scores a labeled table's rows, not ids"
+                elif any(c not in columns for c in loaded.scorer.features):
+                    by_id[endpoint] = self._foreign(loaded, dict.fromkeys(columns))
         return {"ready": self.models.ready, **self.models.status(), "served": self.served,
-                "prediction_log": self.log.status(), "online_store": store, "shadow_mode": self.config.shadow}
+                "prediction_log": self.log.status(), "online_store": store, "shadow_mode": self.config.shadow,
+                **({"not_scoring_ids": by_id} if by_id else {})}
 
     # --- shared steps -------------------------------------------------------------------------------------------
     @staticmethod

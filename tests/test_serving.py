@@ -411,6 +411,7 @@ def test_champion_moves_are_picked_up_without_a_failed_request_and_a_broken_one_
             status = server.client.get("/status").json()
         assert f"version {broken}" in status["errors"]["churn"] and "still serving" in status["errors"]["churn"]
         assert status["models"]["churn"]["version"] == new
+        assert "not_scoring_ids" not in status  # the champions read what the store holds
         r = server.client.post("/churn", json={"customer_id": cid})
         assert r.status_code == 200 and r.json()["model"]["version"] == new
         assert server.client.get("/readyz").status_code == 200
@@ -666,10 +667,11 @@ def test_a_model_of_another_data_sets_features_is_not_scored_on_made_up_values(
         foreign = [c for c in features if c.startswith("cat_share_")][:1] or features[:1]
         other = open_store(config.online_url, "synthetic")
         other.write({cid: {**record, "features": {k: v for k, v in record["features"].items() if k not in foreign}}},
-                    meta)
+                    {**meta, "feature_columns": [c for c in meta["feature_columns"] if c not in foreign]})
         other.close()
         with pytest.raises(NotServing, match=f"does not hold \\({foreign[0]}"):
             runtime.classify("churn", customer_id=cid)
+        assert f"does not hold ({foreign[0]}" in runtime.status()["not_scoring_ids"]["churn"]  # /status says so
         decided = runtime.personalize("email", customer_id=cid, consent=True)
         assert "churn" not in decided["scores"]  # left out, and the answer says why
         assert f"does not hold ({foreign[0]}" in decided["unavailable_scores"]["churn"]
