@@ -230,8 +230,10 @@ def read_outcomes(path: Path, id_column: str, label_column: str, positive: str, 
     classes = sorted(set(text[~blank]))
     strangers = [c for c in classes if values and c not in values]
     if strangers or len(classes) > 2 or (len(classes) == 2 and positive_text not in classes):
-        expected = f"the training table's {values}" if values else f"the positive value {positive!r} and one other"
-        raise DataFileError(path, f"{expected} are expected; values are {classes[:10]}", column=label_column)
+        expected = (f"the training table's label values ({', '.join(values)}; in any case)" if values
+                    else f"the positive value {positive!r} and one other")
+        raise DataFileError(path, f"{expected} are expected; the file has {', '.join(classes[:10])}",
+                            column=label_column)
     no_id = is_blank(raw[id_column])
     keys = normalize_ids(raw[id_column]).map(lambda c: None if c is None else pseudonymize(str(c), salt))
     usable = ~no_id & ~blank

@@ -135,7 +135,7 @@ def test_an_outcomes_file_labels_by_pseudonymized_id_and_counts_what_it_skips(tm
     assert read_outcomes(tmp_path / "o.csv", "id", "y", "Churned", b"salt").labels.sum() == 2  # any case
     # against the training table's values, a file coded otherwise is an error, not a file of negatives
     pd.DataFrame({"id": ["a", "b"], "y": [1, 1]}).to_csv(tmp_path / "coded.csv", index=False)
-    with pytest.raises(DataFileError, match=r"the training table's \['no', 'yes'\] are expected; values are \['1'\]"):
+    with pytest.raises(DataFileError, match=r"label values \(no, yes; in any case\) are expected; the file has 1$"):
         read_outcomes(tmp_path / "coded.csv", "id", "y", "Yes", b"salt", values=["no", "yes"])
     frame.to_csv(tmp_path / "semicolons.csv", index=False, sep=";")
     with pytest.raises(DataFileError, match="--sep ';'"):

@@ -375,6 +375,7 @@ def test_a_champion_that_cannot_score_the_new_frame_refuses_until_forced_with_a_
     train_and_register(settings(), "churn", new, TrainConfig(tune=FAST))
     report = promote(client, "churn", GateConfig(bootstrap_rounds=200))
     assert not report.passed and "cannot score" in report.checks[0].detail
+    assert "Failed to enforce" not in report.checks[0].detail and "tier" in report.checks[0].detail  # names it
     assert aliases(client, "churn")[CHAMPION] == "1"
     with pytest.raises(RegistryError, match="--reason"):
         promote(client, "churn", GateConfig(bootstrap_rounds=200), force=True)

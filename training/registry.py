@@ -304,8 +304,11 @@ def _score(name: str, version: str, heldout: pd.DataFrame, prediction: str) -> p
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
         out = model.predict(conform(heldout, model.metadata.get_input_schema()))
     except Exception as exc:
+        text = str(exc)
+        if text.startswith("Failed to enforce schema") and "Error: " in text:  # MLflow quotes the whole frame first
+            text = "its input schema refuses it: " + text.rsplit("Error: ", 1)[1]
         raise RegistryError(f"{name} version {version} cannot score the held-out frame: "
-                            f"{str(exc).splitlines()[0][:300]}") from None
+                            f"{text.strip().splitlines()[0][:300]}") from None
     out = out if isinstance(out, pd.DataFrame) else pd.DataFrame({prediction: np.asarray(out).ravel()})
     if prediction not in out.columns:
         raise RegistryError(f"{name} version {version} returns no {prediction!r} column (it returns "
