@@ -296,8 +296,8 @@ class Runtime:
         known = self.segments.columns() | self.catalog.rule_names()
         for endpoint in ("churn", "propensity"):
             loaded = self._served(endpoint)
-            if loaded is not None:
-                known |= set(loaded.scorer.features)
+            if loaded is not None:  # a labeled table's model also takes the table's other columns, ignored
+                known |= set(loaded.scorer.features) | set(getattr(loaded.scorer, "unused", ()))
         try:
             known |= set(self.store.meta().get("feature_columns") or ())
         except OnlineStoreError:  # a record can still be checked against the models' and the rules' names

@@ -636,6 +636,10 @@ def test_an_endpoint_serves_a_model_of_another_name_and_says_what_it_cannot_scor
         decision = runtime.personalize("email", customer_id=cid, consent=True)
         assert "churn" not in decision["scores"] and "days_to_next" in decision["scores"]
         assert "churn" not in runtime.personalize("email", customer_id="never-seen", consent=True)["scores"]
+        assert "send its columns" in decision["unavailable_scores"]["churn"]
+        # the table's row as it is (its id and label too, which the model ignores) is scored for the decision
+        sent = runtime.personalize("email", features=json.loads(row.to_json(orient="records"))[0], consent=True)
+        assert sent["scores"]["churn"] == answer["results"][0]["probability"]
     finally:
         runtime.close()
 
