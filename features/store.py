@@ -143,10 +143,11 @@ class FeatureStore:
             raise PersonalizeError(f"{self.dataset_dir.name} is a labeled table: it is trained on as it is, there "
                                    "are no transactions to build point-in-time features from")
         if not self.dataset_dir.is_dir():
+            from personalize.settings import ingested
+
             root = self.dataset_dir.parent
-            known = ", ".join(sorted(d.name for d in root.iterdir() if d.is_dir())) if root.is_dir() else ""
             raise PersonalizeError(f"no data set {self.dataset_dir.name!r} under {root} (ingested: "
-                                   f"{known or 'none yet'}); run `personalize ingest` for it first")
+                                   f"{', '.join(ingested(root)) or 'none yet'}); run `personalize ingest` for it first")
         missing = [t for t in RAW_TABLES if not (self.dataset_dir / f"{t}.parquet").exists()]
         if missing:
             raise PersonalizeError(

@@ -50,8 +50,7 @@ class Settings(BaseModel):
 
     def datasets(self) -> list[str]:
         """The data sets ingested under this home."""
-        root = self.home / "data"
-        return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        return ingested(self.home / "data")
 
     def quarantine_dir(self, dataset: str) -> Path:
         return self.home / "quarantine" / dataset
@@ -108,3 +107,8 @@ def looks_like_file(dataset: str) -> bool:
     """A DATASET argument meant as a file, not a data set name: a table or config suffix, or a path separator (a
     data set name has neither), so a missing one is "no such file", not "no data set"."""
     return dataset.lower().endswith(FILE_SUFFIXES) or any(sep in dataset for sep in {"/", os.sep})
+
+
+def ingested(data_root: Path) -> list[str]:
+    """The data sets under a home's ``data`` folder (one folder each)."""
+    return sorted(d.name for d in data_root.iterdir() if d.is_dir()) if data_root.is_dir() else []
