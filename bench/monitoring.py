@@ -154,12 +154,11 @@ def realized_auc(scorer: Any, dataset_dir: Path, moment: pd.Timestamp) -> float:
     """The champion's ROC-AUC on every customer of the shop with a churn label at ``moment``."""
     from sklearn.metrics import roc_auc_score
 
-    from features.definitions import FeatureSpec
     from features.store import FeatureStore
     from serving.batch import score_matrix
 
     store = FeatureStore(dataset_dir)
-    frame = store.training_frame([moment], HORIZON, FeatureSpec(categories=store.top_categories(moment, k=10_000)))
+    frame = store.training_frame([moment], HORIZON, store.every_category(moment))
     frame = frame[frame["churn"].notna()].copy()
     for c in scorer.features:
         if c not in frame.columns:

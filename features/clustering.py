@@ -438,8 +438,7 @@ def cluster_frame(dataset_dir: Path, as_of: pd.Timestamp | str | None = None,
 
     store = FeatureStore(Path(dataset_dir))
     cutoff = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
-    spec = FeatureSpec(categories=tuple(categories) if categories is not None
-                       else store.top_categories(cutoff, k=10_000))
+    spec = FeatureSpec(categories=tuple(categories)) if categories is not None else store.every_category(cutoff)
     frame = store.offline([cutoff], spec)
     if frame.empty:
         raise ClusteringError(f"{Path(dataset_dir).name}: no customer had signed up before {cutoff}")

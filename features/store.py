@@ -189,6 +189,11 @@ class FeatureStore:
         top = t.group_by("category").aggregate(spend=t.amount.sum()).order_by(ibis.desc("spend")).limit(k)
         return tuple(str(c) for c in top.execute()["category"])
 
+    def every_category(self, before: pd.Timestamp) -> FeatureSpec:
+        """The features with every category's share (bought before ``before``): what the online store holds, so a
+        model trained on the top k finds its columns among them."""
+        return FeatureSpec(categories=self.top_categories(before, k=10_000))
+
     def entities(self, cutoffs: list[pd.Timestamp], customer_id: str | None = None) -> ir.Table:
         """Every customer (or the one named) who had signed up before a cutoff, at that cutoff."""
         cuts = ibis.memtable(pd.DataFrame({"cutoff": pd.to_datetime(list(cutoffs)).astype("datetime64[ns]")}))

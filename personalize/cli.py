@@ -273,14 +273,13 @@ def features_get(
     the values `materialize` puts in the online store, every category's share included)."""
     import pandas as pd
 
-    from features.definitions import FeatureSpec
     from features.store import FeatureStore
     from serving.online import default_as_of
 
     settings: Settings = ctx.obj
     store = FeatureStore(settings.dataset_dir(dataset))
     when = pd.Timestamp(as_of) if as_of else default_as_of(store)
-    values = store.features_for(customer_id, when, FeatureSpec(categories=store.top_categories(when, k=10_000)))
+    values = store.features_for(customer_id, when, store.every_category(when))
     console.print_json(json.dumps(values, default=str))
 
 
@@ -1352,13 +1351,12 @@ def _segment_frame(settings: Settings, dataset: str, as_of: datetime | None):
     """Every customer's features at ``as_of`` (default: after the data's last row), as the online store has them."""
     import pandas as pd
 
-    from features.definitions import FeatureSpec
     from features.store import FeatureStore
     from serving.online import default_as_of
 
     store = FeatureStore(settings.dataset_dir(dataset))
     when = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
-    return store.offline([when], FeatureSpec(categories=store.top_categories(when, k=10_000))), when
+    return store.offline([when], store.every_category(when)), when
 
 
 @segments_app.command("rules")

@@ -76,11 +76,10 @@ def drift_spec() -> Any:
 def _features_at(settings: Settings, moment: pd.Timestamp, features: list[str]) -> pd.DataFrame:
     """Every customer who had bought before ``moment`` (those a churn model is defined for), with the point-in-time
     features of that moment, in the model's columns."""
-    from features.definitions import FeatureSpec
     from features.store import FeatureStore
 
     store = FeatureStore(settings.dataset_dir(DATASET))
-    frame = store.offline([moment], FeatureSpec(categories=store.top_categories(moment, k=10_000)))
+    frame = store.offline([moment], store.every_category(moment))
     frame = frame[frame["frequency"] > 0].reset_index(drop=True)
     for c in features:
         if c not in frame.columns:

@@ -144,7 +144,6 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     """Score every customer known at ``as_of`` with ``name@alias`` and write ``<out_dir>/<name>/v<n>/scores.parquet``
     (on Spark, a directory of part files with the same columns); with ``log_root`` (and the server's ``salt``), log
     every score in the prediction log too."""
-    from features.definitions import FeatureSpec
     from features.engines import connect
     from features.store import FeatureStore
     from serving.online import default_as_of
@@ -157,7 +156,7 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     started = time.perf_counter()
     store = FeatureStore(dataset_dir, connect(engine, spark_master) if engine != "duckdb" else None)
     as_of = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
-    spec = FeatureSpec(categories=store.top_categories(as_of, k=10_000))
+    spec = store.every_category(as_of)
     path = out_dir / name / f"v{loaded.version}" / "scores.parquet"
     if engine == "spark":
         return _score_spark(store, spec, loaded, as_of, path, started, log_root, salt)

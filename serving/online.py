@@ -344,9 +344,7 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
 
     store = FeatureStore(dataset_dir, connect(engine) if engine != "duckdb" else None)
     as_of = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
-    # Every category's share: a model trained on the top k finds its columns among them.
-    spec = FeatureSpec(categories=tuple(categories) if categories is not None
-                       else store.top_categories(as_of, k=10_000))
+    spec = FeatureSpec(categories=tuple(categories)) if categories is not None else store.every_category(as_of)
     check_columns(segments, spec.columns)
     features = store.offline([as_of], spec)
     if features.empty:
