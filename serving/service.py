@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 import anyio
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from serving.config import ServeConfig
@@ -48,7 +48,15 @@ CONFIG = ServeConfig.from_env()
 Number = Annotated[float, Field(allow_inf_nan=False)]
 # a text value may be a labeled table's column the model set aside (free text, say), sent with the row and ignored
 Value = Number | bool | Annotated[str, Field(max_length=4096)] | None
-CustomerId = Annotated[str, Field(min_length=1, max_length=128, examples=["C000042"])]
+
+
+def _integer_id(value: Any) -> Any:
+    """A JSON integer id (Online Retail's 12347, CDNOW's 42) is the string the stores keep ("12347"); a float or a
+    boolean stays refused, as ``12347.0`` or ``true`` is no id anyone meant."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+CustomerId = Annotated[str, BeforeValidator(_integer_id), Field(min_length=1, max_length=128, examples=["C000042"])]
 FEATURES_EXAMPLE = {"recency_days": 12.0, "frequency": 7, "monetary_total": 412.5, "tenure_days": 380.0}
 SUMMARY_EXAMPLE = {"frequency": 4, "recency": 120.0, "T": 200.0, "monetary": 35.2, "days_since_last": 80.0,
                    "purchases_30d": 0, "purchases_90d": 1, "purchases_180d": 3, "purchases_365d": 5,
