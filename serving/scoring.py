@@ -380,6 +380,10 @@ class ModelSet:
             if alias != self.alias:
                 target.pop(endpoint, None)  # the challenger was promoted or removed: stop shadowing
             return
+        champion = self.current.get(endpoint)
+        if alias != self.alias and champion is not None and champion.version == version:
+            target.pop(endpoint, None)  # the challenger is the champion (promoted, alias kept): nothing to shadow
+            return
         if loaded is not None and loaded.version == version:
             return
         failed = self._failed.get((endpoint, alias))

@@ -493,12 +493,15 @@ def test_shadow_challenger_is_logged_never_returned(home: Path, tmp_path: Path) 
 
     client = connect(f"sqlite:///{home / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("churn", "champion")
-    v1 = client.get_model_version("churn", "1")
-    challenger = register(client, "churn", v1.source, v1.run_id)  # gets the challenger alias
+    client.set_registered_model_alias("churn", "challenger", champion.version)  # as a promotion leaves it
     config = ServeConfig(home=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}", shadow=True,
                          prediction_log=tmp_path / "log")
     runtime = Runtime(config, client, start_reloader=False, freeze_heap=False)
     try:
+        assert "churn" not in runtime.status()["shadow"]  # the challenger is the champion: not loaded twice
+        v1 = client.get_model_version("churn", "1")
+        challenger = register(client, "churn", v1.source, v1.run_id)  # gets the challenger alias
+        runtime.models.refresh()
         cid = _known_ids(home, 1)[0]
         answer = runtime.classify("churn", customer_id=cid)
         assert answer["model"]["version"] == str(champion.version)
