@@ -133,6 +133,13 @@ def test_the_pyfunc_serves_every_series_and_the_run_carries_the_gate_inputs(resu
     with pytest.raises(ForecastError, match="unknown series 'category.zzz'"):
         model.predict(pd.DataFrame({"series": ["category.zzz"], "ds": [pd.Timestamp("2024-04-01")]}))
     assert model.predict(pd.DataFrame({"series": [TOTAL], "ds": ["2024-04-01"]}))["yhat"].notna().all()  # text dates
+    # a day's interval is the same whichever other days are asked beside it (Prophet samples the whole frame)
+    day = result.forecast["ds"].max()
+    alone, within = (model.predict(pd.DataFrame({"series": TOTAL, "ds": days})).iloc[-1]
+                     for days in ([day], pd.date_range(day - pd.Timedelta(days=9), day)))
+    assert alone.to_dict() == within.to_dict()
+    beyond = model.predict(pd.DataFrame({"series": TOTAL, "ds": [day + pd.Timedelta(days=400)]}))  # past the grid
+    assert beyond.notna().all(axis=None)
 
     logged = mlflow.get_run(run.info.run_id)
     assert {"mae", "mape", "baseline_mae", "mae_total", "baseline_mae_category.a"} <= set(logged.data.metrics)

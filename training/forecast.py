@@ -55,6 +55,7 @@ _QUIET_LOGGERS = ("cmdstanpy", "prophet", "prophet.plot")
 _SERIES_NAME = re.compile(r"[^0-9A-Za-z_.-]+")
 PYFUNC_INPUT = ("series", "ds")
 PYFUNC_OUTPUT = ("yhat", "yhat_lower", "yhat_upper")
+GRID_DAYS = 366  # the served model predicts every day up to this far past the history at once (the API's longest)
 
 
 class ForecastError(PersonalizeError):
@@ -277,6 +278,27 @@ def predict_series(model: Prophet, ds: pd.Series | pd.DatetimeIndex, calendar: B
     return frame
 
 
+def predict_days(model: Prophet, days: pd.DatetimeIndex, calendar: BusinessCalendar, clip: bool, seed: int,
+                 cache: dict[str, pd.DataFrame] | None = None, key: str = "") -> pd.DataFrame:
+    """:func:`predict_series` for ``days``, predicted on a fixed grid: every day from the history's first to
+    ``GRID_DAYS`` past its last (kept in ``cache[key]`` when given), widened to asked days outside it. Prophet draws
+    the interval's samples for the whole frame it is given, so a day's interval would otherwise move with the other
+    days asked beside it: the served forecast and the one logged at training agree day by day."""
+    history = model.history["ds"]
+    grid = pd.date_range(history.min().normalize(), history.max().normalize() + pd.Timedelta(days=GRID_DAYS))
+    wanted = days.unique()
+    if wanted.isin(grid).all():
+        table = None if cache is None else cache.get(key)
+        if table is None:
+            table = predict_series(model, grid, calendar, clip, seed)
+            if cache is not None:
+                cache[key] = table
+    else:
+        span = pd.date_range(min(grid[0], wanted.min().normalize()), max(grid[-1], wanted.max().normalize()))
+        table = predict_series(model, span.union(wanted), calendar, clip, seed)
+    return table.set_index("ds").reindex(days).rename_axis("ds").reset_index()
+
+
 def seasonal_naive(history: pd.Series, horizon: int, season: int = 7) -> np.ndarray:
     """The last observed season repeated: day h of the horizon gets the value of the same weekday in the last
     week of ``history`` (a forecast made at the end of ``history``, never peeking into the horizon)."""
@@ -344,8 +366,8 @@ def forecast_purchases(transactions: pd.DataFrame, config: ForecastConfig) -> Fo
                      name, prophet_scores["mae"], naive_scores["mae"], prophet_scores["mape"],
                      naive_scores["mape"], scale)
             models[name] = _fit(one, calendar, yearly, config, scale)
-            forecasts.append(predict_series(models[name], future, calendar, config.clip_negative,
-                                            config.interval_seed).assign(series=name))
+            forecasts.append(predict_days(models[name], pd.DatetimeIndex(future), calendar, config.clip_negative,
+                                          config.interval_seed).assign(series=name))
     held = pd.concat(holdout, ignore_index=True)[
         ["series", "ds", "actual", "yhat", "yhat_lower", "yhat_upper", "baseline"]]
     overall = {**forecast_metrics(held["actual"], held["yhat"]),
@@ -367,6 +389,7 @@ class PurchaseForecastModel(mlflow.pyfunc.PythonModel):
         self.calendar = BusinessCalendar.from_dict(bundle["calendar"])
         self.clip = bool(bundle["clip_negative"])
         self.seed = int(bundle["interval_seed"])
+        self.grids: dict[str, pd.DataFrame] = {}
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         missing = [c for c in PYFUNC_INPUT if c not in model_input.columns]
@@ -387,8 +410,8 @@ class PurchaseForecastModel(mlflow.pyfunc.PythonModel):
         with quiet_prophet():
             for name in pd.unique(series):
                 rows = np.flatnonzero(series == name)
-                predicted = predict_series(self.models[name], pd.DatetimeIndex(ds[rows]), self.calendar,
-                                           self.clip, self.seed)
+                predicted = predict_days(self.models[name], pd.DatetimeIndex(ds[rows]), self.calendar, self.clip,
+                                         self.seed, cache=self.grids, key=name)
                 out.iloc[rows, :] = predicted[list(PYFUNC_OUTPUT)].to_numpy()
         return out
 
