@@ -214,6 +214,26 @@ def test_two_workers_share_one_study_and_one_parent_run(postgres: str, mlflow_se
     assert stored == {parent.info.run_id, *(c.info.run_id for c in children)}
 
 
+@pytest.mark.slow
+def test_a_model_trained_through_a_tracking_server_is_registered_promoted_and_audited_there(
+        mlflow_server: str, telco: str, monkeypatch: pytest.MonkeyPatch, restore_tracking_uri: None) -> None:
+    # Given: the platform pointed at a shared MLflow server (PostgreSQL behind it), as the README's set-up says
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    runner = CliRunner()
+    # When: a model is trained, then promoted there
+    trained = runner.invoke(app, ["train", "churn", telco, "--trials", "1", "--family", "lightgbm",
+                                  "--name", "churn_remote"])
+    assert trained.exit_code == 0, trained.output
+    promoted = runner.invoke(app, ["promote", "churn_remote", "--reason", "first version"])
+    assert promoted.exit_code == 0, promoted.output
+    # Then: the server's registry holds version 1 as champion, its source the logged model, with the audit trail
+    client = mlflow.MlflowClient(mlflow_server)
+    champion = client.get_model_version_by_alias("churn_remote", "champion")
+    assert champion.version == "1" and champion.source.startswith("models:/m-")
+    history = runner.invoke(app, ["history", "churn_remote"])
+    assert history.exit_code == 0 and "register" in history.output and "promote" in history.output, history.output
+
+
 def test_tuning_a_study_again_resumes_its_parent_run_or_replaces_a_deleted_one(
         telco: str, isolated_home: Path, tmp_path: Path, sqlite_tracking: str, restore_tracking_uri: None) -> None:
     # Given: a study tuned once

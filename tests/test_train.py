@@ -238,6 +238,15 @@ def test_one_class_and_too_few_rows_are_clear_errors_and_register_nothing(tmp_pa
     assert client.search_registered_models() == []
 
 
+def test_a_version_the_registry_refuses_leaves_no_registered_model_behind() -> None:
+    from training.registry import register
+
+    client = connect(settings().tracking_uri)
+    with pytest.raises(Exception, match="m-0123456789abcdef"):  # no such logged model
+        register(client, "churn_nowhere", "models:/m-0123456789abcdef", "no-run")
+    assert "churn_nowhere" not in [m.name for m in client.search_registered_models()]
+
+
 def test_an_unreachable_tracking_server_fails_fast_before_any_work(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     frame, _ = churn_table(300)

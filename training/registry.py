@@ -180,16 +180,25 @@ def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str
 
     check_name(name)
     kind = kind or MODELS.get(name, "classifier")
+    created = False
     try:
         existing = client.get_registered_model(name).tags.get("kind")
     except MlflowException:
         client.create_registered_model(name, tags={"kind": kind},
                                        description=f"{name} ({kind}); serve models:/{name}@champion")
-        existing = kind
+        existing, created = kind, True
     if existing and existing != kind:
         raise RegistryError(f"{name} holds {existing} models; a {kind} cannot become a version of it")
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {},
-                                          description=description)
+    # a logged model's URI (models:/m-...) names its model id, which a tracking server asks for beside the source
+    logged = model_uri.removeprefix("models:/")
+    model_id = logged if model_uri.startswith("models:/m-") and "/" not in logged else None
+    try:
+        version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {},
+                                              description=description, model_id=model_id)
+    except Exception:
+        if created:  # nothing half-registered: the model this call created goes again
+            client.delete_registered_model(name)
+        raise
     try:
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         _audit(client, name, {"action": "register", "version": str(version.version), "run_id": run_id,
