@@ -32,6 +32,20 @@ def test_a_perfect_ranking_lifts_the_top_decile_to_one_over_the_base_rate() -> N
     assert precision_recall_at_k(y, p, 200) == (0.5, 1.0)
 
 
+def test_tied_scores_share_the_cut_so_a_constant_score_finds_the_base_rate() -> None:
+    # Given positives first in row order, and a constant score (the baseline) or a score with ties at the cut
+    y = np.r_[np.ones(300), np.zeros(700)]
+    constant = np.full(1000, 0.3)
+    # Then the constant score lifts nothing and its precision@K is the base rate, whatever the order
+    assert lift(y, constant, 0.1) == pytest.approx(1.0) == lift(y[::-1], constant, 0.1)
+    assert precision_recall_at_k(y, constant, 100) == pytest.approx((0.3, 0.1))
+    # and rows tied at the cut count by their share: 50 sure positives above it, 50 places among 100 tied rows
+    # that hold 40 positives
+    p = np.r_[np.full(50, 0.9), np.full(40, 0.5), np.full(60, 0.5), np.zeros(850)]
+    y = np.r_[np.ones(50), np.ones(40), np.zeros(60), np.zeros(850)]
+    assert precision_recall_at_k(y, p, 100) == pytest.approx(((50 + 50 * 0.4) / 100, (50 + 50 * 0.4) / 90))
+
+
 def test_classification_metrics_agree_with_scikit_learn() -> None:
     y = RNG.integers(0, 2, 500)
     p = np.clip(0.3 * y + RNG.uniform(0, 0.7, 500), 0, 1)

@@ -62,21 +62,24 @@ def calibration_noise(p: np.ndarray, quantile: float = 0.95, rounds: int = 200, 
     return float(np.quantile(draws, quantile))
 
 
-def _top(p: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores (ties broken by position, so the result is deterministic)."""
-    return np.argsort(-p, kind="stable")[:k]
+def _top_hits(y: np.ndarray, p: np.ndarray, k: int) -> float:
+    """Positives among the k highest scores. Rows tied at the cut share its remaining places: their expected count
+    under a random order, not the first rows' (a constant score finds the base rate, whatever the row order)."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    cut = np.partition(p, len(p) - k)[len(p) - k]  # the k-th highest score
+    above, tied = p > cut, p == cut
+    return float(y[above].sum() + (k - above.sum()) * y[tied].mean())
 
 
 def lift(y: np.ndarray, p: np.ndarray, fraction: float = 0.1) -> float:
     """How many times the base rate the positive rate is among the top ``fraction`` of scores."""
     k = max(1, int(round(len(p) * fraction)))
-    return float(np.mean(np.asarray(y)[_top(np.asarray(p), k)]) / np.mean(y))
+    return float(_top_hits(y, p, k) / k / np.mean(y))
 
 
 def precision_recall_at_k(y: np.ndarray, p: np.ndarray, k: int) -> tuple[float, float]:
-    y = np.asarray(y, dtype=float)
-    hits = y[_top(np.asarray(p), k)].sum()
-    return float(hits / k), float(hits / y.sum())
+    hits = _top_hits(y, p, k)
+    return float(hits / k), float(hits / np.asarray(y, dtype=float).sum())
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, top_fraction: float = 0.1) -> dict[str, float]:
