@@ -746,7 +746,28 @@ def history(ctx: typer.Context, model: ModelName) -> None:
     console.print(table)
 
 
+def require_free_port(host: str, port: int) -> None:
+    """A port already taken is one line here, before a server starts only to log the clash (and, for `mlflow ui`,
+    exit with 0)."""
+    import socket
+
+    from personalize.errors import ConfigError
+
+    try:
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: {exc.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a TIME_WAIT port is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror} (another server? choose "
+                              f"another --port)") from None
+
+
 @app.command("mlflow-ui")
+@user_errors
 def mlflow_ui(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -761,6 +782,7 @@ def mlflow_ui(
     if uri.startswith(("http://", "https://", "databricks")):
         console.print(f"the tracking store is a server already: open {uri}")
         return
+    require_free_port(host, port)
     args = ["mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", settings.artifact_root,
             "--host", host, "--port", str(port), "--workers", "1"]
     console.print(" ".join(args), highlight=False, soft_wrap=True)
@@ -947,6 +969,7 @@ def serve(
     from training.registry import connect, kind_of
 
     settings: Settings = ctx.obj
+    require_free_port(host, port)
     load_catalog(catalog), load_segments(segments)  # a bad file is a clear error here, not a server that won't start
     models = endpoint_models(model or [])
     client = connect(settings.tracking_uri)

@@ -185,3 +185,18 @@ def test_mapping_defaults_fill_absent_columns_and_a_typo_is_refused(tmp_path: Pa
     config.write_text(config.read_text().replace("quantity: 1", "qty: 1"))
     result = run("ingest", str(config))
     assert result.exit_code == 2 and "defaults for unknown contract column(s) ['qty']" in one_line(result.output)
+
+
+@pytest.mark.parametrize("command", [["mlflow-ui"], ["serve"]])
+def test_a_taken_port_is_one_line_before_any_server_starts(command: list[str], isolated_home: Path) -> None:
+    import socket
+
+    # Given another server listening on the port
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        # When the platform is asked to serve there, Then it says so in one line and exits 2 (mlflow ui says 0)
+        result = runner.invoke(app, [*command, "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "Traceback" not in result.output
