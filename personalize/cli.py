@@ -21,7 +21,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from personalize.errors import PersonalizeError
-from personalize.settings import Settings, looks_like_file
+from personalize.settings import Settings, looks_like_file, redact
 
 app = typer.Typer(
     name="personalize",
@@ -313,10 +313,12 @@ def tune(
 ) -> None:
     """Tune LightGBM/XGBoost on a labeled table with Optuna (pruning, early stopping, persistent study), tracked in
     MLflow as one parent run with a baseline and a nested run per trial."""
+    from training.registry import connect
     from training.tracking import tracked_tune
     from training.tune import TuneConfig, split_labeled_table
 
     settings: Settings = ctx.obj
+    connect(settings.tracking_uri)  # reachable, and its tables created by one worker of several starting at once
     split = split_labeled_table(settings.dataset_dir(dataset), valid_fraction, seed)
     try:
         config = TuneConfig(trials=trials, timeout_s=timeout, seed=seed, selection=selection,
@@ -342,8 +344,8 @@ def tune(
     if result.top_auc is not None and result.top_auc > result.valid_auc:
         console.print(f"trial {result.trial} chosen: the simplest within one standard error of the best score "
                       f"({result.top_auc:.4f}); --selection best takes the highest", highlight=False)
-    console.print(f"study stored in {storage}; MLflow parent run {run_id} in {settings.tracking_uri} "
-                  f"(experiment tune-{dataset})", highlight=False, soft_wrap=True)
+    console.print(f"study stored in {redact(storage)}; MLflow parent run {run_id} in "
+                  f"{redact(settings.tracking_uri)} (experiment tune-{dataset})", highlight=False, soft_wrap=True)
 
 
 # --- train, promote, roll back ------------------------------------------------------------------------------------
@@ -1545,8 +1547,8 @@ def info(ctx: typer.Context) -> None:
     settings: Settings = ctx.obj
     table = Table(show_header=False)
     table.add_row("home", str(settings.home.resolve()))
-    table.add_row("MLflow tracking URI", settings.tracking_uri)
-    table.add_row("Optuna storage", settings.optuna_storage_url)
+    table.add_row("MLflow tracking URI", redact(settings.tracking_uri))
+    table.add_row("Optuna storage", redact(settings.optuna_storage_url))
     console.print(table)
 
 

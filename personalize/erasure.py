@@ -73,7 +73,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from personalize.settings import Settings
+from personalize.settings import Settings, redact
 from serving.predlog import log_lock
 
 log = logging.getLogger(__name__)
@@ -246,13 +246,6 @@ def _local_path(uri: str | None) -> Path | None:
     return None
 
 
-def _redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password or parsed.username:
-        return url.replace(parsed.netloc, f"…@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else ""), 1)
-    return url
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -285,7 +278,7 @@ def _layout(settings: Settings, online_url: str | None, env: dict[str, str]) -> 
                                                 f"sqlite:///{path}", path.stem))
         else:
             for ds in datasets:
-                online.setdefault((configured, ds), (f"online:{_redact(configured)}#{ds}", configured, ds))
+                online.setdefault((configured, ds), (f"online:{redact(configured)}#{ds}", configured, ds))
     decisions = Path(env["PERSONALIZE_DECISIONS"]) if env.get("PERSONALIZE_DECISIONS") else settings.decisions_path
     layout = _Layout(home, datasets, labeled, settings.log_root.resolve(), decisions.resolve(),
                      list(online.values()), [home / "mlartifacts"], [])
@@ -326,7 +319,7 @@ def _mlflow(settings: Settings, layout: _Layout) -> None:
                                                 "where": f"{run.info.artifact_uri.rstrip('/')}/{HELDOUT_ARTIFACT}"})
         layout.client = client
     except Exception as exc:  # an unreachable store must not stop the erasure of everything else
-        layout.problems.append({"store": "artifacts", "where": _redact(uri),
+        layout.problems.append({"store": "artifacts", "where": redact(uri),
                                 "why": f"the MLflow tracking store did not answer ({_first_line(exc)}): the runs' "
                                        "artifacts outside home were not searched"})
 

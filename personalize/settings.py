@@ -103,6 +103,16 @@ def model_uri(name: str, alias: str) -> str:
 FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".parquet", ".pq", ".yaml", ".yml")
 
 
+def redact(url: str) -> str:
+    """``url`` fit to print or log: the user and password of its authority hidden, the rest kept
+    (``postgresql://…@db:5432/mlflow``); a URL without credentials as it is."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    return f"{scheme}://…@{authority.rsplit('@', 1)[1]}{slash}{path}"
+
+
 def looks_like_file(dataset: str) -> bool:
     """A DATASET argument meant as a file, not a data set name: a table or config suffix, or a path separator (a
     data set name has neither), so a missing one is "no such file", not "no data set"."""

@@ -89,13 +89,13 @@ class Runtime:
         return self._store
 
     def status(self) -> dict[str, Any]:
-        from training.registry import _redact
+        from personalize.settings import redact
 
         try:
-            store = {"url": _redact(self.config.online_url), **self.store.meta()}
+            store = {"url": redact(self.config.online_url), **self.store.meta()}
             columns = store.pop("feature_columns", None)
         except Exception as exc:
-            store, columns = {"url": _redact(self.config.online_url), "error": str(exc)}, None
+            store, columns = {"url": redact(self.config.online_url), "error": str(exc)}, None
         # a champion of another data set's features loads fine but answers every id with a 503: say so here
         by_id = {}
         for endpoint in ("churn", "propensity"):

@@ -76,7 +76,7 @@ def import_champion(client: Any, name: str, alias: str = "champion") -> Imported
     from bentoml.exceptions import NotFound
     from mlflow.exceptions import MlflowException
 
-    from training.registry import _redact
+    from personalize.settings import redact
 
     try:
         mv = client.get_model_version_by_alias(name, alias)
@@ -94,7 +94,7 @@ def import_champion(client: Any, name: str, alias: str = "champion") -> Imported
         tag, model_uri=f"models:/{name}/{version}",  # the resolved version: the alias may move meanwhile
         labels={"registered_model": name, "version": version, "alias": alias, "run_id": run_id},
         custom_objects={HELDOUT_OBJECT: heldout} if heldout is not None else None,
-        metadata={"registry": _redact(mlflow.get_registry_uri()),
+        metadata={"registry": redact(mlflow.get_registry_uri()),
                   "model_uri": f"models:/{name}@{alias}", "heldout": heldout is not None})
     log.info("imported %s version %s (%s) as %s", name, version, alias, tag)
     return Imported(name, version, alias, tag, reused=False)

@@ -214,6 +214,24 @@ def test_two_workers_share_one_study_and_one_parent_run(postgres: str, mlflow_se
     assert stored == {parent.info.run_id, *(c.info.run_id for c in children)}
 
 
+def test_workers_opening_an_empty_mlflow_database_at_once_all_start(postgres: str) -> None:
+    # Given a fresh, empty database for MLflow's store
+    connection = psycopg2.connect(postgres.replace("postgresql+psycopg2", "postgresql") + "/postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE DATABASE mlflow_fresh")
+    connection.close()
+    # When three workers connect to it at the same moment (each would create MLflow's tables)
+    probe = "from training.registry import connect; connect(__import__('sys').argv[1]); print('connected')"
+    workers = [subprocess.Popen([sys.executable, "-c", probe, f"{postgres}/mlflow_fresh"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[1])
+               for _ in range(3)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    # Then every one starts (one created the tables under the lock, the others found them)
+    assert [w.returncode for w in workers] == [0, 0, 0], "\n\n".join(tail(o, 20) for o in outputs)
+    assert mlflow.MlflowClient(f"{postgres}/mlflow_fresh").search_experiments()[0].name == "Default"
+
+
 @pytest.mark.slow
 def test_a_model_trained_through_a_tracking_server_is_registered_promoted_and_audited_there(
         mlflow_server: str, telco: str, monkeypatch: pytest.MonkeyPatch, restore_tracking_uri: None) -> None:

@@ -257,6 +257,16 @@ def test_an_unreachable_tracking_server_fails_fast_before_any_work(monkeypatch: 
     assert not any(Path(os.environ["PERSONALIZE_OPTUNA_STORAGE"].removeprefix("sqlite:///")).parent.glob("optuna.db"))
 
 
+def test_an_unreachable_database_store_is_one_line_in_seconds_without_its_password() -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match="unreachable") as caught:
+        connect("postgresql+psycopg2://me:s3cret@127.0.0.1:9/mlflow")  # MLflow's own engine retries for minutes
+    assert time.monotonic() - started < 15
+    assert "s3cret" not in str(caught.value) and "…@127.0.0.1:9/mlflow" in str(caught.value)
+
+
 def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(tmp_path: Path) -> None:
     frame, _ = churn_table(1500)
     frame["email"] = frame["acct"].str.lower() + "@example.com"  # an identifier that is not the id column

@@ -36,6 +36,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalize.errors import PersonalizeError
+from personalize.settings import redact
 from training.evaluate import (bootstrap_delta, calibration_noise, expected_calibration_error, fairness_gaps,
                                fairness_noise)
 
@@ -73,16 +74,56 @@ def _no_retries() -> Iterator[None]:
                 os.environ[k] = v
 
 
+INIT_LOCK_KEY = "personalize:mlflow-store-init"
+
+
+@contextmanager
+def _first_use_lock(tracking_uri: str) -> Iterator[None]:
+    """Held while MLflow opens a database store. On an empty database MLflow creates its tables, and several
+    processes doing so at once collide (PostgreSQL: a duplicate key; the loser dies). With the lock the first
+    creates them and the others find them. A database server's advisory lock (PostgreSQL, MySQL) holds across
+    machines; a SQLite file gets a file lock beside it. Connecting for the lock is also the reachability check:
+    10 s, where MLflow's own engine retries for minutes."""
+    if tracking_uri.startswith(("postgresql", "mysql")):
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        postgres = tracking_uri.startswith("postgresql")
+        timeout = {} if "+pg8000" in tracking_uri or "+asyncpg" in tracking_uri else {"connect_timeout": 10}
+        engine = sqlalchemy.create_engine(tracking_uri, poolclass=NullPool, connect_args=timeout)
+        take, give = (("SELECT pg_advisory_lock(hashtext(:key))", "SELECT pg_advisory_unlock(hashtext(:key))")
+                      if postgres else ("SELECT GET_LOCK(:key, 600)", "SELECT RELEASE_LOCK(:key)"))
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text(take), {"key": INIT_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text(give), {"key": INIT_LOCK_KEY})
+        finally:
+            engine.dispose()
+    elif tracking_uri.startswith("sqlite:///"):
+        import fcntl
+        from pathlib import Path
+
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.parent / f".{db.name}.init-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    else:
+        yield
+
+
 def connect(tracking_uri: str):
     """An ``MlflowClient`` on ``tracking_uri`` (also the registry), after checking the store answers."""
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///"):
-        from pathlib import Path
-
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _no_retries():
+        with _no_retries(), _first_use_lock(tracking_uri):
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             client.search_experiments(max_results=1)
         import mlflow
@@ -91,16 +132,9 @@ def connect(tracking_uri: str):
         mlflow.set_registry_uri(tracking_uri)
     except Exception as exc:  # any failure here means: nothing can be tracked or registered
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise RegistryError(f"the MLflow tracking store {_redact(tracking_uri)} is unreachable ({reason}); "
+        raise RegistryError(f"the MLflow tracking store {redact(tracking_uri)} is unreachable ({reason}); "
                             "check MLFLOW_TRACKING_URI") from None
     return client
-
-
-def _redact(uri: str) -> str:
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://…@{rest.split('@', 1)[1]}"
-    return uri
 
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")

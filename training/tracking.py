@@ -34,6 +34,7 @@ from mlflow.environment_variables import MLFLOW_RUN_ID
 from mlflow.exceptions import MlflowException
 
 from personalize.errors import PersonalizeError
+from personalize.settings import redact
 from training.evaluate import classification_metrics
 from training.tune import (Split, TuneConfig, TuneResult, best_of, enqueue_starts, open_study, ranked_trials, tune,
                            worker_id)
@@ -42,16 +43,6 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 JOIN_WAIT_S = 30.0  # how long a joining worker waits for the creator of the study to record its parent run
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
-def _redact(url: str) -> str:
-    """A storage URL without its password, fit for a run parameter."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: keep the scheme only
-        return url.split("://", 1)[0] + "://…"
 
 
 def use_experiment(tracking_uri: str, experiment: str, artifact_root: str | None = None) -> str:
@@ -127,7 +118,7 @@ def tracked_tune(split: Split, config: TuneConfig, storage: str, study_name: str
 
 def _log_configuration(split: Split, config: TuneConfig, storage: str, study_name: str) -> None:
     """The study's configuration as parameters of the active run, then the baseline as its first nested run."""
-    mlflow.log_params({"study": study_name, "storage": _redact(storage), "families": ",".join(config.families),
+    mlflow.log_params({"study": study_name, "storage": redact(storage), "families": ",".join(config.families),
                        "trials": config.trials, "timeout_s": config.timeout_s, "seed": config.seed,
                        "max_rounds": config.max_rounds, "early_stopping_rounds": config.early_stopping_rounds,
                        "cv_folds": config.cv_folds, "report_every": config.report_every,
