@@ -145,6 +145,26 @@ def test_a_study_is_joined_by_name_across_runs(tmp_path: Path) -> None:
     assert len(optuna.load_study(study_name="shared", storage=storage).trials) == 12
 
 
+def test_a_study_refuses_trials_scored_on_other_rows(tmp_path: Path) -> None:
+    # Given a study tuned on one split (as `personalize tune` does, 80/20)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tune(split_of(labeled()), TuneConfig(**{**FAST, "trials": 2}), storage, "prod")
+    # When another split (train's own parts, or changed data) or another scoring joins it by name, Then it is refused
+    for split, config in ((split_of(labeled(), seed=7), FAST), (split_of(labeled()), FAST_CV)):
+        with pytest.raises(PersonalizeError, match="'prod' holds trials scored on other rows"):
+            tune(split, TuneConfig(**{**config, "trials": 2}), storage, "prod")
+    # and the study keeps its own trials only, while the same split still joins it
+    tune(split_of(labeled()), TuneConfig(**{**FAST, "trials": 2, "seed": 7}), storage, "prod")
+    assert len(optuna.load_study(study_name="prod", storage=storage).trials) == 4
+
+
+def test_an_unreachable_study_storage_is_one_line() -> None:
+    for url in ("postgresql+psycopg2://me:s3cret@127.0.0.1:9/optuna", "sqlite:////no/such/dir/optuna.db"):
+        with pytest.raises(PersonalizeError, match="Optuna storage .* is unreachable") as caught:
+            tune(split_of(labeled()), TuneConfig(**FAST), url, "x")
+        assert "s3cret" not in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_a_category_unseen_in_training_becomes_missing() -> None:
     train, vocabulary = model_matrix(pd.DataFrame({"plan": ["a", "b"]}), [], ["plan"], [])
     later, _ = model_matrix(pd.DataFrame({"plan": ["b", "zzz"]}), [], ["plan"], [], vocabulary)

@@ -23,6 +23,7 @@ probabilities, which calibration on held-out data is meant to correct before any
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from personalize.errors import PersonalizeError
+from personalize.settings import redact
 
 log = logging.getLogger(__name__)
 Family = Literal["lightgbm", "xgboost"]
@@ -343,6 +345,7 @@ STARTING_POINTS: tuple[dict[str, Any], ...] = (
 # The pruner compares trials at the same round: early on, that favours fast learning rates over slow ones that
 # end higher, so nothing is pruned before this many rounds.
 PRUNE_AFTER_ROUNDS = 100
+SPLIT_ATTR = "split"  # the study user attribute naming the split its trials are scored on (split_fingerprint)
 
 
 @dataclass(frozen=True)
@@ -366,13 +369,22 @@ def worker_id() -> str:
 def rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url``. The first use of an empty database creates the tables, which races when
     several workers start at once (PostgreSQL: "relation already exists", a duplicate key); a loser retries once
-    the tables exist. An unreachable database fails at once."""
-    for attempt in range(1, attempts):
+    the tables exist. A database that does not answer is one line, after at most 10 s to connect."""
+    timeout = ({"connect_args": {"connect_timeout": 10}} if url.startswith(("postgresql", "mysql"))
+               and "+pg8000" not in url and "+asyncpg" not in url else {})
+    for attempt in range(1, attempts + 1):
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, engine_kwargs=timeout)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts:
+                raise
             time.sleep(0.5 * attempt)
-    return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.ArgumentError,
+                ValueError, ImportError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200] or type(exc).__name__
+            raise PersonalizeError(f"the Optuna storage {redact(url)} is unreachable ({reason}); check "
+                                   "PERSONALIZE_OPTUNA_STORAGE") from None
+    raise AssertionError("unreachable")
 
 
 def open_study(storage: str, study_name: str, sampler_seed: int | None) -> tuple[optuna.Study, bool]:
@@ -386,6 +398,31 @@ def open_study(storage: str, study_name: str, sampler_seed: int | None) -> tuple
         return optuna.create_study(direction="maximize", **kwargs), True
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(**kwargs), False
+
+
+def split_fingerprint(split: Split, config: TuneConfig) -> str:
+    """What a study's scores are comparable on: the split's rows and labels (hashed, in order) and how trials are
+    scored (cross-validation folds, or the validation split)."""
+    digest = hashlib.sha256(f"cv_folds={config.cv_folds}".encode())
+    for x, y in ((split.x_train, split.y_train), (split.x_valid, split.y_valid)):
+        digest.update(",".join(map(str, x.columns)).encode())
+        digest.update(pd.util.hash_pandas_object(x, index=False).to_numpy().tobytes())
+        digest.update(np.asarray(y, dtype=np.int8).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def claim_study(study: optuna.Study, split: Split, config: TuneConfig) -> None:
+    """Record on the study the split its trials are scored on, or refuse a split other than the one recorded:
+    trials scored on other rows (`personalize tune`'s 80/20 split under `train --study` of the same name, a
+    changed data set) would compete with this run's on scores that do not compare, and leak held-out rows."""
+    key, seen = split_fingerprint(split, config), study.user_attrs.get(SPLIT_ATTR)
+    if seen is None:
+        study.set_user_attr(SPLIT_ATTR, key)
+    elif seen != key:
+        raise PersonalizeError(
+            f"study {study.study_name!r} holds trials scored on other rows or another way (another command's split, "
+            "another version of the data, other CV folds): their scores do not compare with this run's; give "
+            "another --study name, or none for the default one")
 
 
 def enqueue_starts(study: optuna.Study, config: TuneConfig) -> None:
@@ -405,6 +442,7 @@ def tune(split: Split, config: TuneConfig, storage: str, study_name: str,
     the validation split stays untouched by the search: ``holdout_auc`` is then an honest estimate. Without it,
     trials are scored on the validation split, so ``holdout_auc`` equals ``valid_auc`` and is optimistic."""
     study = study if study is not None else open_study(storage, study_name, config.seed)[0]
+    claim_study(study, split, config)
     enqueue_starts(study, config)
     worker = worker_id()
 
