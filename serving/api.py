@@ -10,6 +10,7 @@ drive it directly too.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from typing import Any
@@ -28,6 +29,13 @@ from serving.scoring import InputError, Loaded, ModelSet, NotServing
 log = logging.getLogger(__name__)
 CYCLE_SCORES = frozenset({"days_to_next", "p_next"})
 SCORES = frozenset({"churn", "propensity"}) | CYCLE_SCORES
+
+
+def _row_id(value: Any) -> str | None:
+    """A row's id value as the stores keep ids: text; a whole number without its ``.0``; nothing for a null."""
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 class Runtime:
@@ -182,6 +190,9 @@ class Runtime:
                 records.append(None)
                 cold.append(True)
         self._check(scorer, pairs, items is not None, "features")
+        id_column = getattr(scorer.columns, "id_column", None) if scorer.from_table else None
+        if id_column:  # a table's row names its customer in the table's id column, as its batch scores do
+            pairs = [(_row_id(r.get(id_column)) if cid is None and r is not None else cid, r) for cid, r in pairs]
         n = len(scorer.features)  # a checked record with more columns brought unused ones: not scored, not logged
         records = [r if r is None or len(r) == n else {c: r[c] for c in scorer.features} for r in records]
         warm = [i for i, c in enumerate(cold) if not c]

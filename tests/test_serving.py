@@ -651,6 +651,11 @@ def test_an_endpoint_serves_a_model_of_another_name_and_says_what_it_cannot_scor
         row = pd.read_csv(data_root / "telco_churn" / "WA_Fn-UseC_-Telco-Customer-Churn.csv", nrows=1)
         answer = runtime.classify("churn", features=json.loads(row.to_json(orient="records"))[0])
         assert answer["model"]["name"] == "churn_telco" and 0 < answer["results"][0]["probability"] < 1
+        # the row's own id column names the customer (answered and logged, so outcomes and erasure find it)
+        assert answer["results"][0]["customer_id"] == row["customerID"].iloc[0]
+        bare = {k: v for k, v in json.loads(row.to_json(orient="records"))[0].items() if k != "customerID"}
+        assert runtime.classify("churn", features=bare)["results"][0]["customer_id"] is None
+        assert runtime.classify("churn", customer_id="given", features=bare)["results"][0]["customer_id"] == "given"
         cid = _known_ids(home, 1)[0]
         for who in (cid, "never-seen"):  # neither a stored customer nor a new one is scored on made-up values
             with pytest.raises(InputError) as error:
