@@ -319,6 +319,8 @@ def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.Data
                 text = text.where(~written, dot_decimals(text))
             out[c] = pd.to_numeric(text.where(~blank, None), errors="coerce").astype(float)
         reasons.add(~blank & out[c].isna(), f"invalid_{c}")
+        if c in getattr(scorer, "counts", ()):  # as the API refuses it: a count of the held-out data cannot be < 0
+            reasons.add(out[c] < 0, f"negative_{c}")
     return out, reasons
 
 

@@ -141,6 +141,10 @@ def check_records(records: list[dict[str, Any]], numeric: list[str], categorical
         if missing:
             raise InputError(f"{at}.{missing[0]}", f"missing ({len(missing)} feature(s) missing; send null for an "
                                                    "unknown value)")
+        for c in expected:
+            v = record[c]
+            if type(v) is str and not v.strip():
+                record[c] = None  # a blank cell, the way a table file has it: missing, as batch scoring reads it
         for c in numeric:
             v = record[c]
             if v is None:

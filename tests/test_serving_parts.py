@@ -266,18 +266,21 @@ def test_a_table_file_is_typed_as_the_model_was_trained_and_bad_values_name_thei
 
     from serving.batch import _typed
 
-    columns = SimpleNamespace(numeric=["spend"], categorical=["plan"], boolean=["member"])
-    scorer = SimpleNamespace(features=["spend", "plan", "member"], columns=columns)
-    raw = pd.DataFrame({"spend": ["1,5", "", "2", "two"], "plan": ["gold", "", "x", "y"],
-                        "member": ["TRUE", "false", "1", "maybe"], "other": ["a", "b", "c", "d"]},
+    columns = SimpleNamespace(numeric=["spend", "visits"], categorical=["plan"], boolean=["member"])
+    scorer = SimpleNamespace(features=["spend", "visits", "plan", "member"], columns=columns,
+                             counts=frozenset({"visits"}))
+    raw = pd.DataFrame({"spend": ["1,5", "", "2", "two"], "visits": ["1", "0", "-3", ""],
+                        "plan": ["gold", "", "x", "y"], "member": ["TRUE", "false", "1", "maybe"],
+                        "other": ["a", "b", "c", "d"]},
                        index=pd.Index([1, 2, 3, 4]))
     typed, reasons = _typed(raw, scorer, decimal_comma=True)
     assert typed.loc[[1, 3], "spend"].tolist() == [1.5, 2.0] and np.isnan(typed.loc[2, "spend"])  # blank: missing
     assert typed.loc[[1, 2, 3], "member"].tolist() == [1.0, 0.0, 1.0] and typed.loc[2, "plan"] is None
-    assert reasons.by_row == {4: ["invalid_spend", "invalid_member"]}
-    assert list(typed.columns) == ["spend", "plan", "member"]
+    # a negative count is quarantined, as the API refuses it
+    assert reasons.by_row == {3: ["negative_visits"], 4: ["invalid_spend", "invalid_member"]}
+    assert list(typed.columns) == ["spend", "visits", "plan", "member"]
 
-    raw = pd.DataFrame({"spend": ["1.621,37", "2"], "plan": [3.0, None], "member": ["1.0", "0.0"]},
+    raw = pd.DataFrame({"spend": ["1.621,37", "2"], "visits": [1, 2], "plan": [3.0, None], "member": ["1.0", "0.0"]},
                        index=pd.Index([1, 2]))  # a Parquet file: a category read as floats (a null among ints)
     typed, reasons = _typed(raw, scorer, decimal_comma=True)
     assert typed["spend"].tolist() == [1621.37, 2.0] and typed["plan"].tolist() == [3, None]

@@ -308,13 +308,16 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
         without = runtime.classify("churn", features={k: row[k] for k in ("tenure_m", "support_calls", "plan",
                                                                           "region", "monthly_fee")})
         assert answer["results"][0]["probability"] == without["results"][0]["probability"]
+        blank, null = (runtime.classify("churn", features={**row, "support_calls": v})["results"][0]["probability"]
+                       for v in (" ", None))  # a blank cell, as a table file has it, is missing (as in batch)
+        assert blank == null
         with pytest.raises(InputError) as error:
             runtime.classify("churn", features={**row, "tenure_mo": 3})
         assert error.value.field == "features.tenure_mo"
     finally:
         runtime.close()
     logged = read_log(tmp_path / "log")
-    assert len(logged) == 2 and not any(c in f for f in logged["features"] for c in ("acct", "email", "leak"))
+    assert len(logged) == 4 and not any(c in f for f in logged["features"] for c in ("acct", "email", "leak"))
 
     # batch: a table of new customers (no label), one of them with a value the model cannot read
     fresh = frame.drop(columns=["left"]).head(40).astype({"tenure_m": str})
