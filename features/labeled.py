@@ -54,6 +54,7 @@ class LabeledTableSpec(BaseModel):
     positive: str  # the label value that means 1 (compared as text, case-insensitive)
     id_column: str | None = None
     time_column: str | None = None
+    timestamp_format: str | None = None  # strftime format of the time column; None accepts ISO 8601 only
     format: Literal["csv", "parquet"] | None = None
     csv: CsvOptions = CsvOptions()
     drop_columns: tuple[str, ...] = ()  # columns that must not become features (leaks, free text)
@@ -245,7 +246,7 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
         reasons_text = "; ".join(f"{c}: {why}" for c, why in ignored.items()) or "the file has no other columns"
         raise DataFileError(spec.path, f"no column can be a feature besides the id, label and time ({reasons_text})")
     if spec.time_column:
-        typed[spec.time_column] = parse_timestamp(frame[spec.time_column], None)
+        typed[spec.time_column] = parse_timestamp(frame[spec.time_column], spec.timestamp_format)
         reasons.add(typed[spec.time_column].isna(), "unparseable_time")
     if schema is not None:
         candidates = typed.drop(index=reasons.rows)

@@ -86,6 +86,8 @@ def _finish(settings: Settings, report: IngestReport, results: dict[str, Validat
 _EMPTY_HINTS = {
     "unparseable_timestamp": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
     "unparseable_signup_at": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
+    "unparseable_time": "give the time column's format (--time-format, or timestamp_format under labeled:; "
+                        "without it only ISO 8601 is accepted)",
     "unknown_customer": "check that the customers table's customer_id maps the same ids",
     "future_timestamp": "check the mapping's timestamp_format (day and month swapped?) and the time zone",
 }

@@ -373,7 +373,7 @@ def _threshold_policy(text: str):
 
 def _dataset_from_table(settings: Settings, dataset: str, label: str | None, positive: str | None,
                         id_column: str | None, time_column: str | None, drop: list[str] | None = None,
-                        sep: str | None = None) -> str:
+                        sep: str | None = None, time_format: str | None = None) -> str:
     """A data set name; a CSV/Parquet file or a YAML ingest config is ingested first (bring your own data)."""
     from features.definitions import slug
     from features.labeled import LabeledTableSpec, load_labeled
@@ -395,7 +395,7 @@ def _dataset_from_table(settings: Settings, dataset: str, label: str | None, pos
     from features.loaders import CsvOptions
 
     spec = LabeledTableSpec(path=path, label_column=label, positive=positive, id_column=id_column,
-                            time_column=time_column, drop_columns=tuple(drop or ()),
+                            time_column=time_column, timestamp_format=time_format, drop_columns=tuple(drop or ()),
                             csv=CsvOptions(sep=sep) if sep else CsvOptions())
     name = slug(path.name.split(".")[0])
     table = load_labeled(spec)
@@ -430,7 +430,8 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
                       family: list[str] | None, selection: str, seed: int, threshold: str, calibration: str,
                       horizon: int, fairness_attribute: str | None, study: str | None, label: str | None,
                       positive: str | None, id_column: str | None, time_column: str | None, name: str | None,
-                      drop: list[str] | None = None, sep: str | None = None) -> None:
+                      drop: list[str] | None = None, sep: str | None = None,
+                      time_format: str | None = None) -> None:
     from training.train import TrainConfig, train_and_register
     from training.tune import TuneConfig
 
@@ -446,7 +447,7 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     from training.registry import connect
 
     connect(settings.tracking_uri)  # an unreachable store fails before anything is read or tuned
-    dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column, drop, sep)
+    dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column, drop, sep, time_format)
     progress, on_trial = _trial_progress(trials)
     started = time.perf_counter()
     with progress:
@@ -504,6 +505,8 @@ def _classifier_command(task: str, doc: str):
         positive: Annotated[str | None, typer.Option(help="The label value meaning positive (e.g. Yes).")] = None,
         id_column: Annotated[str | None, typer.Option("--id", help="Id column of a table file.")] = None,
         time_column: Annotated[str | None, typer.Option("--time", help="Time column: split out of time.")] = None,
+        time_format: Annotated[str | None, typer.Option(help="strftime format of the time column (e.g. %m/%d/%Y; "
+                                                             "default: ISO 8601 only).")] = None,
         drop: Annotated[list[str] | None, typer.Option(
             help="A column of a table file that must not be a feature (a leak, say); repeatable.")] = None,
         sep: Annotated[str | None, typer.Option(help="Separator of a CSV table file (default ','; '\\t' or tab for "
@@ -511,7 +514,8 @@ def _classifier_command(task: str, doc: str):
         name: Annotated[str | None, typer.Option(help="Registered model name (default: the task, churn or propensity).")] = None,
     ) -> None:
         _train_classifier(ctx, task, dataset, trials, timeout, family, selection, seed, threshold, calibration, horizon,
-                          fairness_attribute, study, label, positive, id_column, time_column, name, drop, sep)
+                          fairness_attribute, study, label, positive, id_column, time_column, name, drop, sep,
+                          time_format)
 
     command.__doc__ = doc
     return user_errors(command)

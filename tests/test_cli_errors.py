@@ -200,3 +200,14 @@ def test_a_taken_port_is_one_line_before_any_server_starts(command: list[str], i
         result = runner.invoke(app, [*command, "--port", str(port)])
     assert result.exit_code == 2, result.output
     assert f"cannot listen on 127.0.0.1:{port}" in result.output and "Traceback" not in result.output
+
+
+def test_a_time_column_in_another_format_says_how_to_read_it(tmp_path: Path, isolated_home: Path) -> None:
+    rows = "\n".join(f"c{i},{1 + i % 12:02d}/15/2024,{i % 7},{'yes' if i % 3 == 0 else 'no'}" for i in range(80))
+    (tmp_path / "us.csv").write_text("id,when,x,churned\n" + rows + "\n")
+    args = ["train", "churn", str(tmp_path / "us.csv"), "--label", "churned", "--positive", "yes", "--id", "id",
+            "--time", "when", "--trials", "1"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "unparseable_time 80" in refused.output and "--time-format" in refused.output
+    read = runner.invoke(app, [*args, "--time-format", "%m/%d/%Y"])
+    assert "unparseable_time" not in read.output, read.output

@@ -251,3 +251,12 @@ def test_a_labeled_table_needs_its_positive_value_and_two_classes(tmp_path: Path
         load_labeled(LabeledTableSpec(path=csv, label_column="y", positive="1"))
     with pytest.raises(DataFileError, match="'target'"):
         load_labeled(LabeledTableSpec(path=csv, label_column="target", positive="1"))
+
+
+def test_a_labeled_tables_time_column_reads_the_format_it_is_given(tmp_path: Path) -> None:
+    csv = tmp_path / "us.csv"
+    csv.write_text("id,when,x,y\na,03/04/2024,1,yes\nb,12/31/2024,2,no\n")  # month first: never guessed
+    spec = LabeledTableSpec(path=csv, id_column="id", time_column="when", label_column="y", positive="yes")
+    assert load_labeled(spec).result.reasons == {"unparseable_time": 2}
+    dated = load_labeled(spec.model_copy(update={"timestamp_format": "%m/%d/%Y"}))
+    assert dated.frame["when"].dt.strftime("%Y-%m-%d").tolist() == ["2024-03-04", "2024-12-31"]
