@@ -388,7 +388,7 @@ def table_rows(report: ExperimentReport) -> list[dict[str, str]]:
         lo, hi = c.uplift_ci if c else (None, None)
         rows.append({
             "arm": a.arm + (" (control)" if a.arm == report.control else ""),
-            "share": f"{_pct(a.observed_share, 1)} of {_pct(a.expected_share, 1)}",
+            "share (planned)": f"{_pct(a.observed_share, 1)} ({_pct(a.expected_share, 1)})",
             "decisions": f"{a.decisions:,}",
             "exposed": f"{a.exposed:,}",
             "converted": f"{a.converted:,}",

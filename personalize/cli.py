@@ -426,6 +426,13 @@ TrainDataset = Annotated[str, typer.Argument(
     help="An ingested data set, or a CSV/Parquet labeled table (with --label/--positive), or a YAML ingest config.")]
 
 
+def _selection_label(tuned: Any) -> str:
+    """Why this trial: the best score, or the simplest within one standard error of it (one_se)."""
+    if tuned.top_auc is not None and tuned.top_auc > tuned.valid_auc:
+        return f"one_se: the simplest within one standard error of the best, {tuned.top_auc:.4f}"
+    return "the best"
+
+
 def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int | None, timeout: float | None,
                       family: list[str] | None, selection: str, seed: int, threshold: str, calibration: str,
                       horizon: int, fairness_attribute: str | None, study: str | None, label: str | None,
@@ -461,8 +468,9 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     console.print(table)
     d = t.test_decision
     console.print(
-        f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, best of "
-        f"{len(t.tuned.study.trials)} trials (validation AUC {t.tuned.valid_auc:.4f}), trained on {t.trained_on}; "
+        f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, trial {t.tuned.trial} of "
+        f"{len(t.tuned.study.trials)}, validation AUC {t.tuned.valid_auc:.4f} ({_selection_label(t.tuned)}), "
+        f"trained on {t.trained_on}; "
         f"calibration {calibration} on {t.calibrated_on}: test ECE {t.test_raw_metrics['ece']:.4f} -> "
         f"{t.test_metrics['ece']:.4f}\n"
         f"decision: act when probability >= {d['threshold']:.4f} ({_policy_label(config.threshold)}); on test: "
