@@ -113,6 +113,14 @@ def redact(url: str) -> str:
     return f"{scheme}://…@{authority.rsplit('@', 1)[1]}{slash}{path}"
 
 
+def connect_timeout(url: str, seconds: int = 10) -> dict[str, dict[str, int]]:
+    """SQLAlchemy ``create_engine`` keywords that bound connecting to a database server (PostgreSQL, MySQL with
+    their usual drivers) to ``seconds``: an unreachable store is then one error at once, not minutes of retries."""
+    if url.startswith(("postgresql", "mysql")) and "+pg8000" not in url and "+asyncpg" not in url:
+        return {"connect_args": {"connect_timeout": seconds}}
+    return {}
+
+
 def looks_like_file(dataset: str) -> bool:
     """A DATASET argument meant as a file, not a data set name: a table or config suffix, or a path separator (a
     data set name has neither), so a missing one is "no such file", not "no data set"."""

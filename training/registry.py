@@ -36,7 +36,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalize.errors import PersonalizeError
-from personalize.settings import redact
+from personalize.settings import connect_timeout, redact
 from training.evaluate import (bootstrap_delta, calibration_noise, expected_calibration_error, fairness_gaps,
                                fairness_noise)
 
@@ -89,8 +89,7 @@ def _first_use_lock(tracking_uri: str) -> Iterator[None]:
         from sqlalchemy.pool import NullPool
 
         postgres = tracking_uri.startswith("postgresql")
-        timeout = {} if "+pg8000" in tracking_uri or "+asyncpg" in tracking_uri else {"connect_timeout": 10}
-        engine = sqlalchemy.create_engine(tracking_uri, poolclass=NullPool, connect_args=timeout)
+        engine = sqlalchemy.create_engine(tracking_uri, poolclass=NullPool, **connect_timeout(tracking_uri))
         take, give = (("SELECT pg_advisory_lock(hashtext(:key))", "SELECT pg_advisory_unlock(hashtext(:key))")
                       if postgres else ("SELECT GET_LOCK(:key, 600)", "SELECT RELEASE_LOCK(:key)"))
         try:

@@ -45,7 +45,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from personalize.errors import PersonalizeError
-from personalize.settings import redact
+from personalize.settings import connect_timeout, redact
 
 log = logging.getLogger(__name__)
 Family = Literal["lightgbm", "xgboost"]
@@ -370,11 +370,9 @@ def rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url``. The first use of an empty database creates the tables, which races when
     several workers start at once (PostgreSQL: "relation already exists", a duplicate key); a loser retries once
     the tables exist. A database that does not answer is one line, after at most 10 s to connect."""
-    timeout = ({"connect_args": {"connect_timeout": 10}} if url.startswith(("postgresql", "mysql"))
-               and "+pg8000" not in url and "+asyncpg" not in url else {})
     for attempt in range(1, attempts + 1):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=timeout)
+            return optuna.storages.RDBStorage(url, engine_kwargs=connect_timeout(url))
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == attempts:
                 raise
