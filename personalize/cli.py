@@ -875,6 +875,20 @@ def score(
     settings: Settings = ctx.obj
     client = connect(settings.tracking_uri)
     log_root, salt = (settings.log_root, load_salt(settings.home)) if log else (None, None)
+    if table is None:
+        trained_on = _trained_on(client, _model_version(client, check_name(model), alias))
+        if dataset is None:
+            if trained_on is None:
+                raise PersonalizeError(f"{model}@{alias} does not record the data set it was trained on; give "
+                                       "--dataset")
+            dataset = trained_on
+            console.print(f"scoring {dataset}, the data set {model}@{alias} was trained on (--dataset scores "
+                          "another)", highlight=False)
+        stored = settings.dataset_dir(dataset) / "table.parquet"
+        if stored.exists():  # a labeled table has no transactions to build features from: its rows are the input
+            console.print(f"{dataset} is a labeled table: scoring its stored rows (--table FILE scores a file of "
+                          "new ones)", highlight=False)
+            table = stored
     if table is not None:
         t = score_table(client, check_name(model), table, settings.home / "scores", alias, id_column, sep,
                         log_root, salt)
@@ -884,16 +898,6 @@ def score(
                       f"{t.score_s:.2f}s -> {t.path}{bad}", highlight=False, soft_wrap=True)
         _print_logged(t.logged, t.request_id, settings)
         return
-    trained_on = _trained_on(client, _model_version(client, check_name(model), alias))
-    if dataset is None:
-        if trained_on is None:
-            raise PersonalizeError(f"{model}@{alias} does not record the data set it was trained on; give --dataset")
-        dataset = trained_on
-        console.print(f"scoring {dataset}, the data set {model}@{alias} was trained on (--dataset scores another)",
-                      highlight=False)
-    if (settings.dataset_dir(dataset) / "table.parquet").exists():
-        raise PersonalizeError(f"{dataset} is a labeled table, without transactions to build features from; score a "
-                               "table file of its columns with --table FILE [--id COLUMN]")
     try:
         report = score_dataset(client, check_name(model), settings.dataset_dir(dataset), settings.home / "scores",
                                as_of, alias, engine, log_root=log_root, salt=salt)
