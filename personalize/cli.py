@@ -896,6 +896,13 @@ def score(
         bad = f"; quarantined {t.quarantined:,} ({reasons}) -> {t.quarantine_path}" if t.quarantined else ""
         console.print(f"scored [bold]{t.rows:,}[/] of {t.rows_in:,} rows with {t.model} v{t.version} in "
                       f"{t.score_s:.2f}s -> {t.path}{bad}", highlight=False, soft_wrap=True)
+        if t.id_column is None:
+            console.print("[yellow]no id column[/] (--id COLUMN): the scores and the log cannot be matched to "
+                          "outcomes or erased by customer", highlight=False)
+        elif t.missing_ids or t.repeated_ids:
+            console.print(f"[yellow]id column {t.id_column!r}:[/] {t.missing_ids:,} row(s) without an id, "
+                          f"{t.repeated_ids:,} sharing theirs with another row: outcomes (`monitor --labels`) and "
+                          "erasure treat a shared id as one customer", highlight=False, soft_wrap=True)
         _print_logged(t.logged, t.request_id, settings)
         return
     try:

@@ -287,6 +287,9 @@ class TableScoreReport:
     score_s: float
     logged: int = 0  # rows written to the prediction log
     request_id: str | None = None
+    id_column: str | None = None
+    missing_ids: int = 0  # scored rows without an id: logged without one, so no outcome or erasure finds them
+    repeated_ids: int = 0  # scored rows whose id another scored row has too: one customer to outcomes and erasure
 
 
 def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.DataFrame, Any]:
@@ -380,5 +383,8 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     result = ValidationResult("table", out, quarantine, len(raw) + len(unreadable))  # raises unless counts reconcile
     logged, request_id = (log_scores(log_root, salt, loaded, out[id_column] if id_column else None, good, p)
                           if log_root is not None else (0, None))
+    ids = out[id_column] if id_column else None
     return TableScoreReport(name, loaded.version, result.rows_in, len(out), len(quarantine), result.reasons, target,
-                            bad if len(quarantine) else None, score_s, logged, request_id)
+                            bad if len(quarantine) else None, score_s, logged, request_id, id_column,
+                            0 if ids is None else int(ids.isna().sum()),
+                            0 if ids is None else int(ids.dropna().duplicated(keep=False).sum()))

@@ -334,6 +334,10 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     assert round(scores["probability"].iloc[0], 6) == answer["results"][0]["probability"]  # the API rounds to 6
     result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"), "--id", "nosuch"])
     assert result.exit_code == 2 and "nosuch" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"), "--id", "plan",
+                                 "--no-log"])  # not an id: its values repeat
+    assert result.exit_code == 0
+    assert "id column 'plan': 0 row(s) without an id, 39 sharing" in " ".join(result.output.split())
 
     # the batch went to the prediction log as the API logs (keyed by the pseudonymized id, only the model's
     # features), so the monitor watches it; --no-log leaves the log alone
