@@ -1487,6 +1487,8 @@ def experiment_report(
     alpha: Annotated[float, typer.Option(min=0.0001, max=0.5, help="Significance level.")] = 0.05,
     plot_to: Annotated[Path | None, typer.Option("--plot", help="Also write the plot here (PNG).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Log the report to MLflow as a new run (--no-log: "
+                                                             "only print it, e.g. to look while the test runs).")] = True,
 ) -> None:
     """Per arm: exposed customers, conversions, uplift over the control with its confidence interval and p-value, a
     sample-ratio check; logged to MLflow (experiment ``ab-<name>``) with a plot."""
@@ -1500,7 +1502,7 @@ def experiment_report(
         raise PersonalizeError(f"no experiment {name!r} in the catalog")
     store = DecisionStore(settings.decisions_path)
     report = analyze(store.experiment_frame(name), experiment, control=control, alpha=alpha)
-    run_id = log_report(report, settings.tracking_uri, settings.artifact_root)
+    run_id = log_report(report, settings.tracking_uri, settings.artifact_root) if log else None
     if plot_to is not None:
         plot(report, plot_to)
     if as_json:
@@ -1519,7 +1521,8 @@ def experiment_report(
                   soft_wrap=True)
     for line in [*report.warnings, *report.notes]:
         console.print(f"- {line}", highlight=False, soft_wrap=True)
-    console.print(f"logged to MLflow run {run_id} (experiment ab-{name})", highlight=False)
+    if run_id is not None:
+        console.print(f"logged to MLflow run {run_id} (experiment ab-{name})", highlight=False)
 
 
 @app.command()

@@ -333,3 +333,38 @@ def test_the_report_is_logged_to_mlflow() -> None:
     assert run.data.params["control"] == "holdout" and run.data.params["placement"] == "homepage_banner"
     artifacts = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "plots")}
     assert {"report.json", "plots/conversion.png"} <= artifacts
+
+
+def test_the_report_command_logs_a_run_unless_told_not_to(isolated_home: Path) -> None:
+    import mlflow
+    from typer.testing import CliRunner
+
+    from personalize.cli import app
+    from personalize.settings import Settings
+    from serving.decisions import load_catalog
+
+    # given the catalog's email experiment with a few decisions and conversions in the platform's decision store
+    settings = Settings.from_env()
+    config = load_catalog(None).experiment("email_rules")
+    store = DecisionStore(settings.decisions_path)
+    for i in range(40):
+        arm = assign_arm(config, f"c{i}")
+        store.record_decision(f"d{i}", "2025-01-01T00:00:00", {"placement": config.placement, "variant": "x",
+                              "policy": "fixed", "experiment": config.name, "arm": arm}, f"k{i}", "all", False, True,
+                              None)
+        store.record_feedback(f"d{i}", "conversion" if i % 4 == 0 else "impression", "2025-01-02", None, "conversion")
+    store.close()
+    runner = CliRunner()
+
+    def runs() -> int:
+        experiment = mlflow.MlflowClient(settings.tracking_uri).get_experiment_by_name("ab-email_rules")
+        return 0 if experiment is None else len(mlflow.MlflowClient(settings.tracking_uri).search_runs(
+            [experiment.experiment_id]))
+
+    # when it is read with --no-log, then printed only; read again without it, then one run logged
+    quiet = runner.invoke(app, ["experiment", "report", "email_rules", "--no-log", "--json"])
+    assert quiet.exit_code == 0 and json.loads(quiet.output)["mlflow_run_id"] is None, quiet.output
+    assert runs() == 0
+    logged = runner.invoke(app, ["experiment", "report", "email_rules"])
+    assert logged.exit_code == 0 and "logged to MLflow run" in logged.output, logged.output
+    assert runs() == 1
