@@ -1487,8 +1487,8 @@ def experiment_report(
     alpha: Annotated[float, typer.Option(min=0.0001, max=0.5, help="Significance level.")] = 0.05,
     plot_to: Annotated[Path | None, typer.Option("--plot", help="Also write the plot here (PNG).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    log: Annotated[bool, typer.Option("--log/--no-log", help="Log the report to MLflow as a new run (--no-log: "
-                                                             "only print it, e.g. to look while the test runs).")] = True,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Log the report to MLflow as a new run (--no-log: only "
+                                      "print it, e.g. to look while the test runs).")] = True,
 ) -> None:
     """Per arm: exposed customers, conversions, uplift over the control with its confidence interval and p-value, a
     sample-ratio check; logged to MLflow (experiment ``ab-<name>``) with a plot."""
