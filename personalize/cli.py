@@ -896,6 +896,10 @@ def score(
         bad = f"; quarantined {t.quarantined:,} ({reasons}) -> {t.quarantine_path}" if t.quarantined else ""
         console.print(f"scored [bold]{t.rows:,}[/] of {t.rows_in:,} rows with {t.model} v{t.version} in "
                       f"{t.score_s:.2f}s -> {t.path}{bad}", highlight=False, soft_wrap=True)
+        if t.unseen:
+            console.print("[yellow]categories the model never saw[/] (scored as missing): "
+                          + ", ".join(f"{c} {n:,} row(s)" for c, n in t.unseen.items()), highlight=False,
+                          soft_wrap=True)
         if t.id_column is None:
             console.print("[yellow]no id column[/] (--id COLUMN): the scores and the log cannot be matched to "
                           "outcomes or erased by customer", highlight=False)

@@ -211,8 +211,11 @@ class Runtime:
                    "cold_start": k is None}
             if k is None:
                 out["prior"] = "global base rate of the model's held-out data"
-            elif reasons is not None:
+                return out
+            if reasons is not None:
                 out["reasons"] = reasons[k]
+            if unseen := scorer.unseen(records[i]):
+                out["unseen_categories"] = unseen  # scored as missing: a new value, or a typo upstream
             return out
 
         results = [answer(i) for i in range(len(pairs))]

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -290,6 +290,7 @@ class TableScoreReport:
     id_column: str | None = None
     missing_ids: int = 0  # scored rows without an id: logged without one, so no outcome or erasure finds them
     repeated_ids: int = 0  # scored rows whose id another scored row has too: one customer to outcomes and erasure
+    unseen: dict[str, int] = field(default_factory=dict)  # per column, scored rows with a category new to the model
 
 
 def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.DataFrame, Any]:
@@ -384,7 +385,9 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     logged, request_id = (log_scores(log_root, salt, loaded, out[id_column] if id_column else None, good, p)
                           if log_root is not None else (0, None))
     ids = out[id_column] if id_column else None
+    unseen = {c: n for c, known in getattr(scorer, "_vocabulary", {}).items()
+              if (n := int((good[c].notna() & ~good[c].astype(str).isin(known)).sum()))}
     return TableScoreReport(name, loaded.version, result.rows_in, len(out), len(quarantine), result.reasons, target,
                             bad if len(quarantine) else None, score_s, logged, request_id, id_column,
                             0 if ids is None else int(ids.isna().sum()),
-                            0 if ids is None else int(ids.dropna().duplicated(keep=False).sum()))
+                            0 if ids is None else int(ids.dropna().duplicated(keep=False).sum()), unseen)

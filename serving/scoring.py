@@ -185,6 +185,8 @@ class Classifier:
                                                            list(model.columns.categorical),
                                                            list(model.columns.boolean))
         self.features: list[str] = list(model.columns.features)
+        self._vocabulary = {c: frozenset(v) for c, v in (getattr(model, "categories", None) or {}).items()
+                            if c in model.columns.categorical}
         self.unused = frozenset(model.columns.unused)
         # A model of a labeled table (its label is among the unused columns): its columns are not in the online
         # store, so it scores the rows it is sent, never a customer looked up by id.
@@ -202,6 +204,11 @@ class Classifier:
 
     def check(self, records: list[dict[str, Any]], where: str = "features") -> None:
         check_records(records, self._numeric, self._categorical, self._boolean, self.counts, where, self.unused)
+
+    def unseen(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record's categorical values the model never saw in training (scored as missing), by column."""
+        return {c: v for c, known in self._vocabulary.items()
+                if (v := record.get(c)) is not None and str(v) not in known}
 
     def _matrix(self, records: list[dict[str, Any]]) -> np.ndarray | pd.DataFrame:
         if self.numeric_only:

@@ -311,22 +311,27 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
         blank, null = (runtime.classify("churn", features={**row, "support_calls": v})["results"][0]["probability"]
                        for v in (" ", None))  # a blank cell, as a table file has it, is missing (as in batch)
         assert blank == null
+        new_plan = runtime.classify("churn", features={**row, "plan": "platinum"})["results"][0]
+        assert new_plan["unseen_categories"] == {"plan": "platinum"}  # scored as missing, and said so
+        assert "unseen_categories" not in answer["results"][0]
         with pytest.raises(InputError) as error:
             runtime.classify("churn", features={**row, "tenure_mo": 3})
         assert error.value.field == "features.tenure_mo"
     finally:
         runtime.close()
     logged = read_log(tmp_path / "log")
-    assert len(logged) == 4 and not any(c in f for f in logged["features"] for c in ("acct", "email", "leak"))
+    assert len(logged) == 5 and not any(c in f for f in logged["features"] for c in ("acct", "email", "leak"))
 
     # batch: a table of new customers (no label), one of them with a value the model cannot read
     fresh = frame.drop(columns=["left"]).head(40).astype({"tenure_m": str})
     fresh.loc[7, "tenure_m"] = "seven"
     fresh.loc[8, "support_calls"] = None  # missing is allowed, as in training
+    fresh.loc[9, "plan"] = "platinum"  # a category the model never saw: scored as missing, counted
     fresh.to_csv(tmp_path / "new customers.CSV", index=False)
     result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV")])  # id: acct
     assert result.exit_code == 0, result.output
     assert "scored 39 of 40 rows" in result.output and "invalid_tenure_m 1" in result.output
+    assert "categories the model never saw (scored as missing): plan 1 row(s)" in " ".join(result.output.split())
     scores = pd.read_parquet(settings().home / "scores" / "churn" / "v1" / "new customers-scores.parquet")
     quarantined = pd.read_parquet(settings().home / "scores" / "churn" / "v1" / "new customers-quarantine.parquet")
     assert len(scores) + len(quarantined) == 40 and quarantined["tenure_m"].tolist() == ["seven"]
@@ -337,7 +342,7 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"), "--id", "plan",
                                  "--no-log"])  # not an id: its values repeat
     assert result.exit_code == 0
-    assert "id column 'plan': 0 row(s) without an id, 39 sharing" in " ".join(result.output.split())
+    assert "id column 'plan': 0 row(s) without an id, 38 sharing" in " ".join(result.output.split())
 
     # the batch went to the prediction log as the API logs (keyed by the pseudonymized id, only the model's
     # features), so the monitor watches it; --no-log leaves the log alone
