@@ -799,7 +799,7 @@ def mlflow_ui(
     require_free_port(host, port)
     args = ["mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", settings.artifact_root,
             "--host", host, "--port", str(port), "--workers", "1"]
-    console.print(" ".join(args), highlight=False, soft_wrap=True)
+    console.print(" ".join(map(redact, args)), highlight=False, soft_wrap=True)
     os.execv(str(Path(sys.executable).parent / "mlflow"), args)
 
 
@@ -863,8 +863,9 @@ def score(
     id_column: Annotated[str | None, typer.Option(
         "--id", help="Id column of --table, copied to the scores (default: the training table's, if there).")] = None,
     sep: Annotated[str, typer.Option(help="Separator of a CSV --table ('\\t' or tab for tabs).")] = ",",
-    log: Annotated[bool, typer.Option("--log/--no-log", help="Write every score to the prediction log too, as the API "
-                                      "does, so `monitor` sees batch scoring.")] = True,
+    log: Annotated[bool | None, typer.Option("--log/--no-log", help="Write every score to the prediction log too, as "
+                                             "the API does, so `monitor` sees batch scoring (default: yes, but not "
+                                             "for a labeled table's stored training rows).")] = None,
 ) -> None:
     """Score every customer of a data set (or every row of a table file) with a model's champion and write the
     scores to Parquet (and to the prediction log)."""
@@ -874,7 +875,6 @@ def score(
 
     settings: Settings = ctx.obj
     client = connect(settings.tracking_uri)
-    log_root, salt = (settings.log_root, load_salt(settings.home)) if log else (None, None)
     if table is None:
         trained_on = _trained_on(client, _model_version(client, check_name(model), alias))
         if dataset is None:
@@ -886,9 +886,14 @@ def score(
                           "another)", highlight=False)
         stored = settings.dataset_dir(dataset) / "table.parquet"
         if stored.exists():  # a labeled table has no transactions to build features from: its rows are the input
+            if engine != "duckdb" or as_of is not None:
+                raise PersonalizeError(f"{dataset} is a labeled table: its rows are scored as they are, without "
+                                       "--engine or --as-of")
             console.print(f"{dataset} is a labeled table: scoring its stored rows (--table FILE scores a file of "
-                          "new ones)", highlight=False)
-            table = stored
+                          "new ones)" + ("" if log else "; not logged: they are not traffic (--log logs them)"),
+                          highlight=False)
+            table, log = stored, bool(log)
+    log_root, salt = (settings.log_root, load_salt(settings.home)) if log is not False else (None, None)
     if table is not None:
         t = score_table(client, check_name(model), table, settings.home / "scores", alias, id_column, sep,
                         log_root, salt)

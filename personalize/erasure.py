@@ -73,6 +73,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from personalize.errors import first_line
 from personalize.settings import Settings, redact
 from serving.predlog import log_lock
 
@@ -246,11 +247,6 @@ def _local_path(uri: str | None) -> Path | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _layout(settings: Settings, online_url: str | None, env: dict[str, str]) -> _Layout:
     from serving.online import default_url
 
@@ -320,7 +316,7 @@ def _mlflow(settings: Settings, layout: _Layout) -> None:
         layout.client = client
     except Exception as exc:  # an unreachable store must not stop the erasure of everything else
         layout.problems.append({"store": "artifacts", "where": redact(uri),
-                                "why": f"the MLflow tracking store did not answer ({_first_line(exc)}): the runs' "
+                                "why": f"the MLflow tracking store did not answer ({first_line(exc)}): the runs' "
                                        "artifacts outside home were not searched"})
 
 
@@ -503,7 +499,7 @@ def _sweep_parquet(layout: _Layout, path: Path, rule: _Rule, who: _Who, apply: b
     try:
         mask = _parquet_mask(path, rule, who)
     except Exception as exc:  # a damaged file must not stop the erasure of the rest
-        tally.problem(rule.store, where, f"not searched: unreadable Parquet ({_first_line(exc)})")
+        tally.problem(rule.store, where, f"not searched: unreadable Parquet ({first_line(exc)})")
         return
     if mask is None or not mask.any():
         return
@@ -512,7 +508,7 @@ def _sweep_parquet(layout: _Layout, path: Path, rule: _Rule, who: _Who, apply: b
         try:
             deleted = _rewrite_parquet(path, mask, rule.drop_empty)
         except Exception as exc:  # e.g. a read-only file: report it, erase the rest
-            tally.problem(rule.store, where, f"not erased: the rewrite failed ({_first_line(exc)})")
+            tally.problem(rule.store, where, f"not erased: the rewrite failed ({first_line(exc)})")
             return
     else:
         deleted = rule.drop_empty and rows == len(mask)
@@ -538,7 +534,7 @@ def _sweep_json(layout: _Layout, path: Path, rule: _Rule, who: _Who, apply: bool
         try:
             _replace(path, lambda tmp: tmp.write_text(json.dumps(kept, indent=indent)))
         except OSError as exc:
-            tally.problem(rule.store, where, f"not erased: the rewrite failed ({_first_line(exc)})")
+            tally.problem(rule.store, where, f"not erased: the rewrite failed ({first_line(exc)})")
             return
     tally.add(where, rule.store, rows)
     tally.paths.add(path)
@@ -551,7 +547,7 @@ def _compact_sqlite(path: Path) -> str | None:
     try:
         con = sqlite3.connect(path, timeout=30, isolation_level=None)
     except sqlite3.Error as exc:
-        return _first_line(exc)
+        return first_line(exc)
     try:
         con.execute("PRAGMA secure_delete=ON")
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -561,7 +557,7 @@ def _compact_sqlite(path: Path) -> str | None:
             return "a reader kept the write-ahead log busy"
         return None
     except sqlite3.Error as exc:
-        return _first_line(exc)
+        return first_line(exc)
     finally:
         con.close()
 
@@ -599,7 +595,7 @@ def _online(layout: _Layout, who: _Who, apply: bool, tally: _Tally) -> None:
                 store.close()
         except Exception as exc:  # an unreachable Redis must not stop the rest
             tally.problem("online", location, f"not searched or not erased: the online store failed "
-                                              f"({_first_line(exc)})")
+                                              f"({first_line(exc)})")
             continue
         tally.add(location, "online", removed if apply else found)
         if found and path is not None:
@@ -619,7 +615,7 @@ def _decisions(layout: _Layout, who: _Who, reward: str, apply: bool, tally: _Tal
         try:
             out = store.forget(who.key, reward)
         except sqlite3.Error as exc:  # locked past the timeout: report it, erase the rest
-            tally.problem("decisions", layout.where(path), f"not erased ({_first_line(exc)})")
+            tally.problem("decisions", layout.where(path), f"not erased ({first_line(exc)})")
             return
         finally:
             store.close()
@@ -636,7 +632,7 @@ def _decisions(layout: _Layout, who: _Who, reward: str, apply: bool, tally: _Tal
             "FROM feedback f JOIN decisions d ON d.decision_id = f.decision_id WHERE d.customer_key = ?",
             (who.key,)).fetchone()
     except sqlite3.Error as exc:
-        tally.problem("decisions", layout.where(path), f"not searched ({_first_line(exc)})")
+        tally.problem("decisions", layout.where(path), f"not searched ({first_line(exc)})")
         return
     finally:
         con.close()
@@ -655,7 +651,7 @@ def _trained_models(layout: _Layout, datasets: set[str]) -> list[str]:
         versions = list(_pages(lambda token: layout.client.search_model_versions(max_results=1000,
                                                                                  page_token=token)))
     except Exception as exc:
-        log.warning("erasure: cannot list the registered model versions (%s)", _first_line(exc))
+        log.warning("erasure: cannot list the registered model versions (%s)", first_line(exc))
         return []
     return sorted(f"{v.name}/{v.version}" for v in versions if (v.tags or {}).get("dataset") in datasets)
 
@@ -695,7 +691,7 @@ def _scan(layout: _Layout, who: _Who, skip: set[Path], problems: list[dict[str, 
                 count += _parquet_values(path, who)
             except Exception as exc:
                 problems.append({"store": "scan", "where": layout.where(path),
-                                 "why": f"Parquet not readable, searched as bytes only ({_first_line(exc)})"})
+                                 "why": f"Parquet not readable, searched as bytes only ({first_line(exc)})"})
         if count:
             hits[f"scan:{layout.where(path)}"] = count
     return hits

@@ -48,3 +48,10 @@ def load_yaml_model(path: Path, model: type[M], missing: str) -> M:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one line for a one-line error: its message's first line (at most ``limit`` characters), or
+    its type's name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -9,6 +9,7 @@ Nothing here touches the disk or a global: callers build a :class:`Settings` onc
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -104,13 +105,14 @@ FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".parquet", ".pq", ".yaml", ".ym
 
 
 def redact(url: str) -> str:
-    """``url`` fit to print or log: the user and password of its authority hidden, the rest kept
-    (``postgresql://…@db:5432/mlflow``); a URL without credentials as it is."""
+    """``url`` fit to print or log: its credentials hidden (``postgresql://…@db:5432/mlflow``; a ``password=``
+    query parameter too), the rest kept; a URL without credentials as it is. Everything before the last ``@`` is
+    taken for the credentials, so a password with an unescaped ``/`` or ``@`` is hidden too."""
     scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not sep or "@" not in authority:
-        return url
-    return f"{scheme}://…@{authority.rsplit('@', 1)[1]}{slash}{path}"
+    head, at, tail = rest.rpartition("@")
+    if sep and at and not rest.startswith("/"):  # "sqlite:////a@b/x.db": a path, no authority
+        url = f"{scheme}://…@{tail}"
+    return re.sub(r"(?i)(password=)[^&]*", r"\1…", url)
 
 
 def connect_timeout(url: str, seconds: int = 10) -> dict[str, dict[str, int]]:

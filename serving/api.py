@@ -10,7 +10,6 @@ drive it directly too.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import uuid
 from typing import Any
@@ -32,10 +31,11 @@ SCORES = frozenset({"churn", "propensity"}) | CYCLE_SCORES
 
 
 def _row_id(value: Any) -> str | None:
-    """A row's id value as the stores keep ids: text; a whole number without its ``.0``; nothing for a null."""
-    if value is None or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
-        return None
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    """A row's id value as batch scoring keeps it (:func:`features.ingest.normalize_ids`): text, trimmed, a whole
+    number without its ``.0``; None for a blank or a null."""
+    from features.ingest import normalize_ids
+
+    return None if isinstance(value, bool) else normalize_ids(pd.Series([value], dtype=object)).iloc[0]
 
 
 class Runtime:

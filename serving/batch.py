@@ -311,19 +311,20 @@ def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.Data
             out[c] = s.astype(object).where(~blank, None)
             continue
         if pd.api.types.is_bool_dtype(s) or (kind == "numeric" and pd.api.types.is_numeric_dtype(s)):
-            out[c] = s.astype(float)
-            continue
-        text = s.astype(str).str.strip()
-        if kind == "boolean":
-            values = text.str.lower().map({**BOOL_TEXT, "1": True, "0": False, "1.0": True, "0.0": False})
-            out[c] = values.astype(float)
+            out[c] = s.astype(float)  # typed already (Parquet, a stored table): checked below like text
         else:
-            written = comma_numbers(text) & ~blank
-            if decimal_comma and text[written].str.contains(",", regex=False).any():  # 29,85 and 1.621,37 in the file
-                text = text.where(~written, dot_decimals(text))
-            out[c] = pd.to_numeric(text.where(~blank, None), errors="coerce").astype(float)
-        reasons.add(~blank & out[c].isna(), f"invalid_{c}")
-        if c in getattr(scorer, "counts", ()):  # as the API refuses it: a count of the held-out data cannot be < 0
+            text = s.astype(str).str.strip()
+            if kind == "boolean":
+                values = text.str.lower().map({**BOOL_TEXT, "1": True, "0": False, "1.0": True, "0.0": False})
+                out[c] = values.astype(float)
+            else:
+                written = comma_numbers(text) & ~blank
+                if decimal_comma and text[written].str.contains(",", regex=False).any():  # 29,85 and 1.621,37
+                    text = text.where(~written, dot_decimals(text))
+                out[c] = pd.to_numeric(text.where(~blank, None), errors="coerce").astype(float)
+        # as the API refuses them: a value that is no finite number, a negative count of the held-out data
+        reasons.add((~blank & out[c].isna()) | np.isinf(out[c]), f"invalid_{c}")
+        if c in getattr(scorer, "counts", ()):
             reasons.add(out[c] < 0, f"negative_{c}")
     return out, reasons
 
@@ -385,8 +386,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
     logged, request_id = (log_scores(log_root, salt, loaded, out[id_column] if id_column else None, good, p)
                           if log_root is not None else (0, None))
     ids = out[id_column] if id_column else None
-    unseen = {c: n for c, known in getattr(scorer, "_vocabulary", {}).items()
-              if (n := int((good[c].notna() & ~good[c].astype(str).isin(known)).sum()))}
+    unseen = scorer.unseen_counts(good)
     return TableScoreReport(name, loaded.version, result.rows_in, len(out), len(quarantine), result.reasons, target,
                             bad if len(quarantine) else None, score_s, logged, request_id, id_column,
                             0 if ids is None else int(ids.isna().sum()),

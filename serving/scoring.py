@@ -127,7 +127,8 @@ def check_records(records: list[dict[str, Any]], numeric: list[str], categorical
                   counts: frozenset[str], where: str = "features", unused: frozenset[str] = frozenset()) -> None:
     """Every record has the model's columns with values of the right kind, and no other column but the ``unused``
     ones its training table had (an id, a label, a column set aside: sent as the table has them, ignored); raises
-    :class:`InputError` naming the first offending field (``features.recency_days``, ``items[3].features.x``)."""
+    :class:`InputError` naming the first offending field (``features.recency_days``, ``items[3].features.x``).
+    A blank string (a table's empty cell) is set to None in the record itself, so it is scored as missing."""
     expected = set(numeric) | set(categorical) | set(boolean)
     for i, record in enumerate(records):
         at = where if len(records) == 1 else f"items[{i}].{where}"
@@ -210,13 +211,20 @@ class Classifier:
         return {c: v for c, known in self._vocabulary.items()
                 if (v := record.get(c)) is not None and str(v) not in known}
 
+    def unseen_counts(self, frame: pd.DataFrame) -> dict[str, int]:
+        """Per categorical column of ``frame`` (as :func:`serving.batch.score_matrix` reads it), the rows with a
+        value the model never saw in training; columns without one are left out."""
+        return {c: n for c, known in self._vocabulary.items()
+                if (n := int((frame[c].notna() & ~frame[c].astype(str).isin(known)).sum()))}
+
     def _matrix(self, records: list[dict[str, Any]]) -> np.ndarray | pd.DataFrame:
         if self.numeric_only:
             return np.array([[np.nan if (v := r.get(c)) is None else float(v) for c in self.features]
                              for r in records], dtype=float)
         from training.tune import model_matrix
 
-        frame = pd.DataFrame.from_records(records, columns=self.features)
+        # object columns: a category 3 beside a null stays 3 (the training vocabulary's "3"), not the float 3.0
+        frame = pd.DataFrame(records, columns=self.features, dtype=object)
         x, _ = model_matrix(frame, list(self.columns.numeric), list(self.columns.categorical),
                             list(self.columns.boolean), self.model.categories)
         return x

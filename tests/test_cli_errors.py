@@ -203,11 +203,29 @@ def test_a_taken_port_is_one_line_before_any_server_starts(command: list[str], i
 
 
 def test_a_time_column_in_another_format_says_how_to_read_it(tmp_path: Path, isolated_home: Path) -> None:
-    rows = "\n".join(f"c{i},{1 + i % 12:02d}/15/2024,{i % 7},{'yes' if i % 3 == 0 else 'no'}" for i in range(80))
+    rows = "\n".join(f"c{i},{1 + i % 12:02d}/15/2024,{i % 7},{'yes' if i % 2 == 0 else 'no'}" for i in range(240))
     (tmp_path / "us.csv").write_text("id,when,x,churned\n" + rows + "\n")
     args = ["train", "churn", str(tmp_path / "us.csv"), "--label", "churned", "--positive", "yes", "--id", "id",
             "--time", "when", "--trials", "1"]
     refused = runner.invoke(app, args)
-    assert refused.exit_code == 2 and "unparseable_time 80" in refused.output and "--time-format" in refused.output
+    assert refused.exit_code == 2 and "unparseable_time 240" in refused.output and "--time-format" in refused.output
     read = runner.invoke(app, [*args, "--time-format", "%m/%d/%Y"])
-    assert "unparseable_time" not in read.output, read.output
+    assert read.exit_code == 0 and "unparseable_time" not in read.output, read.output
+    assert "registered churn version 1" in read.output and "out of time" in read.output, read.output
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+psycopg2://me:s3cret@db:5432/mlflow", "postgresql+psycopg2://…@db:5432/mlflow"),
+    ("postgresql://me:s3/cr@t@db/x", "postgresql://…@db/x"),  # an unescaped / and @ in the password
+    ("postgresql://db/x?user=me&password=s3cret", "postgresql://db/x?user=me&password=…"),
+    ("redis://:s3cret@cache:6379/0", "redis://…@cache:6379/0"),
+    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),  # a path, no credentials
+    ("http://mlflow:5000", "http://mlflow:5000"),
+])
+def test_urls_are_printed_without_their_credentials(url: str, shown: str, isolated_home: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from personalize.settings import redact
+
+    assert redact(url) == shown
+    monkeypatch.setenv("PERSONALIZE_OPTUNA_STORAGE", url)
+    assert "s3cret" not in runner.invoke(app, ["info"]).output

@@ -138,8 +138,8 @@ def test_the_pyfunc_serves_every_series_and_the_run_carries_the_gate_inputs(resu
     alone, within = (model.predict(pd.DataFrame({"series": TOTAL, "ds": days})).iloc[-1]
                      for days in ([day], pd.date_range(day - pd.Timedelta(days=9), day)))
     assert alone.to_dict() == within.to_dict()
-    beyond = model.predict(pd.DataFrame({"series": TOTAL, "ds": [day + pd.Timedelta(days=400)]}))  # past the grid
-    assert beyond.notna().all(axis=None)
+    beyond = model.predict(pd.DataFrame({"series": TOTAL, "ds": [day, day + pd.Timedelta(days=400)]}))  # past the grid
+    assert beyond.notna().all(axis=None) and beyond.iloc[0].to_dict() == alone.to_dict()  # the grid's day unmoved
 
     logged = mlflow.get_run(run.info.run_id)
     assert {"mae", "mape", "baseline_mae", "mae_total", "baseline_mae_category.a"} <= set(logged.data.metrics)

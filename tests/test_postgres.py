@@ -281,6 +281,23 @@ def test_tuning_a_study_again_resumes_its_parent_run_or_replaces_a_deleted_one(
     assert client.get_run(new_id).data.tags["best_trial"] == str(ranked_trials(third.study)[0].number)
 
 
+def test_a_worker_with_another_split_is_refused_before_it_touches_the_parent_run(
+        telco: str, isolated_home: Path, sqlite_tracking: str, restore_tracking_uri: None) -> None:
+    # Given a study tuned on one split, its parent run finished
+    storage, uri = os.environ["PERSONALIZE_OPTUNA_STORAGE"], sqlite_tracking
+    split, other = (split_labeled_table(isolated_home / "data" / telco, 0.2, seed) for seed in (42, 7))
+    _, parent_id = tracked_tune(split, QUICK, storage, "claimed", uri, "tune-claimed")
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    runs = len(client.search_runs([experiment_id]))
+    # When a worker with another split joins it by name, Then it is refused, and the parent run and its children
+    # are as they were (not FAILED by the refusal, no baseline of its own)
+    with pytest.raises(PersonalizeError, match="'claimed' holds trials scored on other rows"):
+        tracked_tune(other, QUICK, storage, "claimed", uri, "tune-claimed")
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert len(client.search_runs([experiment_id])) == runs
+
+
 def test_a_study_tuned_before_parents_were_recorded_gets_one_and_a_dead_claim_is_a_clear_error(
         telco: str, isolated_home: Path, sqlite_tracking: str, restore_tracking_uri: None) -> None:
     from training.tune import tune

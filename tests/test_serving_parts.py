@@ -280,8 +280,27 @@ def test_a_table_file_is_typed_as_the_model_was_trained_and_bad_values_name_thei
     assert reasons.by_row == {3: ["negative_visits"], 4: ["invalid_spend", "invalid_member"]}
     assert list(typed.columns) == ["spend", "visits", "plan", "member"]
 
+    typed_raw = pd.DataFrame({"spend": [1.0, float("inf")], "visits": [-2, 1], "plan": ["a", "b"],
+                              "member": [True, False]}, index=pd.Index([1, 2]))  # typed already, as Parquet has it
+    assert _typed(typed_raw, scorer, decimal_comma=False)[1].by_row == {1: ["negative_visits"], 2: ["invalid_spend"]}
+
     raw = pd.DataFrame({"spend": ["1.621,37", "2"], "visits": [1, 2], "plan": [3.0, None], "member": ["1.0", "0.0"]},
                        index=pd.Index([1, 2]))  # a Parquet file: a category read as floats (a null among ints)
     typed, reasons = _typed(raw, scorer, decimal_comma=True)
     assert typed["spend"].tolist() == [1621.37, 2.0] and typed["plan"].tolist() == [3, None]
     assert str(typed.loc[1, "plan"]) == "3" and typed["member"].tolist() == [1.0, 0.0] and not reasons.by_row
+
+
+def test_a_numeric_category_beside_a_null_keeps_its_training_spelling() -> None:
+    from types import SimpleNamespace
+
+    from serving.scoring import Classifier
+
+    # Given a model whose category was learned as "3" and "7", and a batch where one row lacks it
+    columns = SimpleNamespace(numeric=["x"], categorical=["region"], boolean=[])
+    scorer = SimpleNamespace(numeric_only=False, features=["x", "region"], columns=columns,
+                             model=SimpleNamespace(categories={"region": ["3", "7"]}))
+    # When the rows become the model's matrix, Then 3 stays the category "3" (not the float 3.0, unseen: missing)
+    x = Classifier._matrix(scorer, [{"x": 1.0, "region": 3}, {"x": None, "region": None}])
+    assert x["region"].astype(object).tolist()[0] == "3" and pd.isna(x["region"].iloc[1])
+    assert x["x"].iloc[0] == 1.0 and np.isnan(x["x"].iloc[1])

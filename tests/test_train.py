@@ -358,8 +358,9 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     assert runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"),
                                "--no-log"]).exit_code == 0
     assert len(read_log(settings().log_root)) == 39
-    result = runner.invoke(app, ["score", "churn", "--no-log"])  # no --table: the stored rows it was trained on
+    result = runner.invoke(app, ["score", "churn"])  # no --table: the stored rows it was trained on, not logged
     assert result.exit_code == 0 and "is a labeled table: scoring its stored rows" in result.output, result.output
+    assert "not logged" in result.output and len(read_log(settings().log_root)) == 39
     stored = pd.read_parquet(settings().home / "scores" / "churn" / "v1" / "table-scores.parquet")
     assert len(stored) == 1500 and stored["acct"].is_unique
     result = runner.invoke(app, ["monitor", "churn", "--window", "1", "--json"])

@@ -66,6 +66,9 @@ def _top_hits(y: np.ndarray, p: np.ndarray, k: int) -> float:
     """Positives among the k highest scores. Rows tied at the cut share its remaining places: their expected count
     under a random order, not the first rows' (a constant score finds the base rate, whatever the row order)."""
     y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = min(k, len(p))
     cut = np.partition(p, len(p) - k)[len(p) - k]  # the k-th highest score
     above, tied = p > cut, p == cut
     return float(y[above].sum() + (k - above.sum()) * y[tied].mean())

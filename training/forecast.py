@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -287,15 +288,21 @@ def predict_days(model: Prophet, days: pd.DatetimeIndex, calendar: BusinessCalen
     history = model.history["ds"]
     grid = pd.date_range(history.min().normalize(), history.max().normalize() + pd.Timedelta(days=GRID_DAYS))
     wanted = days.unique()
-    if wanted.isin(grid).all():
+    inside = wanted.isin(grid)
+    parts = []
+    if inside.any():  # always from the grid, whatever else is asked
         table = None if cache is None else cache.get(key)
         if table is None:
             table = predict_series(model, grid, calendar, clip, seed)
             if cache is not None:
                 cache[key] = table
-    else:
-        span = pd.date_range(min(grid[0], wanted.min().normalize()), max(grid[-1], wanted.max().normalize()))
-        table = predict_series(model, span.union(wanted), calendar, clip, seed)
+        parts.append(table)
+    if not inside.all():  # days past the grid (or at a time of day): from a frame widened to reach them
+        outside = wanted[~inside]
+        span = pd.date_range(min(grid[0], outside.min().normalize()), max(grid[-1], outside.max().normalize()))
+        extra = predict_series(model, span.union(outside), calendar, clip, seed)
+        parts.append(extra[extra["ds"].isin(outside)])
+    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     return table.set_index("ds").reindex(days).rename_axis("ds").reset_index()
 
 
@@ -390,6 +397,7 @@ class PurchaseForecastModel(mlflow.pyfunc.PythonModel):
         self.clip = bool(bundle["clip_negative"])
         self.seed = int(bundle["interval_seed"])
         self.grids: dict[str, pd.DataFrame] = {}
+        self.lock = threading.Lock()  # predictions seed numpy's global generator: one at a time (server threads)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         missing = [c for c in PYFUNC_INPUT if c not in model_input.columns]
@@ -407,7 +415,7 @@ class PurchaseForecastModel(mlflow.pyfunc.PythonModel):
         if pd.isna(ds).any():
             raise ForecastError("ds must hold dates: some are missing")
         out = pd.DataFrame(index=range(len(model_input)), columns=list(PYFUNC_OUTPUT), dtype=float)
-        with quiet_prophet():
+        with quiet_prophet(), self.lock:
             for name in pd.unique(series):
                 rows = np.flatnonzero(series == name)
                 predicted = predict_days(self.models[name], pd.DatetimeIndex(ds[rows]), self.calendar, self.clip,

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalize.errors import PersonalizeError
+from personalize.errors import PersonalizeError, first_line
 from personalize.settings import connect_timeout, redact
 from training.evaluate import (bootstrap_delta, calibration_noise, expected_calibration_error, fairness_gaps,
                                fairness_noise)
@@ -91,10 +91,13 @@ def _first_use_lock(tracking_uri: str) -> Iterator[None]:
         postgres = tracking_uri.startswith("postgresql")
         engine = sqlalchemy.create_engine(tracking_uri, poolclass=NullPool, **connect_timeout(tracking_uri))
         take, give = (("SELECT pg_advisory_lock(hashtext(:key))", "SELECT pg_advisory_unlock(hashtext(:key))")
-                      if postgres else ("SELECT GET_LOCK(:key, 600)", "SELECT RELEASE_LOCK(:key)"))
+                      if postgres else ("SELECT GET_LOCK(:key, 300)", "SELECT RELEASE_LOCK(:key)"))
         try:
             with engine.connect() as connection:
-                connection.execute(sqlalchemy.text(take), {"key": INIT_LOCK_KEY})
+                if postgres:  # a holder that hangs fails us after 5 minutes, not never
+                    connection.execute(sqlalchemy.text("SET lock_timeout = '300s'"))
+                if connection.execute(sqlalchemy.text(take), {"key": INIT_LOCK_KEY}).scalar() == 0:
+                    raise RegistryError("another process has held the MLflow store's start-up lock for 5 minutes")
                 try:
                     yield
                 finally:
@@ -130,7 +133,7 @@ def connect(tracking_uri: str):
         mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs (loading a version to score it) resolve here too
         mlflow.set_registry_uri(tracking_uri)
     except Exception as exc:  # any failure here means: nothing can be tracked or registered
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RegistryError(f"the MLflow tracking store {redact(tracking_uri)} is unreachable ({reason}); "
                             "check MLFLOW_TRACKING_URI") from None
     return client
@@ -229,8 +232,8 @@ def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str
         version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {},
                                               description=description, model_id=model_id)
     except Exception:
-        if created:  # nothing half-registered: the model this call created goes again
-            client.delete_registered_model(name)
+        if created:
+            _drop_if_empty(client, name)
         raise
     try:
         client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -238,8 +241,20 @@ def register(client, name: str, model_uri: str, run_id: str, tags: dict[str, str
                               "reason": "new challenger"})
     except Exception:
         client.delete_model_version(name, version.version)
+        if created:
+            _drop_if_empty(client, name)
         raise
     return str(version.version)
+
+
+def _drop_if_empty(client, name: str) -> None:
+    """Nothing half-registered: the registered model a failed ``register`` created goes again, unless another
+    process has added a version to it meanwhile. A failure here must not hide the one that brought us here."""
+    try:
+        if not client.search_model_versions(f"name='{name}'", max_results=1):
+            client.delete_registered_model(name)
+    except Exception as exc:
+        log.warning("could not remove the empty registered model %s: %s", name, exc)
 
 
 # --- the gate ----------------------------------------------------------------------------------------------------

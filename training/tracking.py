@@ -36,8 +36,8 @@ from mlflow.exceptions import MlflowException
 from personalize.errors import PersonalizeError
 from personalize.settings import redact
 from training.evaluate import classification_metrics
-from training.tune import (Split, TuneConfig, TuneResult, best_of, enqueue_starts, open_study, ranked_trials, tune,
-                           worker_id)
+from training.tune import (Split, TuneConfig, TuneResult, best_of, claim_study, enqueue_starts, open_study,
+                           ranked_trials, tune, worker_id)
 
 log = logging.getLogger(__name__)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -83,6 +83,7 @@ def tracked_tune(split: Split, config: TuneConfig, storage: str, study_name: str
         experiment_id = use_experiment(tracking_uri, experiment, artifact_root)
     if active is None and not MLFLOW_RUN_ID.get():
         study, created = open_study(storage, study_name, config.seed)
+        claim_study(study, split, config)  # another split is refused before this worker touches the parent run
         if created:
             enqueue_starts(study, config)  # before the parent is recorded: joiners then find them queued
         else:

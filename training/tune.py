@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from personalize.errors import PersonalizeError
+from personalize.errors import PersonalizeError, first_line
 from personalize.settings import connect_timeout, redact
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,11 @@ def rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
             time.sleep(0.5 * attempt)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.ArgumentError,
                 ValueError, ImportError) as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200] or type(exc).__name__
+            reason = first_line(getattr(exc, "orig", None) or exc)
+            # SQLite's side of the same race: another worker's CREATE TABLE, or its write lock
+            if attempt < attempts and ("already exists" in reason or "database is locked" in reason):
+                time.sleep(0.5 * attempt)
+                continue
             raise PersonalizeError(f"the Optuna storage {redact(url)} is unreachable ({reason}); check "
                                    "PERSONALIZE_OPTUNA_STORAGE") from None
     raise AssertionError("unreachable")
