@@ -341,9 +341,8 @@ def tune(
     table.add_row(result.family, f"{result.valid_auc:.4f}", holdout, f"{result.baseline_auc:.4f}", str(result.rounds),
                   f"{len(result.study.trials)} ({pruned})")
     console.print(table)
-    if result.top_auc is not None and result.top_auc > result.valid_auc:
-        console.print(f"trial {result.trial} chosen: the simplest within one standard error of the best score "
-                      f"({result.top_auc:.4f}); --selection best takes the highest", highlight=False)
+    if note := _one_se_note(result):
+        console.print(f"trial {result.trial} chosen ({note}); --selection best takes the highest", highlight=False)
     console.print(f"study stored in {redact(storage)}; MLflow parent run {run_id} in "
                   f"{redact(settings.tracking_uri)} (experiment tune-{dataset})", highlight=False, soft_wrap=True)
 
@@ -426,11 +425,11 @@ TrainDataset = Annotated[str, typer.Argument(
     help="An ingested data set, or a CSV/Parquet labeled table (with --label/--positive), or a YAML ingest config.")]
 
 
-def _selection_label(tuned: Any) -> str:
-    """Why this trial: the best score, or the simplest within one standard error of it (one_se)."""
+def _one_se_note(tuned: Any) -> str | None:
+    """Why a simpler trial than the best-scoring one was chosen (the one_se rule); None when the best was."""
     if tuned.top_auc is not None and tuned.top_auc > tuned.valid_auc:
         return f"one_se: the simplest within one standard error of the best, {tuned.top_auc:.4f}"
-    return "the best"
+    return None
 
 
 def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int | None, timeout: float | None,
@@ -469,7 +468,7 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     d = t.test_decision
     console.print(
         f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, trial {t.tuned.trial} of "
-        f"{len(t.tuned.study.trials)}, validation AUC {t.tuned.valid_auc:.4f} ({_selection_label(t.tuned)}), "
+        f"{len(t.tuned.study.trials)}, validation AUC {t.tuned.valid_auc:.4f} ({_one_se_note(t.tuned) or 'the best'}), "
         f"trained on {t.trained_on}; "
         f"calibration {calibration} on {t.calibrated_on}: test ECE {t.test_raw_metrics['ece']:.4f} -> "
         f"{t.test_metrics['ece']:.4f}\n"
