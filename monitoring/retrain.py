@@ -23,7 +23,7 @@ import pandas as pd
 
 from monitoring.alerts import Alert
 from monitoring.config import SEVERITY_RANK, RetrainPolicy
-from personalize.errors import PersonalizeError
+from personalize.errors import PersonalizeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def retrain(settings: Any, client: Any, model: str, policy: RetrainPolicy, reaso
     try:
         params, tags, decision_policy = _champion_recipe(client, model)
     except Exception as exc:
-        raise PersonalizeError(f"{model}: no champion to retrain from ({str(exc).splitlines()[0][:200]})") from None
+        raise PersonalizeError(f"{model}: no champion to retrain from ({first_line(exc)})") from None
     task, dataset = params.get("task"), params.get("dataset")
     if not task or not dataset:
         raise PersonalizeError(f"{model}: the champion's training run names no task or data set")

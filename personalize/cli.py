@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from personalize.errors import PersonalizeError
+from personalize.errors import PersonalizeError, first_line
 from personalize.settings import Settings, looks_like_file, redact
 
 app = typer.Typer(
@@ -931,7 +931,7 @@ def _model_version(client: Any, model: str, alias: str) -> Any:
     try:
         return client.get_model_version_by_alias(model, alias)
     except Exception as exc:
-        raise PersonalizeError(f"no {model}@{alias} in the registry: {str(exc).splitlines()[0][:200]}") from None
+        raise PersonalizeError(f"no {model}@{alias} in the registry: {first_line(exc)}") from None
 
 
 def _trained_on(client: Any, version: Any) -> str | None:

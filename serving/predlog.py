@@ -41,6 +41,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from personalize.errors import first_line
+
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
@@ -239,7 +241,7 @@ def read_log(root: Path, start: pd.Timestamp | None = None, end: pd.Timestamp | 
         except Exception as exc:
             if skipped is None:
                 raise
-            skipped.append((f, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+            skipped.append((f, f"{type(exc).__name__}: {first_line(exc)}"))
     if not tables:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
     frame = pa.concat_tables(tables).to_pandas()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from personalize.errors import PersonalizeError
+from personalize.errors import PersonalizeError, first_line
 from serving.config import ENDPOINT_KINDS
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def load(client: Any, name: str, alias: str, threads: int = 1, version: str | No
     try:
         mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
     except Exception as exc:
-        raise NotServing(f"no {name}@{version or alias} in the registry: {str(exc).splitlines()[0][:200]}") from None
+        raise NotServing(f"no {name}@{version or alias} in the registry: {first_line(exc)}") from None
     own_store = hasattr(client, "load_pyfunc")
     pyfunc = (client.load_pyfunc(name, str(mv.version)) if own_store
               else mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}"))
