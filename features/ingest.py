@@ -17,6 +17,7 @@ on construction.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,8 @@ DETAIL = "_detail"
 SOURCE_FILE = "_source_file"
 RAW_LINE = "_raw_line"  # the text of a line that could not be split into the file's columns
 BOOKKEEPING = (SOURCE_FILE, SOURCE_ROW, RAW_LINE, REASON, DETAIL)
-_TRUE = {"true", "t", "yes", "y", "1", "1.0"}
-_FALSE = {"false", "f", "no", "n", "0", "0.0", ""}
+TRUE_TEXT = {"true", "t", "yes", "y", "1", "1.0"}
+FALSE_TEXT = {"false", "f", "no", "n", "0", "0.0", ""}
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class ParseOptions:
     # False none, None (the default) strips a column's ids when every one of them is written so
     strip_float_ids: bool | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # contract column -> value when the column is absent
+    # numbers written 29,85 / 1.621,37: True, 29.85: False, None decides per column (see _parse_number)
+    decimal_comma: bool | None = False
 
 
 @dataclass(frozen=True)
@@ -174,10 +177,41 @@ def parse_timestamp(s: pd.Series, fmt: str | None) -> pd.Series:
     return parsed.astype("datetime64[ns]")
 
 
-def _parse_number(s: pd.Series) -> pd.Series:
+# A number written with a decimal comma, perhaps with thousands dots: 29,85  -3,5  1.621,37  12
+COMMA_NUMBER = re.compile(r"[+-]?(\d{1,3}(\.\d{3})+|\d+)(,\d+)?")
+
+
+def has_decimal_commas(text: pd.Series) -> bool:
+    """Numbers written the continental way (``29,85``, ``1.621,37``): every value one, at least one with a comma."""
+    return bool(text.str.contains(",", regex=False).any() and comma_numbers(text).all())
+
+
+def comma_numbers(text: pd.Series) -> pd.Series:
+    """Which values are numbers as a decimal comma writes them (``29,85``, ``1.621,37``, ``12``)."""
+    return text.astype(str).str.fullmatch(COMMA_NUMBER)
+
+
+def dot_decimals(text: pd.Series) -> pd.Series:
+    """``1.621,37`` -> ``1621.37``."""
+    return text.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False)
+
+
+def _parse_number(s: pd.Series, decimal_comma: bool | None = False) -> pd.Series:
+    """Numbers from text. ``decimal_comma``: True reads ``29,85`` and ``1.621,37`` (a value written otherwise, such as
+    ``1.5``, is unparseable), False reads ``29.85``, None decides per column: a decimal comma when some value is
+    written with one and none is a number only the dot way reads (``1.5``, ``1e3``)."""
     if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
         return s.astype(float)
-    return pd.to_numeric(s.astype(object).where(~is_blank(s), None), errors="coerce").astype(float)
+    text = s.astype(object).where(~is_blank(s), None)
+    if decimal_comma is not False:
+        present = text.dropna().astype(str).str.strip()
+        written = comma_numbers(present)
+        if decimal_comma is None:
+            dot_only = pd.to_numeric(present[~written], errors="coerce").notna()
+            decimal_comma = bool(present[written].str.contains(",", regex=False).any() and not dot_only.any())
+        if decimal_comma:
+            text = dot_decimals(present[written]).reindex(text.index)
+    return pd.to_numeric(text, errors="coerce").astype(float)
 
 
 def _parse_bool(s: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -186,8 +220,8 @@ def _parse_bool(s: pd.Series) -> tuple[pd.Series, pd.Series]:
         return s.astype(bool), pd.Series(False, index=s.index)
     text = s.astype(object).map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     text = text.str.strip().str.lower()
-    bad = ~text.isin(_TRUE | _FALSE)
-    return text.isin(_TRUE), bad
+    bad = ~text.isin(TRUE_TEXT | FALSE_TEXT)
+    return text.isin(TRUE_TEXT), bad
 
 
 def reason_for_check(column: Any, check: Any) -> str:
@@ -250,7 +284,7 @@ def validate_table(
     reasons.add(~is_blank(raw_time) & out[time_col].isna(), f"unparseable_{time_col}")
 
     if table == "transactions":
-        qty = _parse_number(col("quantity"))
+        qty = _parse_number(col("quantity"), options.decimal_comma)
         reasons.add(is_blank(col("quantity")), "missing_quantity")
         reasons.add(~is_blank(col("quantity")) & qty.isna(), "unparseable_quantity")
         reasons.add(qty.notna() & ~np.isfinite(qty.fillna(0)), "non_finite_quantity")
@@ -259,7 +293,7 @@ def validate_table(
             amount_raw = col("amount")
         else:  # amount = quantity x unit price
             amount_raw = col("unit_price")
-        amount = _parse_number(amount_raw)
+        amount = _parse_number(amount_raw, options.decimal_comma)
         reasons.add(is_blank(amount_raw), "missing_amount")
         reasons.add(~is_blank(amount_raw) & amount.isna(), "unparseable_amount")
         reasons.add(amount.notna() & ~np.isfinite(amount.fillna(0)), "non_finite_amount")
@@ -284,7 +318,7 @@ def validate_table(
             lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip().lower())
         reasons.add(out["event_type"].isna(), "missing_event_type")
         if "duration_s" in provided:
-            duration = _parse_number(col("duration_s"))
+            duration = _parse_number(col("duration_s"), options.decimal_comma)
             reasons.add(~is_blank(col("duration_s")) & duration.isna(), "unparseable_duration_s")
             out["duration_s"] = duration
     for name in OPTIONAL_COLUMNS[table]:

@@ -27,7 +27,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pydantic import BaseModel, ConfigDict
 
-from features.ingest import RowReasons, ValidationResult, is_blank, parse_timestamp
+from features.ingest import RowReasons, ValidationResult, has_decimal_commas, dot_decimals, is_blank, parse_timestamp
 from features.loaders import CsvOptions, column_hint, file_format, read_source
 from personalize.errors import DataFileError
 
@@ -39,8 +39,6 @@ BOOL_TEXT = {"true": True, "false": False}
 _DATE_TEXT = re.compile(r"(\d{4}[-/]\d{1,2}[-/]\d{1,2}|\d{4}\.\d{2}\.\d{2}|\d{1,2}[-/]\d{1,2}[-/]\d{2,4}"
                         r"|\d{1,2}\.\d{1,2}\.\d{4}|\d{1,2}[- ][A-Za-z]{3,9}[- ,]+\d{2,4}|[A-Za-z]{3,9} \d{1,2},? \d{4})"
                         r"([ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?( ?[AaPp][Mm])?(Z|[+-]\d{2}:?\d{2})?)?")
-# A number written with a decimal comma, perhaps with thousands dots: 29,85  -3,5  1.621,37  12
-_COMMA_NUMBER = re.compile(r"[+-]?(\d{1,3}(\.\d{3})+|\d+)(,\d+)?")
 DISTINCT_SHARE = 0.95  # text with a distinct value on at least this share of its rows is not a category
 _DATE_REASON = "a date or time; to split out of time by it, make it the time column"
 MIN_DISTINCT = 50  # ... once it has more than this many values (a small table's categories may all differ)
@@ -138,21 +136,6 @@ def infer_types(frame: pd.DataFrame, skip: set[str],
     return out, numeric, categorical, boolean
 
 
-def has_decimal_commas(text: pd.Series) -> bool:
-    """Numbers written the continental way (``29,85``, ``1.621,37``): every value one, at least one with a comma."""
-    return bool(text.str.contains(",", regex=False).any() and comma_numbers(text).all())
-
-
-def comma_numbers(text: pd.Series) -> pd.Series:
-    """Which values are numbers as a decimal comma writes them (``29,85``, ``1.621,37``, ``12``)."""
-    return text.astype(str).str.fullmatch(_COMMA_NUMBER)
-
-
-def dot_decimals(text: pd.Series) -> pd.Series:
-    """``1.621,37`` -> ``1621.37``."""
-    return text.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False)
-
-
 def unusable(raw: pd.Series, kind: str) -> str | None:
     """Why a column of a labeled table cannot be a feature, or None. ``raw`` is the column as read (text for a
     CSV), ``kind`` what :func:`infer_types` made of it."""
@@ -234,8 +217,8 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
         reasons.add(is_blank(frame[spec.id_column]), "missing_id")
         reasons.add(~is_blank(frame[spec.id_column]) & ids.duplicated(keep="first"), "duplicate")
         skip.add(spec.id_column)
-    typed, numeric, categorical, boolean = infer_types(frame, skip | {spec.time_column} - {None},
-                                                       decimal_comma=spec.file_format == "csv" and spec.csv.sep != ",")
+    decimal_comma = spec.file_format == "csv" and spec.csv.decimal_comma is not False
+    typed, numeric, categorical, boolean = infer_types(frame, skip | {spec.time_column} - {None}, decimal_comma)
     numeric, categorical, boolean = ([c for c in kind if c != spec.label_column]
                                      for kind in (numeric, categorical, boolean))
     kinds = {**dict.fromkeys(numeric, "numeric"), **dict.fromkeys(categorical, "categorical"),

@@ -41,6 +41,14 @@ class CsvOptions(BaseModel):
     encoding: str = "utf-8"
     header: bool = True
     names: list[str] | None = None  # column names when the file has no header
+    # how numbers are written: "," reads 29,85 and 1.621,37, "." reads 29.85; unset, a file separated by
+    # something other than "," reads a column with a decimal comma when its numbers are written so
+    decimal: Literal[".", ","] | None = None
+
+    @property
+    def decimal_comma(self) -> bool | None:
+        """True or False when ``decimal`` says, None (decide per column) for a file not separated by ","."""
+        return self.decimal == "," if self.decimal else (None if self.sep != "," else False)
 
     @field_validator("sep")
     @classmethod
@@ -100,6 +108,7 @@ class TableMapping(BaseModel):
             return_prefix=self.return_prefix,
             strip_float_ids=self.strip_float_ids,
             defaults=dict(self.defaults),
+            decimal_comma=self.csv.decimal_comma if self.file_format == "csv" else False,
         )
 
 
@@ -291,4 +300,5 @@ def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
     at = result.quarantined[SOURCE_ROW].to_numpy(dtype="int64") - 1
     result.quarantined[SOURCE_FILE] = pd.Series(files, dtype="string").to_numpy()[at]
     result.quarantined[SOURCE_ROW] = pd.Series(rows).to_numpy()[at]
-    return result.with_unreadable(pd.concat(unreadable, ignore_index=True))
+    unreadable = [bad for bad in unreadable if len(bad)]  # pandas warns about concatenating empty frames
+    return result.with_unreadable(pd.concat(unreadable, ignore_index=True) if unreadable else pd.DataFrame())

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from features.datasets import (DEFAULT_DATA_ROOT, derive_customers, labeled_sources, load_labeled_source,
                                load_transactions, transaction_sources)
 from features.definitions import FeatureSpec
-from features.ingest import ParseOptions, ValidationResult, validate_table
+from features.ingest import FALSE_TEXT, TRUE_TEXT, ParseOptions, ValidationResult, validate_table
 from features.labeled import LabeledTable, LabeledTableSpec, load_labeled
 from features.loaders import TableMapping, load_tables
 from features.store import FeatureStore, default_cutoffs, write_frame, write_raw
@@ -82,12 +82,21 @@ def _finish(settings: Settings, report: IngestReport, results: dict[str, Validat
     return report
 
 
-# What to check first when every row of a table is quarantined for this reason.
-_EMPTY_HINTS = {
+# What to check first when rows of a table are quarantined for this reason (all of them, or some: `ingest` prints it).
+_NUMBER_HINT = ('if the file writes numbers with a decimal comma (29,85 or 1.621,37), set csv: {decimal: ","} in the '
+                'mapping')
+_BOOL_HINT = (f"accepted, in any case: {', '.join(sorted(TRUE_TEXT - {'1.0'}))} (true) and "
+              f"{', '.join(sorted(FALSE_TEXT - {'', '0.0'}))} or blank (false)")
+REASON_HINTS = {
     "unparseable_timestamp": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
     "unparseable_signup_at": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
     "unparseable_time": "give the time column's format (--time-format, or timestamp_format under labeled:; "
                         "without it only ISO 8601 is accepted)",
+    "unparseable_amount": _NUMBER_HINT,
+    "unparseable_quantity": _NUMBER_HINT,
+    "unparseable_duration_s": _NUMBER_HINT,
+    "unparseable_consent": _BOOL_HINT,
+    "unparseable_is_return": _BOOL_HINT,
     "unknown_customer": "check that the customers table's customer_id maps the same ids",
     "future_timestamp": "check the mapping's timestamp_format (day and month swapped?) and the time zone",
 }
@@ -102,7 +111,7 @@ def refuse_nothing_valid(settings: Settings, dataset: str, results: dict[str, Va
     table, result = empty[0]
     path = _write_quarantine(settings, dataset, table, result)
     reasons = ", ".join(f"{k} {v:,}" for k, v in list(result.reasons.items())[:3])
-    hint = _EMPTY_HINTS.get(next(iter(result.reasons), ""))
+    hint = REASON_HINTS.get(next(iter(result.reasons), ""))
     others = f" (also {', '.join(t for t, _ in empty[1:])})" if len(empty) > 1 else ""
     kept = ("the data set as ingested before is kept" if settings.dataset_dir(dataset).exists()
             else "nothing was stored")

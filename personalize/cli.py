@@ -127,6 +127,7 @@ def ingest(
         reports = [ingest_builtin(settings, source, now, data_root)]
     console.print(ingest_table(reports))
     for report in reports:
+        print_hints(report)
         print_columns(report)
 
 
@@ -141,6 +142,18 @@ def ingest_table(reports: list[Any]) -> Table:
             table.add_row(report.dataset, name, f"{t['rows_in']:,}", f"{t['valid']:,}", f"{t['quarantined']:,}",
                           reasons)
     return table
+
+
+def print_hints(report: Any) -> None:
+    """What to check for the quarantine reasons that usually mean a mapping to fix rather than bad rows."""
+    from features.pipeline import REASON_HINTS
+
+    for name, t in report.tables.items():
+        for reason, rows in t["reasons"].items():
+            if reason in REASON_HINTS:
+                what = f"{rows:,} row{'s' * (rows != 1)} {reason}"
+                console.print(f"{report.dataset}.{name}: {what}: {REASON_HINTS[reason]}",
+                              highlight=False, soft_wrap=True, markup=False)
 
 
 def print_columns(report: Any) -> None:

@@ -295,8 +295,8 @@ class TableScoreReport:
 
 def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.DataFrame, Any]:
     """The model's columns of ``raw`` typed as in training, and the reasons of the rows whose values are not."""
-    from features.ingest import RowReasons, is_blank
-    from features.labeled import BOOL_TEXT, comma_numbers, dot_decimals
+    from features.ingest import RowReasons, comma_numbers, dot_decimals, is_blank
+    from features.labeled import BOOL_TEXT
 
     reasons = RowReasons(raw.index)
     out = pd.DataFrame(index=raw.index)
@@ -360,7 +360,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
             raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{hint}",
                                 column=column)
     started = time.perf_counter()
-    typed, reasons = _typed(raw, scorer, decimal_comma=fmt == "csv" and csv.sep != ",")
+    typed, reasons = _typed(raw, scorer, decimal_comma=fmt == "csv" and csv.decimal_comma is not False)
     quarantine = reasons.quarantine(raw, str(path))
     quarantine = pd.concat([quarantine, unreadable], ignore_index=True) if len(unreadable) else quarantine
     good = typed.drop(index=reasons.rows)

@@ -93,6 +93,22 @@ def test_ingest_with_every_row_quarantined_fails_and_keeps_the_good_copy(tmp_pat
     assert {p.name: p.read_bytes() for p in data.iterdir()} == stored
 
 
+def test_ingest_says_what_to_check_beside_reasons_that_mean_a_mapping_to_fix(tmp_path: Path,
+                                                                             isolated_home: Path) -> None:
+    config = write_shop(tmp_path, extra="""  - table: customers
+    path: customers.csv
+    columns: {customer_id: cust, signup_at: since, consent: ok}
+""")
+    (tmp_path / "customers.csv").write_text("cust,since,ok\n1,2024-01-01,ja\n2,2024-01-01,yes\n3,2024-01-01,y\n")
+    (tmp_path / "orders.csv").write_text((tmp_path / "orders.csv").read_text() + "2,A7,2024-04-02 09:00:00,1,\"4,5\"\n")
+    result = run("ingest", str(config))
+    assert result.exit_code == 0, result.output
+    text = one_line(result.output)
+    assert "shop.customers: 1 row unparseable_consent: accepted, in any case: 1, t, true, y, yes (true)" in text, text
+    assert 'shop.transactions: 1 row unparseable_amount: if the file writes numbers with a decimal comma' in text
+    assert "shop.transactions: 3 rows unknown_customer: check that the customers table" in text  # 1's rows
+
+
 def test_ingest_with_every_row_quarantined_stores_nothing_new(tmp_path: Path, isolated_home: Path) -> None:
     result = run("ingest", str(write_shop(tmp_path, timestamp_format="%d/%m/%Y %H:%M")))
     assert result.exit_code == 2 and "nothing was stored" in one_line(result.output)

@@ -48,6 +48,31 @@ def test_typed_parquet_with_null_integer_ids_matches_csv(tmp_path: Path) -> None
     assert result.valid["customer_id"].tolist() == ["1", "1"] and result.reasons == {"missing_customer_id": 1}
 
 
+@pytest.mark.parametrize("decimal, amounts, reasons", [
+    (None, [6.0, 2.55, 10.0, 3703.5, 4.2], {"unparseable_amount": 1}),  # the file's own way, found per column
+    (",", [6.0, 2.55, 10.0, 3703.5, 4.2], {"unparseable_amount": 1}),
+    (".", [6.0, 10.0], {"unparseable_amount": 4}),  # told dots: every comma is unparseable, none misread
+])
+def test_a_mapping_reads_decimal_commas(tmp_path: Path, decimal: str | None, amounts: list[float],
+                                        reasons: dict[str, int]) -> None:
+    (tmp_path / "orders.csv").write_text("cust;invoice;when;qty;price\n1;A1;2024-01-02;2;3\n1;A2;2024-01-03;1;2,55\n"
+                                         "2;A3;2024-01-04;1;10\n2;A4;2024-01-05;3;1.234,50\n3;A5;2024-01-06;1;4,2\n"
+                                         "3;A6;2024-01-07;1;n/a\n")
+    columns = {k: v for k, v in MAPPING.items() if k != "item"}
+    result = load_table(mapping(tmp_path / "orders.csv", columns=columns, csv=CsvOptions(sep=";", decimal=decimal)))
+    assert result.valid["amount"].tolist() == pytest.approx(amounts) and result.reasons == reasons
+
+
+def test_a_column_with_numbers_only_dots_read_is_not_taken_for_decimal_commas(tmp_path: Path) -> None:
+    (tmp_path / "orders.csv").write_text("cust;invoice;when;qty;price\n1;A1;2024-01-02;2;1.5\n1;A2;2024-01-03;1;2,55\n"
+                                         "2;A3;2024-01-04;1;1.234\n")
+    columns = {k: v for k, v in MAPPING.items() if k != "item"}
+    result = load_table(mapping(tmp_path / "orders.csv", columns=columns, csv=CsvOptions(sep=";")))
+    assert result.valid["amount"].tolist() == [3.0, 1.234] and result.reasons == {"unparseable_amount": 1}
+    comma = load_table(mapping(tmp_path / "orders.csv", columns=columns, csv=CsvOptions(sep=";", decimal=",")))
+    assert comma.valid["amount"].tolist() == [2.55, 1234.0] and comma.reasons == {"unparseable_amount": 1}
+
+
 def test_several_files_of_one_table_are_one_table(tmp_path: Path) -> None:
     (tmp_path / "jan.csv").write_text(ORDERS_CSV)
     (tmp_path / "feb.csv").write_text("cust,invoice,when,qty,price,sku\n"
