@@ -339,20 +339,34 @@ def _finite(value: Any) -> float | None:
 
 
 # --- forecasts ---------------------------------------------------------------------------------------------------
+MAX_LEAD_DAYS = 5 * 365  # the latest forecast start, in days after a series' history ends
+
+
 class Forecast:
     """The Prophet forecaster: daily purchase volume per series over a horizon."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.series = sorted(model.models)
-        # the day after each series' history ends: where a forecast starts by default
+        # each series' first day, and the day after its history ends: where a forecast starts by default
+        self.begins = {name: pd.Timestamp(m.history["ds"].min()).normalize() for name, m in model.models.items()}
         self.starts = {name: pd.Timestamp(m.history["ds"].max()).normalize() + pd.Timedelta(days=1)
                        for name, m in model.models.items()}
 
-    def predict(self, series: str, horizon_days: int, start: pd.Timestamp | None) -> list[dict[str, Any]]:
+    def predict(self, series: str, horizon_days: int, start: Any = None) -> list[dict[str, Any]]:
+        """``horizon_days`` days from ``start`` (a date; default: the day after the history), which must fall in
+        the series' history or at most :data:`MAX_LEAD_DAYS` after it: before the data a trend extrapolated
+        backwards answers nothing, and decades ahead pandas' calendar ends (2262)."""
         if series not in self.model.models:
             raise InputError("series", f"unknown series {series!r}; known: {', '.join(self.series[:20])}")
-        first = pd.Timestamp(start).normalize() if start is not None else self.starts[series]
+        first = self.starts[series]
+        if start is not None:
+            begin, latest = self.begins[series], first + pd.Timedelta(days=MAX_LEAD_DAYS)
+            if not begin.date() <= pd.Timestamp(start).date() <= latest.date():
+                raise InputError("start", f"{start} is outside the series' range: from its first day "
+                                          f"({begin.date()}) to {MAX_LEAD_DAYS:,} days after its history "
+                                          f"({latest.date()})")
+            first = pd.Timestamp(start).normalize()
         ds = pd.date_range(first, periods=horizon_days, freq="D")
         out = self.model.predict(None, pd.DataFrame({"series": series, "ds": ds}))
         return [{"ds": d.date().isoformat(), "yhat": _finite(r.yhat), "yhat_lower": _finite(r.yhat_lower),

@@ -340,6 +340,9 @@ def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
         ("/forecast", {"series": "nope"}, "series"),
         ("/forecast", {"series": "total", "horizon_days": 10_000}, "horizon_days"),
         ("/forecast", {"series": "total", "start": "not a date"}, "start"),
+        ("/forecast", {"series": "total", "start": "2999-01-01"}, "start"),  # past pandas' calendar: was a 500
+        ("/forecast", {"series": "total", "start": "2262-04-10"}, "start"),
+        ("/forecast", {"series": "total", "start": "1900-01-01"}, "start"),  # before the series' history
     ]
 
 
