@@ -1033,7 +1033,7 @@ def serve(
         if path is not None:
             env[name] = str(path.resolve())
     args = ["bentoml", "serve", "serving.service:Personalization", "--host", host, "--port", str(port)]
-    console.print(f"serving on http://{host}:{port} (docs: /docs, readiness: /readyz, status: /status)",
+    console.print(f"serving on http://{host}:{port} (API docs: /, readiness: /readyz, status: /status)",
                   highlight=False)
     os.execve(str(Path(sys.executable).parent / "bentoml"), args, env)
 

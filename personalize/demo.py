@@ -310,7 +310,7 @@ def run_demo(settings: Settings, data_root: Path, customers: int, console: Conso
                       "with the JVM start)", soft_wrap=True, highlight=False)
     console.print(f"Evidently reports: {loop.reports}; alerts: {loop.alert_log}; dashboards: "
                   "[bold]personalize ui[/]", soft_wrap=True, highlight=False)
-    console.print("serve it yourself: [bold]personalize serve[/] (docs at http://127.0.0.1:3000/docs)",
+    console.print("serve it yourself: [bold]personalize serve[/] (API docs at http://127.0.0.1:3000/)",
                   soft_wrap=True)
     console.print("MLflow runs and registry: [bold]personalize mlflow-ui[/]; audit trail: [bold]personalize history "
                   "churn[/]", soft_wrap=True)

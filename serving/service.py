@@ -8,8 +8,8 @@ purchase-cycle ``summary``), ``/forecast`` (a series' daily volume over a horizo
 rule segments and cluster), ``/personalize`` (a placement's variant for a customer: why, and the experiment arm),
 ``/feedback`` (an impression, click or conversion of a decision; the bandits learn from it). GET ``/healthz`` (alive),
 ``/readyz`` (models loaded, with their versions; 503 until then), ``/status`` (everything: versions, reload errors,
-the prediction log, the online store), ``/metrics`` (Prometheus), ``/docs`` (OpenAPI with examples). ``/readyz``
-and ``/status`` also name the worker process that answered (``worker``: its pid) and where its models come from.
+the prediction log, the online store), ``/metrics`` (Prometheus), ``/`` (the OpenAPI page with examples; the spec at
+``/docs.json``). ``/readyz`` and ``/status`` also name the worker process that answered (``worker``: its pid) and where its models come from.
 
 Models come from the MLflow registry (hot-reloaded when an alias moves), or, when the service runs from a Bento that
 carries them (``personalize bento build``; ``PERSONALIZE_MODEL_SOURCE`` chooses), from the Bento's own model store:
@@ -157,7 +157,7 @@ class Guard:
     multipart body and fail with a 500), the API key on scoring routes, and JSON ``/readyz`` and ``/status``
     answers."""
 
-    OPEN = ("/healthz", "/livez", "/metrics", "/docs", "/docs.json", "/static_content", "/readyz", "/status")
+    OPEN = ("/healthz", "/livez", "/metrics", "/docs.json", "/static_content", "/readyz", "/status")
 
     def __init__(self, app: Any, api_key: str | None = None) -> None:
         self.app, self.api_key = app, api_key
