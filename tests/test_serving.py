@@ -174,6 +174,8 @@ def test_readiness_lists_the_champions(server: Server) -> None:
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
     spec = server.client.get("/docs.json").json()
     assert {"/churn", "/propensity", "/next_purchase", "/forecast"} <= set(spec["paths"])
+    page = server.client.get("/")  # the docs page that `serve` points at, open without the API key
+    assert page.status_code == 200 and "swagger" in page.text.lower(), page.text[:200]
 
 
 def test_churn_by_id_by_record_and_in_a_batch_agree(server: Server, home: Path) -> None:
