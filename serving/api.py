@@ -413,11 +413,11 @@ class Runtime:
         record = self._record(customer_id, features)
         cold = record is None
         profile = {} if cold else (record.get("profile") or {})
-        if consent is None and features is not None and customer_id is not None:
-            # a known customer's own record: still their stored consent (an opt-out holds whatever is sent)
-            profile = ((self._record(customer_id, None) or {}).get("profile") or {})
-        if consent is None:
-            consent = profile.get("consent")
+        stored = profile.get("consent")
+        if features is not None and customer_id is not None:  # a known customer's own record: their stored consent
+            stored = ((self._record(customer_id, None) or {}).get("profile") or {}).get("consent")
+        if consent is None or (stored is not None and not stored):  # a stored opt-out holds whatever is sent
+            consent = stored
         consent = bool(consent) if consent is not None else self.config.assume_consent
         out: dict[str, Any] = {"request_id": rid, "decision_id": uuid.uuid4().hex, "customer_id": customer_id,
                                "placement": placement, "consent": consent, "cold_start": cold}

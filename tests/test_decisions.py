@@ -307,6 +307,10 @@ def test_a_customer_without_consent_gets_the_default_and_leaves_no_trace(runtime
     own = runtime.personalize("homepage_banner", cid, features=runtime.store.get_many([cid])[cid]["features"])
     assert own["consent"] is False and own["policy"] == "default"  # sending a record does not bypass the opt-out
     assert runtime.decisions.decision(own["decision_id"])["customer_key"] is None
+    for features in (None, runtime.store.get_many([cid])[cid]["features"]):  # nor does a request's "consent": true
+        sent = runtime.personalize("homepage_banner", cid, features=features, consent=True)
+        assert sent["consent"] is False and sent["policy"] == "default" and sent["scores"] == {}
+        assert runtime.decisions.decision(sent["decision_id"])["customer_key"] is None
     assert runtime.decisions.bandits().empty  # no bandit learned from it
     runtime.log.flush()
     assert not list(runtime.config.log_root.rglob("*.parquet"))  # nothing in the prediction log either
