@@ -34,7 +34,8 @@ REASON = "_reason"
 DETAIL = "_detail"
 SOURCE_FILE = "_source_file"
 RAW_LINE = "_raw_line"  # the text of a line that could not be split into the file's columns
-BOOKKEEPING = (SOURCE_FILE, SOURCE_ROW, RAW_LINE, REASON, DETAIL)
+CUSTOMER = "_customer_id"  # the row's customer id as parsed (whatever the source column is called): for erasure
+BOOKKEEPING = (SOURCE_FILE, SOURCE_ROW, RAW_LINE, REASON, DETAIL, CUSTOMER)
 TRUE_TEXT = {"true", "t", "yes", "y", "1", "1.0"}
 FALSE_TEXT = {"false", "f", "no", "n", "0", "0.0", ""}
 
@@ -115,8 +116,10 @@ class RowReasons:
             self.add_rows(pd.Index(group["index"].unique()), reason_for_check(column, check))
         return cases[cases["index"].isna()]
 
-    def quarantine(self, source: pd.DataFrame, source_file: str | None = None) -> pd.DataFrame:
-        """The rejected rows as read (as text, nulls kept), with their file, row, first reason and every reason."""
+    def quarantine(self, source: pd.DataFrame, source_file: str | None = None,
+                   customers: pd.Series | None = None) -> pd.DataFrame:
+        """The rejected rows as read (as text, nulls kept), with their file, row, first reason and every reason,
+        and, when ``customers`` (the parsed ids, by row) is given, the row's customer id."""
         clash = [c for c in BOOKKEEPING if c in source.columns]
         if clash:
             raise ContractError(f"the input has a column named {clash[0]!r}, which quarantine uses; rename it")
@@ -126,6 +129,8 @@ class RowReasons:
         out.insert(0, SOURCE_FILE, source_file)
         out[REASON] = [self.by_row[r][0] for r in bad]
         out[DETAIL] = ["; ".join(self.by_row[r]) for r in bad]
+        if customers is not None:
+            out[CUSTOMER] = customers.loc[bad].astype("string").to_numpy()
         return out.reset_index(drop=True)
 
 
@@ -353,4 +358,5 @@ def validate_table(
                 f"{table}: column {first['column']!r} breaks the contract ({first['check']}: {first['failure_case']})"
             ) from None
 
-    return ValidationResult(table, out.drop(index=reasons.rows), reasons.quarantine(source, source_file), len(frame))
+    quarantined = reasons.quarantine(source, source_file, out["customer_id"])
+    return ValidationResult(table, out.drop(index=reasons.rows), quarantined, len(frame))

@@ -6,7 +6,7 @@ Each job reads its inputs, calls the pure cores (:mod:`features.ingest`, :mod:`f
 - ``data/<dataset>/{customers,transactions,events}.parquet``: the valid rows (or ``table.parquet`` for a
   labeled table), plus ``ingest_report.json``;
 - ``quarantine/<dataset>/<table>.parquet``: every rejected row as read, with ``_source_file``, ``_source_row``,
-  ``_reason`` and ``_detail``;
+  ``_reason``, ``_detail`` and ``_customer_id`` (as parsed);
 - ``features/<dataset>/training_frame.parquet``: features and labels per (customer, cutoff), with provenance.
 """
 

@@ -6,9 +6,11 @@ Where a customer can be, and how each store is erased (all under ``Settings.home
 - **raw tables** ``data/<ds>/*.parquet`` (customers, transactions, events, a synthetic set's ``truth``, a labeled
   set's ``table`` by its ``id_column`` from ``ingest_report.json``): the rows are dropped and the file rewritten
   with the same schema, Parquet metadata, codec, row-group size and row order;
-- **quarantine** ``quarantine/<ds>/<table>.parquet``: rejected rows *as read*, so the id is text in a source
-  column (``customer_id``, ``CustomerID``, the labeled id column, ...; ``"17850.0"`` counts as ``"17850"``) or
-  inside an unreadable line (``_raw_line``); a file left empty is removed, as ingest does;
+- **quarantine** ``quarantine/<ds>/<table>.parquet``: rejected rows *as read*, found by the id ingest parsed
+  (``_customer_id``, whatever the source column is called), else as text in a source column (``customer_id``,
+  ``CustomerID``, the labeled id column, ...; ``"17850.0"`` counts as ``"17850"``: files quarantined before
+  ``_customer_id`` existed) or inside an unreadable line (``_raw_line``); a file left empty is removed, as ingest
+  does;
 - **feature and label frames** ``features/<ds>/*.parquet``: rows dropped, provenance (``b"personalize"``) kept
   as it was. The recorded ``data_fingerprint`` then names the snapshot before the erasure;
 - **online store**: every ``online/*.sqlite`` under home, and the configured one (``online_url``, else
@@ -85,6 +87,7 @@ AUDIT_LOG = Path("erasure") / "log.jsonl"  # under home
 ID_COLUMN = "customer_id"
 KEY_COLUMN = "customer_key"
 RAW_LINE = "_raw_line"  # quarantine's column for a line no column mapping could place (features.ingest)
+PARSED_ID = "_customer_id"  # quarantine's column for the row's customer id as parsed, whatever the source names it
 # Source column names (lower case, letters and digits only) that hold a customer id in a quarantined row.
 _ID_NAMES = {"customerid", "customer", "custid", "clientid", "customerno", "customernumber", "userid"}
 _ORDER = {"raw": 0, "features": 1, "quarantine": 2, "predictions": 3, "artifacts": 4, "other": 5}
@@ -340,7 +343,8 @@ def _rule(layout: _Layout, path: Path) -> _Rule:
             ds = parts[1]
             ids = frozenset({ID_COLUMN, *([layout.labeled_ids[ds]] if ds in layout.labeled_ids else [])})
             if parts[0] == "quarantine":
-                return _Rule("quarantine", ds, loose_ids=ids, loose_names=True, raw_lines=True, drop_empty=True)
+                return _Rule("quarantine", ds, loose_ids=ids | {PARSED_ID}, loose_names=True, raw_lines=True,
+                             drop_empty=True)
             return _Rule("raw" if parts[0] == "data" else "features", ds, ids=ids)
     if any(path.is_relative_to(d) for d in layout.artifact_dirs):
         return _Rule("artifacts", ids=all_ids)

@@ -290,6 +290,33 @@ def test_quarantined_ids_match_as_read_labeled_tables_by_their_id_column_and_unk
         forget(settings, "  ", environ=ENV)
 
 
+def test_quarantined_rows_are_found_by_the_id_ingest_parsed_whatever_the_source_column_is_called(
+        tmp_path: Path) -> None:
+    from features.pipeline import ingest_config, load_ingest_config
+
+    (tmp_path / "kunden.csv").write_text("Kundennr;seit\n17850;2024-01-01\n17851;2024-01-01\n17850;2024-01-01\n")
+    (tmp_path / "belege.csv").write_text("Beleg;Kundennr;Zeit;Menge;Preis\nA1;17850;2024-02-01;1;3\n"
+                                         "A2;17850;2024-02-02;1;-3\nA3;17851;2024-02-02;1;-3\nA4;17850;gestern;1;3\n")
+    (tmp_path / "laden.yaml").write_text("""dataset: laden
+tables:
+  - {table: customers, path: kunden.csv, csv: {sep: ";"}, columns: {customer_id: Kundennr, signup_at: seit}}
+  - table: transactions
+    path: belege.csv
+    csv: {sep: ";"}
+    columns: {order_id: Beleg, customer_id: Kundennr, timestamp: Zeit, quantity: Menge, unit_price: Preis}
+""")
+    settings = Settings.from_env()
+    ingest_config(settings, load_ingest_config(tmp_path / "laden.yaml"), pd.Timestamp("2024-06-01"))
+    folder = settings.quarantine_dir("laden")
+    assert sorted(pd.read_parquet(folder / "transactions.parquet")["_customer_id"]) == ["17850", "17850", "17851"]
+
+    report = forget(settings, "17850", environ=ENV)
+    assert report.removed["quarantine/laden/transactions.parquet"] == 2
+    assert report.removed["quarantine/laden/customers.parquet"] == 1  # the repeated customer row
+    assert pd.read_parquet(folder / "transactions.parquet")["Kundennr"].tolist() == ["17851"]
+    assert not (folder / "customers.parquet").exists() and report.clean
+
+
 def test_the_last_resort_scan_finds_the_customer_outside_the_known_stores():
     settings = Settings.from_env()
     settings.home.mkdir(parents=True)
