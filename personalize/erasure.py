@@ -39,8 +39,9 @@ influence.
 
 :func:`find` is the check: every store above searched by id and by key, then a last resort over every file under
 home, the log and the local artifact stores (except the audit log): Parquet read logically (pages may be
-compressed) and every file searched byte for byte. A hit there is reported as ``scan:<file>``; for a short numeric
-id it may be a coincidence (another number), worth a look rather than a deletion.
+compressed) and every file searched byte for byte, for the id as a whole token (``17850`` is not found inside the
+float ``0.6498178506375228``, nor in ``C-17850``). A hit there is reported as ``scan:<file>``; for a short numeric
+id it may still be a coincidence (the same number in another role), worth a look rather than a deletion.
 
 The key is ``pseudonymize(customer_id, salt)`` with the server's salt (``PERSONALIZE_ID_SALT`` or
 ``<home>/secrets/id_salt``): run ``forget`` with the same environment as the server. Without any salt the keyed
@@ -463,19 +464,30 @@ def _json_rows(obj: Any, columns: frozenset[str], values: set[str]) -> tuple[Any
     return obj, 0
 
 
+# Characters that continue a token: an id found between two of them is part of another value (17850 in the float
+# 0.6498178506375228 or the time 00:09:20.178506), not the customer.
+_TOKEN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_TOKEN_CLASS = "A-Za-z0-9._-"
+
+
+def _occurrences(data: Any, needle: bytes) -> int:
+    """Occurrences of ``needle`` in ``data`` (bytes or a mmap) as a whole token: neither neighbour continues it."""
+    count, at, end = 0, data.find(needle), len(data)
+    while at != -1:
+        after = at + len(needle)
+        if (at == 0 or data[at - 1] not in _TOKEN) and (after >= end or data[after] not in _TOKEN):
+            count += 1
+        at = data.find(needle, at + 1)
+    return count
+
+
 def _contains(path: Path, needles: list[bytes]) -> int:
-    """Occurrences of the needles in the file's bytes."""
+    """Occurrences of the needles in the file's bytes, each as a whole token (:func:`_occurrences`)."""
     try:
         if path.stat().st_size == 0:
             return 0
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            count = 0
-            for needle in needles:
-                at = mm.find(needle)
-                while at != -1:
-                    count += 1
-                    at = mm.find(needle, at + 1)
-            return count
+            return sum(_occurrences(mm, needle) for needle in needles)
     except (OSError, ValueError):
         return 0
 
@@ -683,13 +695,14 @@ def _unattributed(settings: Settings, layout: _Layout) -> list[dict[str, str]]:
 
 def _scan(layout: _Layout, who: _Who, skip: set[Path], problems: list[dict[str, str]]) -> dict[str, int]:
     """The last resort: every file searched byte for byte, Parquet files also read (their pages may be
-    compressed): any text value equal to the id (containing it, for an id of 6 characters or more) or the key."""
+    compressed): any text value equal to the id (containing it as a whole token, for an id of 6 characters or more)
+    or containing the key. In bytes, the id counts as a whole token only, not inside another number or word."""
     needles = _needles(who)
     hits: dict[str, int] = {}
     for path in _files(layout):
         if path in skip:
             continue
-        count = int(who.customer_id in path.name) + _contains(path, needles)
+        count = _occurrences(path.name.encode(), who.customer_id.encode()) + _contains(path, needles)
         if path.suffix == ".parquet" and not path.name.startswith("."):
             try:
                 count += _parquet_values(path, who)
@@ -712,8 +725,9 @@ def _parquet_values(path: Path, who: _Who) -> int:
     count = 0
     for column in table.columns:
         text = pc.cast(column, pa.string())
-        if len(who.customer_id) >= 6:
-            hit = pc.match_substring(text, who.customer_id)
+        if len(who.customer_id) >= 6:  # inside a longer text, as a whole token (_occurrences)
+            hit = pc.match_substring_regex(text, f"(^|[^{_TOKEN_CLASS}]){re.escape(who.customer_id)}"
+                                                 f"($|[^{_TOKEN_CLASS}])")
         else:
             hit = pc.equal(pc.utf8_trim_whitespace(text), who.customer_id)
         if who.key:

@@ -331,3 +331,18 @@ def test_the_last_resort_scan_finds_the_customer_outside_the_known_stores():
 
     assert set(found) == {"scan:serve.log", "scan:exports/crm.parquet"}
     assert report.removed == {} and set(report.remaining) == set(found) and not report.clean
+
+
+def test_the_scan_takes_an_id_as_a_whole_token_not_digits_inside_another_number():
+    settings = Settings.from_env()
+    settings.home.mkdir(parents=True)
+    (settings.home / "numbers.txt").write_text('{"recency_ratio": 0.6498178506375228, "at": "00:09:20.178506", '
+                                                '"other": "C-17850", "x": "x17850", "y": 178506.5}\n')
+    pd.DataFrame({"note": ["ratio 0.6498178506375228", "at 00:09:20.178506", "C-178506"]}).to_parquet(
+        settings.home / "notes.parquet", compression="zstd", index=False)
+    assert find(settings, "17850", environ=ENV) == {} and find(settings, "178506", environ=ENV) == {}
+
+    (settings.home / "serve.log").write_text("GET /churn customer_id=17850 200\n")
+    pd.DataFrame({"note": ["called 178506, twice"]}).to_parquet(settings.home / "calls.parquet", index=False)
+    assert find(settings, "17850", environ=ENV) == {"scan:serve.log": 1}
+    assert set(find(settings, "178506", environ=ENV)) == {"scan:calls.parquet"}  # its bytes hold it several times
