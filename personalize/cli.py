@@ -1011,12 +1011,21 @@ def serve(
     from features.segments import load_segments
     from personalize.errors import ConfigError
     from serving.config import ENDPOINT_KINDS, endpoint_models
+    from serving.api import unknown_rule_names
     from serving.decisions import load_catalog
+    from serving.online import default_url
     from training.registry import connect, kind_of
 
     settings: Settings = ctx.obj
     require_free_port(host, port)
-    load_catalog(catalog), load_segments(segments)  # a bad file is a clear error here, not a server that won't start
+    # a bad file is a clear error here, not a server that won't start; so is a rule name that is nowhere
+    rules, segment_config = load_catalog(catalog), load_segments(segments)
+    url = store or default_url(settings.home, dataset)
+    unknown = unknown_rule_names(rules, segment_config, url, dataset)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(f"the catalog's {unknown[0]}{more}: that rule would never hold. A name the application "
+                          "sends in each request's context is declared under `context:` in the catalog")
     models = endpoint_models(model or [])
     client = connect(settings.tracking_uri)
     for endpoint, name in models.items():

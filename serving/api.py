@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,14 +21,31 @@ import pandas as pd
 from features.segments import assign_one, load_segments
 from serving.config import ServeConfig
 from serving.decision_store import EVENTS, DecisionStore, UnknownDecision
-from serving.decisions import decide, load_catalog
+from serving.decisions import CYCLE_SCORES, SCORES, Catalog, decide, load_catalog
 from serving.online import OnlineStoreError, open_store
 from serving.predlog import PredictionLog, load_salt, make_row, pseudonymize
 from serving.scoring import InputError, Loaded, ModelSet, NotServing
 
 log = logging.getLogger(__name__)
-CYCLE_SCORES = frozenset({"days_to_next", "p_next"})
-SCORES = frozenset({"churn", "propensity"}) | CYCLE_SCORES
+
+
+def unknown_rule_names(catalog: Catalog, segments: Any, url: str, dataset: str) -> list[str] | None:
+    """The catalog's rule names that no decision's context has (:meth:`Catalog.unknown_names`) against the rule
+    segments and the features of the online store at ``url``; None when those features cannot be read (a store not
+    materialized yet, or unreachable)."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return None
+    try:
+        store = open_store(url, dataset)
+        try:
+            features = store.meta().get("feature_columns")
+        finally:
+            store.close()
+    except Exception:  # the server says what is wrong with the store; this check only needs its names
+        return None
+    if not features:
+        return None
+    return catalog.unknown_names(set(features) | set(segments.names))
 
 
 def _row_id(value: Any) -> str | None:
@@ -61,6 +79,8 @@ class Runtime:
         # the scores each placement's rules read: a decision computes only those (the purchase cycle costs ~10 ms)
         self._needed = {p.name: frozenset(self.catalog.rule_names(p.name)) & SCORES
                         for p in self.catalog.placements}
+        for problem in unknown_rule_names(self.catalog, self.segments, config.online_url, config.dataset) or ():
+            log.warning("the catalog's %s: that rule never holds", problem)  # `personalize serve` refuses to start
         self._rng = np.random.default_rng()
         self._lock = threading.Lock()
         self._store = None

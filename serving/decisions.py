@@ -24,6 +24,7 @@ serves one fixed variant. Everything here is pure; the stores and the clock are 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,9 @@ from personalize.errors import load_yaml_model
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
 HOLDOUT = "holdout"
 Policy = Literal["rules", "bandit"]
+CYCLE_SCORES = frozenset({"days_to_next", "p_next"})
+SCORES = frozenset({"churn", "propensity"}) | CYCLE_SCORES
+BUILTIN_NAMES = SCORES | {"segment", "cluster", "cold_start"}  # what every decision's context has (besides features)
 
 
 class Variant(BaseModel):
@@ -135,6 +139,16 @@ class Catalog(BaseModel):
     placements: list[Placement] = Field(min_length=1)
     experiments: list[Experiment] = Field(default_factory=list)
     reward: Literal["click", "conversion"] = "conversion"  # the feedback event a bandit learns from
+    context: list[str] = Field(default_factory=list)  # names the application sends in a request's `context`
+
+    @field_validator("context")
+    @classmethod
+    def _context_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not NAME.match(name):
+                raise ValueError(f"{name!r}: a context name is lower-case letters, digits and _, starting with a "
+                                 "letter")
+        return value
 
     @model_validator(mode="after")
     def _references(self) -> Catalog:
@@ -178,6 +192,20 @@ class Catalog(BaseModel):
         """The names the eligibility rules read (of one placement, or all)."""
         return set().union(*(compiled(v.eligible).names for p in self.placements for v in p.variants
                              if v.eligible and placement in (None, p.name)))
+
+    def unknown_names(self, known: set[str]) -> list[str]:
+        """One line per name a rule reads that is neither in ``known`` (segments, features) nor in the decision's
+        context (:data:`BUILTIN_NAMES`, the declared ``context``): a typo, which would make the rule never hold."""
+        known = set(known) | BUILTIN_NAMES | set(self.context)
+        lines = []
+        for p in self.placements:
+            for v in p.variants:
+                for name in sorted(compiled(v.eligible).names - known if v.eligible else ()):
+                    close = difflib.get_close_matches(name, sorted(known), n=1)
+                    lines.append(f"placement {p.name!r}, variant {v.id!r} reads {name!r}, which is no score, segment, "
+                                 f"feature or declared context name" + (f" (did you mean {close[0]!r}?)" if close
+                                                                        else ""))
+        return lines
 
 
 def load_catalog(path: Path | str | None = None) -> Catalog:

@@ -121,7 +121,8 @@ class SegmentRequest(BaseModel):
 
 
 class PersonalizeRequest(BaseModel):
-    """A customer and a placement; ``consent`` overrides the stored consent (false: the non-personalized default)."""
+    """A customer and a placement; ``consent``: false withdraws it (the non-personalized default), true decides only
+    for a customer without a stored consent (a stored opt-out holds)."""
 
     model_config = ConfigDict(extra="forbid")
     customer_id: CustomerId | None = None
@@ -129,7 +130,8 @@ class PersonalizeRequest(BaseModel):
     features: Features | None = None
     consent: bool | None = None
     context: dict[Annotated[str, Field(max_length=128)], Value] | None = Field(
-        default=None, description="extra names the catalog's eligibility rules may read (e.g. the page's category)")
+        default=None, description="extra names the catalog's eligibility rules may read (e.g. the page's category), "
+                                  "declared under `context:` in the catalog")
 
 
 class FeedbackRequest(BaseModel):

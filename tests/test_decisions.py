@@ -297,6 +297,30 @@ def test_segment_endpoint_answers_the_stored_segments_and_a_records(runtime, sho
     assert runtime.segment(features=stored)["segments"] == profile["segments"]  # the store's own record is known
 
 
+def test_a_rule_reading_a_name_no_decision_has_is_found_before_serving(shop: Settings, tmp_path: Path) -> None:
+    import yaml
+
+    from serving.api import unknown_rule_names
+    from serving.online import default_url
+
+    raw = yaml.safe_load(Path("serving/catalog.yaml").read_text())
+    raw["placements"][0]["variants"][0]["eligible"] = "churn_score >= 0.7"  # a typo of churn
+    raw["placements"][2]["variants"][0]["eligible"] = "device == 'mobile' and frequency > 2"
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+    catalog, segments, url = load_catalog(tmp_path / "catalog.yaml"), load_segments(), default_url(shop.home,
+                                                                                                   "synthetic")
+    assert unknown_rule_names(catalog, segments, url, "synthetic") == [
+        "placement 'email', variant 'retention_offer' reads 'churn_score', which is no score, segment, feature or "
+        "declared context name (did you mean 'churn'?)",
+        "placement 'product_page', variant 'bundle_offer' reads 'device', which is no score, segment, feature "
+        "or declared context name"]
+    raw["context"] = ["device"]  # a name each request sends in its context
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+    assert len(unknown_rule_names(load_catalog(tmp_path / "catalog.yaml"), segments, url, "synthetic")) == 1
+    assert unknown_rule_names(load_catalog(), segments, url, "synthetic") == []  # the embedded catalog
+    assert unknown_rule_names(catalog, segments, default_url(shop.home, "nowhere"), "nowhere") is None  # unknown
+
+
 def test_a_customer_without_consent_gets_the_default_and_leaves_no_trace(runtime, shop: Settings) -> None:
     cid = next(c for c, p in _profiles(shop).items() if not p["consent"])
     out = runtime.personalize("homepage_banner", cid)
