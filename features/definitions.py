@@ -26,6 +26,7 @@ Feature set ``customer_features_v1`` (per customer and cutoff; durations in days
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import ibis
@@ -82,8 +83,21 @@ ZERO_WHEN_ABSENT = {
 KEYS = ["customer_id", "cutoff"]
 
 
+# Letters that Unicode does not decompose into a base letter and an accent
+_LETTERS = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "ł": "l",
+                          "Ł": "L", "đ": "d", "Đ": "D", "þ": "th", "Þ": "TH"})
+
+
+def ascii_letters(text: str) -> str:
+    """Accents dropped and a few letters spelled out (``Küche`` -> ``Kuche``, ``Straße`` -> ``Strasse``), so a name
+    made of it stays readable; other characters are kept for the caller to replace."""
+    decomposed = unicodedata.normalize("NFKD", str(text).translate(_LETTERS))
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
 def slug(text: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", str(text).lower()).strip("_") or "blank"
+    """A column-name part: ``Küche & Bad`` -> ``kuche_bad``."""
+    return re.sub(r"[^0-9a-z]+", "_", ascii_letters(text).lower()).strip("_") or "blank"
 
 
 def _days(later: ir.TimestampValue, earlier: ir.TimestampValue) -> ir.FloatingValue:

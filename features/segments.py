@@ -28,6 +28,7 @@ column-wise over a frame: numbers, strings, ``True``/``False``/``None``, feature
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import operator
 import re
@@ -322,6 +323,22 @@ def counts(assigned: pd.DataFrame, config: SegmentConfig) -> dict[str, Any]:
 
 
 def check_columns(config: SegmentConfig, available: Iterable[str]) -> None:
-    missing = sorted(config.columns() - set(available))
+    available = set(available)
+    missing = sorted(config.columns() - available)
     if missing:
-        raise RuleError(f"the segment rules read {', '.join(missing)}, which the feature set does not have")
+        hints = [f"{name}: did you mean {close}?" for name in missing
+                 if (close := closest_name(name, available))]
+        raise RuleError(f"the segment rules read {', '.join(missing)}, which the feature set does not have"
+                        + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def closest_name(name: str, known: Iterable[str]) -> str | None:
+    """The known name ``name`` was most likely meant as: the same once made a column name (``cat_share_Küche`` is
+    ``cat_share_kuche``), else the closest spelling, else None."""
+    from features.definitions import slug
+
+    known = sorted(known)
+    if slug(name) in known:
+        return slug(name)
+    close = difflib.get_close_matches(name, known, n=1)
+    return close[0] if close else None

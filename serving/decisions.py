@@ -24,7 +24,6 @@ serves one fixed variant. Everything here is pure; the stores and the clock are 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from features.segments import NAME, Rule, RuleError, compiled
+from features.segments import NAME, Rule, RuleError, closest_name, compiled
 from personalize.errors import load_yaml_model
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
@@ -201,9 +200,9 @@ class Catalog(BaseModel):
         for p in self.placements:
             for v in p.variants:
                 for name in sorted(compiled(v.eligible).names - known if v.eligible else ()):
-                    close = difflib.get_close_matches(name, sorted(known), n=1)
+                    close = closest_name(name, known)
                     lines.append(f"placement {p.name!r}, variant {v.id!r} reads {name!r}, which is no score, segment, "
-                                 f"feature or declared context name" + (f" (did you mean {close[0]!r}?)" if close
+                                 f"feature or declared context name" + (f" (did you mean {close!r}?)" if close
                                                                         else ""))
         return lines
 

@@ -358,7 +358,11 @@ class Forecast:
         the series' history or at most :data:`MAX_LEAD_DAYS` after it: before the data a trend extrapolated
         backwards answers nothing, and decades ahead pandas' calendar ends (2262)."""
         if series not in self.model.models:
-            raise InputError("series", f"unknown series {series!r}; known: {', '.join(self.series[:20])}")
+            from training.forecast import series_name
+
+            if series_name(series) not in self.model.models:  # as written in the data: category.Küche
+                raise InputError("series", f"unknown series {series!r}; known: {', '.join(self.series[:20])}")
+            series = series_name(series)
         first = self.starts[series]
         if start is not None:
             begin, latest = self.begins[series], first + pd.Timedelta(days=MAX_LEAD_DAYS)

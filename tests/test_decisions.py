@@ -92,6 +92,17 @@ def test_a_bad_segment_file_names_the_field(tmp_path: Path, body: str, where: st
         load_segments(path)
 
 
+def test_a_rule_reading_a_feature_the_data_spells_otherwise_is_told_its_name(tmp_path: Path) -> None:
+    from features.segments import RuleError, check_columns
+
+    path = tmp_path / "segments.yaml"
+    path.write_text("segments:\n  - {name: kitchen, rule: cat_share_Küche > 0.2}\n"
+                    "  - {name: loyal, rule: frequncy > 5}\n")
+    with pytest.raises(RuleError, match=r"cat_share_Küche: did you mean cat_share_kuche\?; frequncy: did you mean "
+                                        r"frequency\?"):
+        check_columns(load_segments(path), ["cat_share_kuche", "frequency", "recency_days"])
+
+
 # --- catalog, assignment, policies -------------------------------------------------------------------------------
 @pytest.mark.parametrize("mutate, where", [
     (lambda c: c["placements"][0].update(default="nope"), "default"),

@@ -152,6 +152,15 @@ def test_the_online_path_refuses_customers_the_offline_path_would_not_have(store
 def test_categories_that_would_share_a_column_name_are_refused() -> None:
     with pytest.raises(ConfigError, match="cat_share_home_garden"):
         FeatureSpec(categories=("Home & Garden", "home-garden"))
+    with pytest.raises(ConfigError, match="cat_share_kuche"):
+        FeatureSpec(categories=("Küche", "Kuche"))
+
+
+def test_category_columns_spell_accented_letters_out() -> None:
+    spec = FeatureSpec(categories=("Küche & Bad", "Straße", "Électronique", "Jardín", "Øl", "玩具"))
+    assert list(spec.category_columns.values()) == [
+        "cat_share_kuche_bad", "cat_share_strasse", "cat_share_electronique", "cat_share_jardin", "cat_share_ol",
+        "cat_share_blank"]  # a name with no latin letter at all has nothing to spell
 
 
 def test_a_labeled_table_is_not_a_feature_source(tmp_path: Path) -> None:

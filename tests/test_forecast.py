@@ -13,7 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from training.forecast import (TOTAL, BusinessCalendar, ForecastConfig, ForecastError, ForecastResult,
-                               business_calendar, daily_series, forecast_purchases, log_forecast, seasonal_naive)
+                               business_calendar, daily_series, forecast_purchases, log_forecast, seasonal_naive,
+                               series_name)
 from training.tracking import use_experiment
 
 START = pd.Timestamp("2024-01-01")  # a Monday
@@ -62,6 +63,9 @@ def test_daily_series_count_orders_per_category_and_in_total_fill_gaps_and_skip_
     assert wide[TOTAL].tolist() == [2.0, 0.0, 0.0, 1.0]  # o1 and o2 on the first day
     assert wide["category.toys"].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert wide["category.books"].tolist() == [2.0, 0.0, 0.0, 1.0]
+    kitchen = daily_series(frame.assign(category=frame["category"].replace({"toys": "Küche & Bad"})), ForecastConfig())
+    assert "category.Kuche_Bad" in set(kitchen["series"])
+    assert series_name("category.Küche & Bad") == "category.Kuche_Bad"
 
 
 @pytest.mark.parametrize(("measure", "first_day"), [("orders", 2.0), ("spend", 40.0), ("units", 4.0)])

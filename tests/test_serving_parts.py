@@ -304,3 +304,31 @@ def test_a_numeric_category_beside_a_null_keeps_its_training_spelling() -> None:
     x = Classifier._matrix(scorer, [{"x": 1.0, "region": 3}, {"x": None, "region": None}])
     assert x["region"].astype(object).tolist()[0] == "3" and pd.isna(x["region"].iloc[1])
     assert x["x"].iloc[0] == 1.0 and np.isnan(x["x"].iloc[1])
+
+
+def test_a_forecast_series_is_found_as_the_data_writes_it_and_its_start_is_bounded() -> None:
+    from types import SimpleNamespace
+
+    from serving.scoring import Forecast
+
+    history = SimpleNamespace(history=pd.DataFrame({"ds": pd.date_range("2024-01-01", "2024-03-31")}))
+    asked = []
+
+    class Model:  # the pyfunc's interface: fitted series by name, and a predict over (series, ds)
+        models = {"total": history, "category.Kuche_Bad": history}
+
+        def predict(self, context, frame: pd.DataFrame) -> pd.DataFrame:
+            asked.append(frame)
+            return pd.DataFrame({"yhat": 1.0, "yhat_lower": 0.5, "yhat_upper": 1.5}, index=frame.index)
+
+    forecast = Forecast(Model())
+    points = forecast.predict("category.Küche & Bad", 3, None)  # as the data and /status spell it
+    assert [p["ds"] for p in points] == ["2024-04-01", "2024-04-02", "2024-04-03"]
+    assert set(asked[-1]["series"]) == {"category.Kuche_Bad"}
+    with pytest.raises(InputError, match="unknown series 'category.Bad'"):
+        forecast.predict("category.Bad", 3, None)
+    assert forecast.predict("total", 2, pd.Timestamp("2024-01-01"))[0]["ds"] == "2024-01-01"  # the first day
+    for start in ("2023-12-31", "2029-04-01", "2999-01-01"):  # before the history, 5 years after it, past 2262
+        with pytest.raises(InputError) as caught:
+            forecast.predict("total", 2, pd.Timestamp(start))
+        assert caught.value.field == "start"

@@ -45,6 +45,7 @@ from prophet import Prophet
 from prophet.serialize import model_from_json, model_to_json
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from features.definitions import ascii_letters
 from personalize.errors import PersonalizeError
 from training.evaluate import forecast_metrics
 
@@ -143,8 +144,14 @@ class ForecastResult:
 
 
 # --- the daily series -------------------------------------------------------------------------------------------
+def series_name(text: str) -> str:
+    """A series name as models are named: accents dropped, then characters outside ``[0-9A-Za-z_.-]`` made ``_``
+    (``category.Küche & Bad`` -> ``category.Kuche_Bad``)."""
+    return _SERIES_NAME.sub("_", ascii_letters(text))
+
+
 def _series_name(column: str, value: object) -> str:
-    return _SERIES_NAME.sub("_", f"{column}.{value}")
+    return series_name(f"{column}.{value}")
 
 
 def daily_series(transactions: pd.DataFrame, config: ForecastConfig) -> pd.DataFrame:
