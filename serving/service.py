@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 import anyio
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import JSONResponse
 
 from serving.config import ServeConfig
@@ -50,13 +50,23 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 Value = Number | bool | Annotated[str, Field(max_length=4096)] | None
 
 
-def _integer_id(value: Any) -> Any:
-    """A JSON integer id (Online Retail's 12347, CDNOW's 42) is the string the stores keep ("12347"); a float or a
-    boolean stays refused, as ``12347.0`` or ``true`` is no id anyone meant."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+def _customer_id(value: Any) -> str:
+    """A customer id as the stores keep it: a string, trimmed as ingest trims ids, or a JSON integer (Online Retail's
+    12347 is "12347"). A float or a boolean is refused (``12347.0`` or ``true`` is no id anyone meant), and so is a
+    blank id or one with control characters."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a customer id is a string or an integer, not {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise ValueError("a customer id is not blank")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("a customer id has no control characters")
+    return value
 
 
-CustomerId = Annotated[str, BeforeValidator(_integer_id), Field(min_length=1, max_length=128, examples=["C000042"])]
+CustomerId = Annotated[str, BeforeValidator(_customer_id), Field(min_length=1, max_length=128, examples=["C000042"])]
 FEATURES_EXAMPLE = {"recency_days": 12.0, "frequency": 7, "monetary_total": 412.5, "tenure_days": 380.0}
 SUMMARY_EXAMPLE = {"frequency": 4, "recency": 120.0, "T": 200.0, "monetary": 35.2, "days_since_last": 80.0,
                    "purchases_30d": 0, "purchases_90d": 1, "purchases_180d": 3, "purchases_365d": 5,
@@ -92,7 +102,7 @@ class ScoreRequest(BaseModel):
     customer_id: CustomerId | None = None
     features: Features | None = None
     items: Items | None = None
-    explain: bool = Field(default=False, description="add the top reason codes (TreeSHAP contributions)")
+    explain: StrictBool = Field(default=False, description="add the top reason codes (TreeSHAP contributions)")
 
 
 class CycleRequest(BaseModel):
@@ -102,7 +112,7 @@ class CycleRequest(BaseModel):
     customer_id: CustomerId | None = None
     summary: Summary | None = None
     items: CycleItems | None = None
-    horizon_days: Annotated[int, Field(ge=1, le=730)] | None = None
+    horizon_days: Annotated[StrictInt, Field(ge=1, le=730)] | None = None
 
 
 class IdsRequest(BaseModel):
@@ -128,7 +138,7 @@ class PersonalizeRequest(BaseModel):
     customer_id: CustomerId | None = None
     placement: Annotated[str, Field(min_length=1, max_length=128, examples=["email"])]
     features: Features | None = None
-    consent: bool | None = None
+    consent: StrictBool | None = None
     context: dict[Annotated[str, Field(max_length=128)], Value] | None = Field(
         default=None, description="extra names the catalog's eligibility rules may read (e.g. the page's category), "
                                   "declared under `context:` in the catalog")
@@ -146,7 +156,7 @@ class FeedbackRequest(BaseModel):
 class ForecastRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])]
-    horizon_days: Annotated[int, Field(ge=1, le=366)] = 30
+    horizon_days: Annotated[StrictInt, Field(ge=1, le=366)] = 30
     start: date | None = None
 
 
@@ -463,7 +473,8 @@ class Personalization:
 
     @bentoml.api(input_spec=ScoreRequest)
     async def churn(self, customer_id: CustomerId | None = None, features: Features | None = None,
-                    items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
+                    items: Items | None = None, explain: StrictBool = False,
+                    ctx: bentoml.Context = None) -> dict[str, Any]:
         """Churn risk: calibrated probability, the decision at the model's threshold and its action."""
         return await _call(ctx, "churn", self.runtime.classify, "churn", customer_id, features,
                            None if items is None else [i.model_dump() for i in items], explain,
@@ -471,7 +482,8 @@ class Personalization:
 
     @bentoml.api(input_spec=ScoreRequest)
     async def propensity(self, customer_id: CustomerId | None = None, features: Features | None = None,
-                         items: Items | None = None, explain: bool = False, ctx: bentoml.Context = None) -> dict[str, Any]:
+                         items: Items | None = None, explain: StrictBool = False,
+                         ctx: bentoml.Context = None) -> dict[str, Any]:
         """Purchase propensity within the model's horizon."""
         return await _call(ctx, "propensity", self.runtime.classify, "propensity", customer_id, features,
                            None if items is None else [i.model_dump() for i in items], explain,
@@ -503,7 +515,7 @@ class Personalization:
     @bentoml.api(input_spec=CycleRequest)
     async def next_purchase(self, customer_id: CustomerId | None = None, summary: Summary | None = None,
                             items: CycleItems | None = None,
-                            horizon_days: Annotated[int, Field(ge=1, le=730)] | None = None,
+                            horizon_days: Annotated[StrictInt, Field(ge=1, le=730)] | None = None,
                             ctx: bentoml.Context = None) -> dict[str, Any]:
         """Expected purchases in the horizon, expected days to the next one, P(purchase), P(alive)."""
         return await _call(ctx, "next_purchase", self.runtime.next_purchase, customer_id, summary,
@@ -518,7 +530,7 @@ class Personalization:
     @bentoml.api(input_spec=PersonalizeRequest)
     async def personalize(self, placement: Annotated[str, Field(min_length=1, max_length=128)],
                           customer_id: CustomerId | None = None, features: Features | None = None,
-                          consent: bool | None = None,
+                          consent: StrictBool | None = None,
                           context: dict[Annotated[str, Field(max_length=128)], Value] | None = None,
                           ctx: bentoml.Context = None) -> dict[str, Any]:
         """One variant of a placement for the customer: the variant, why (rule or bandit, scores, segment), the
@@ -535,7 +547,7 @@ class Personalization:
 
     @bentoml.api(input_spec=ForecastRequest)
     async def forecast(self, series: Annotated[str, Field(min_length=1, max_length=256, examples=["total"])],
-                 horizon_days: Annotated[int, Field(ge=1, le=366)] = 30,
+                 horizon_days: Annotated[StrictInt, Field(ge=1, le=366)] = 30,
                  start: date | None = None, ctx: bentoml.Context = None) -> dict[str, Any]:
         """Daily purchase volume of a segment/category series (Prophet), with its interval."""
         return await _call(ctx, "forecast", self.runtime.forecast, series, horizon_days,

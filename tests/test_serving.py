@@ -222,6 +222,8 @@ def test_an_integer_id_is_the_same_id_as_its_string(server: Server) -> None:
         given = answer(path, {key: as_int})
         assert given == answer(path, {key: as_str}), path
         assert '"customer_id": "12347"' in json.dumps(given) and '"customer_id": 12347' not in json.dumps(given)
+        padded = ([" 12347 "] if key == "customer_ids" else " 12347 ")  # trimmed, as ingest trims ids
+        assert answer(path, {key: padded}) == given, path
 
 
 def test_request_metrics_count_each_route_and_status(server: Server, home: Path) -> None:
@@ -345,6 +347,12 @@ def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
         ("/forecast", {"series": "total", "start": "2999-01-01"}, "start"),  # past pandas' calendar: was a 500
         ("/forecast", {"series": "total", "start": "2262-04-10"}, "start"),
         ("/forecast", {"series": "total", "start": "1900-01-01"}, "start"),  # before the series' history
+        ("/forecast", {"series": "total", "horizon_days": "30"}, "horizon_days"),  # types are not coerced
+        ("/churn", {"customer_id": cid, "explain": "yes"}, "explain"),
+        ("/churn", {"customer_id": cid, "explain": 1}, "explain"),
+        ("/next_purchase", {"customer_id": cid, "horizon_days": 30.5}, "horizon_days"),
+        ("/churn", {"customer_id": "   "}, "customer_id"),  # blank once trimmed, as ingest trims ids
+        ("/churn", {"customer_id": "c1\u0000"}, "customer_id"),
     ]
 
 
@@ -585,6 +593,7 @@ def test_personalize_segment_and_feedback_over_http(server: Server, home: Path) 
     ("/personalize", {"placement": "email"}, "customer_id"),
     ("/personalize", {"placement": "email", "features": {"monetary_total": "lots"}}, "monetary_total"),
     ("/personalize", {"customer_id": "C1", "placement": "email", "consent": "maybe"}, "consent"),
+    ("/personalize", {"customer_id": "C1", "placement": "email", "consent": "no"}, "consent"),  # not coerced
     ("/segment", {}, "customer_id"),
     ("/segment", {"features": {"monetary_totl": 900.0}}, "features.monetary_totl"),
     ("/personalize", {"placement": "email", "features": {"bogus": 1.0}}, "features.bogus"),
