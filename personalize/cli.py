@@ -1527,9 +1527,12 @@ def experiment_report(
     from serving.decisions import load_catalog
 
     settings: Settings = ctx.obj
-    experiment = load_catalog(catalog).experiment(name)
+    rules = load_catalog(catalog)
+    experiment = rules.experiment(name)
     if experiment is None:
-        raise PersonalizeError(f"no experiment {name!r} in the catalog")
+        known = ", ".join(e.name for e in rules.experiments) or "none"
+        which = str(catalog) if catalog else "the embedded catalog (serving/catalog.yaml; --catalog for yours)"
+        raise PersonalizeError(f"no experiment {name!r} in {which}; it has: {known}")
     store = DecisionStore(settings.decisions_path)
     report = analyze(store.experiment_frame(name), experiment, control=control, alpha=alpha)
     run_id = log_report(report, settings.tracking_uri, settings.artifact_root) if log else None

@@ -368,3 +368,6 @@ def test_the_report_command_logs_a_run_unless_told_not_to(isolated_home: Path) -
     logged = runner.invoke(app, ["experiment", "report", "email_rules"])
     assert logged.exit_code == 0 and "logged to MLflow run" in logged.output, logged.output
     assert runs() == 1
+    unknown = runner.invoke(app, ["experiment", "report", "newsletter_test"])
+    assert unknown.exit_code == 2 and "no experiment 'newsletter_test' in the embedded catalog" in " ".join(
+        unknown.output.split()) and "it has: email_rules" in " ".join(unknown.output.split()), unknown.output
