@@ -116,12 +116,16 @@ def read_alerts(path: Path) -> list[dict[str, Any]]:
 
 
 def _post_json(url: str, body: dict[str, Any], timeout: float) -> int:
+    import urllib.error
     import urllib.request
 
     request = urllib.request.Request(url, data=json.dumps(body, default=str).encode(), method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": "personalize"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (the URL is configuration)
-        return int(response.status)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (the URL is configuration)
+            return int(response.status)
+    except urllib.error.HTTPError as exc:  # an answer, not a failure to deliver: its status is the outcome
+        return int(exc.code)
 
 
 class AlertSink:
@@ -187,6 +191,12 @@ class AlertSink:
             log.error("webhook: alert %s not delivered after %d attempt(s): %s", alert.id, attempts, error)
         self._append({"type": "delivery", "alert_id": alert.id, "delivered": not error, "attempts": attempts,
                       "status": status, "error": error, "at": pd.Timestamp.now(tz="UTC").isoformat()})
+
+    @property
+    def delivery_budget_s(self) -> float:
+        """The longest one delivery can take: every attempt timing out, with the backoff between them."""
+        retries = self.policy.webhook_retries
+        return (retries + 1) * self.policy.webhook_timeout_s + self.backoff_s * (2 ** retries - 1) + 1.0
 
     def wait(self, timeout_s: float = 30.0) -> bool:
         """Give pending deliveries up to ``timeout_s`` in all; True when none is left running."""

@@ -176,6 +176,11 @@ def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: p
         seconds["persist"] = time.perf_counter() - t
     sink = sink or AlertSink(settings.monitoring_dir / "alerts.jsonl", config.alerts)
     sink.emit(alerts)
+    t = time.perf_counter()
+    if not sink.wait(sink.delivery_budget_s):  # the deliveries' threads die with a one-shot process: see them out
+        log.error("webhook: alert deliveries still running after %.0f s; their outcome is not recorded",
+                  sink.delivery_budget_s)
+    seconds["deliver"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     result.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return result

@@ -6,6 +6,7 @@ drift."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -150,3 +151,40 @@ def test_an_all_null_feature_read_as_objects_is_left_out_and_handed_to_evidently
 
     assert inputs.skipped == {ENGAGEMENT: "empty in the reference"} and ENGAGEMENT not in inputs.tested
     assert inputs.reference[ENGAGEMENT].dtype.kind == inputs.current[ENGAGEMENT].dtype.kind == "f"
+
+
+def test_a_one_shot_pass_sees_its_webhook_deliveries_out_and_records_the_status(settings):
+    """cron's `personalize monitor` exits right after the pass: the delivery threads must not die with it."""
+    import http.server
+    import threading
+
+    from monitoring.alerts import read_alerts
+    from monitoring.job import run_pass
+
+    posts = []
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reference = _reference()
+        _log(settings, reference, _records(reference, **{ENGAGEMENT: None}))  # an empty feature: one alert
+        hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        config = CONFIG.model_copy(update={"alerts": CONFIG.alerts.model_copy(update={
+            "webhook_url": hook, "webhook_retries": 1, "webhook_timeout_s": 2.0})})
+        result = run_pass(settings, None, "churn", END - pd.Timedelta(days=7), END, config, reference=reference,
+                          persist_reports=False, summary=False)  # no sink given: the pass's own
+    finally:
+        server.shutdown()
+    assert [a.rule for a in result.alerts] == ["empty_feature"] and len(posts) == 2  # the first try and one retry
+    delivery = [r for r in read_alerts(settings.monitoring_dir / "alerts.jsonl") if r["type"] == "delivery"]
+    assert len(delivery) == 1 and not delivery[0]["delivered"] and delivery[0]["attempts"] == 2
+    assert delivery[0]["status"] == 500 and delivery[0]["error"] == "HTTP 500"
