@@ -5,6 +5,7 @@ the policy says so (``personalize schedule``). :func:`step` is one tick for one 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from monitoring.retrain import RetrainOutcome, decide, load_state, retrain, save
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepResult", "keep_log", "schedule", "step"]
+__all__ = ["ScheduleSummary", "StepResult", "keep_log", "monitored_models", "schedule", "step"]
 
 
 @dataclass
@@ -74,25 +75,50 @@ def keep_log(log_root: Any, config: MonitorConfig) -> dict[str, Any]:
     return done
 
 
+def monitored_models(client: Any) -> list[str]:
+    """The registered classifiers that have a champion: what ``personalize schedule`` watches when not told."""
+    from training.registry import CHAMPION, MODELS
+
+    return sorted(m.name for m in client.search_registered_models(max_results=1000)
+                  if CHAMPION in (m.aliases or {})
+                  and ((m.tags or {}).get("kind") or MODELS.get(m.name, "classifier")) == "classifier")
+
+
+@dataclass
+class ScheduleSummary:
+    rounds: int = 0
+    passes: int = 0
+    failed: int = 0
+    retrained: int = 0
+    stopped: bool = False  # by a signal (``stop``), not by ``iterations``
+
+
 def schedule(settings: Any, client: Any, models: list[str], config: MonitorConfig, every_s: float,
              iterations: int | None = None, allow_retrain: bool = True,
-             on_step: Callable[[StepResult], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
-    """Run :func:`step` for every model each ``every_s`` seconds (``iterations`` times, or forever); a model whose
-    pass fails is reported and the others go on. Returns the number of steps that failed."""
-    failed, n = 0, 0
-    while iterations is None or n < iterations:
+             on_step: Callable[[StepResult], None] | None = None, stop: threading.Event | None = None
+             ) -> ScheduleSummary:
+    """Run :func:`step` for every model each ``every_s`` seconds (``iterations`` times, or forever, or until
+    ``stop`` is set: then after the pass under way); a model whose pass fails is reported and the others go on."""
+    stop = stop or threading.Event()
+    done = ScheduleSummary()
+    while (iterations is None or done.rounds < iterations) and not stop.is_set():
         began = time.monotonic()
         keep_log(settings.log_root, config)
         for model in models:
+            if stop.is_set():
+                break
             try:
                 out = step(settings, client, model, None, config, allow_retrain)
             except MonitorError as exc:
-                failed += 1
+                done.failed += 1
                 out = StepResult(model, None, False, "", error=str(exc))
                 log.error("%s: %s", model, exc)
+            done.passes += 1
+            done.retrained += out.retrained is not None
             if on_step:
                 on_step(out)
-        n += 1
-        if iterations is None or n < iterations:
-            sleep(max(0.0, every_s - (time.monotonic() - began)))
-    return failed
+        done.rounds += 1
+        if iterations is None or done.rounds < iterations:
+            stop.wait(max(0.0, every_s - (time.monotonic() - began)))
+    done.stopped = stop.is_set()
+    return done

@@ -1348,24 +1348,49 @@ def schedule_command(
     retrain: Annotated[bool, typer.Option("--retrain/--no-retrain", help="Retrain when due.")] = True,
     config: MonitorConfigOption = None,
 ) -> None:
-    """Monitor (and retrain when due) every interval, for people without an orchestrator."""
+    """Monitor (and retrain when due) every interval, for people without an orchestrator. Ctrl-C (or SIGTERM) stops
+    it after the pass under way; a second one at once."""
+    import os
+    import signal
+    import threading
+
     from monitoring.config import load_config
-    from monitoring.schedule import schedule
-    from training.registry import connect
+    from monitoring.schedule import monitored_models, schedule
+    from training.registry import check_name, connect
 
     settings: Settings = ctx.obj
-    names = models or ["churn", "propensity"]
+    client = connect(settings.tracking_uri)
+    names = [check_name(m) for m in models] if models else monitored_models(client)
+    if not names:
+        raise PersonalizeError("no registered classifier has a champion yet: promote one, or name the models")
+    console.print(f"watching {', '.join(names)} every {every:,.0f} s (Ctrl-C stops after the pass under way)",
+                  highlight=False)
 
     def report(out: Any) -> None:
-        if out.error:
-            console.print(f"{out.model}: [red]{out.error}[/]", highlight=False, soft_wrap=True)
-        else:
+        if not out.error:  # a failed pass is logged as an error by the loop
             console.print(_pass_table(out))
             console.print(f"retrain: {'due' if out.due else 'not due'} ({out.why})", highlight=False)
 
-    failed = schedule(settings, connect(settings.tracking_uri), names, load_config(config), every, iterations,
-                      retrain, on_step=report)
-    if failed and iterations:
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            console.print("stopped at once", highlight=False)
+            os._exit(130)
+        stop.set()
+        console.print(f"{signal.Signals(signum).name}: stopping after the pass under way (again to stop at once)",
+                      highlight=False)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        done = schedule(settings, client, names, load_config(config), every, iterations, retrain, on_step=report,
+                        stop=stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    console.print(f"{'stopped' if done.stopped else 'done'} after {done.rounds} round(s): {done.passes} pass(es), "
+                  f"{done.failed} failed, {done.retrained} retrain(s)", highlight=False)
+    if done.failed and iterations:
         raise typer.Exit(1)
 
 

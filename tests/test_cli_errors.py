@@ -245,3 +245,32 @@ def test_urls_are_printed_without_their_credentials(url: str, shown: str, isolat
     assert redact(url) == shown
     monkeypatch.setenv("PERSONALIZE_OPTUNA_STORAGE", url)
     assert "s3cret" not in runner.invoke(app, ["info"]).output
+
+
+def test_schedule_stops_on_ctrl_c_after_the_pass_under_way_and_says_what_it_did(isolated_home: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # Given nothing promoted, the schedule refuses to watch nothing
+    assert run("schedule", "--iterations", "1").exit_code == 2
+    # And watching a model without a champion, each pass fails and the loop goes on, sleeping between rounds
+    cli = Path(sys.executable).parent / "personalize"
+    proc = subprocess.Popen([str(cli), "schedule", "churn", "--every", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "watching churn" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        time.sleep(3)  # into the first round or its sleep
+        # When Ctrl-C comes, Then it stops within seconds, not at the end of the 60 s sleep, and sums up
+        began = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=45)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and time.monotonic() - began < 40, out
+    assert "stopping after the pass under way" in out and "stopped after 1 round(s): 1 pass(es), 1 failed" in out, out

@@ -134,7 +134,7 @@ def test_compaction_merges_past_days_into_one_file_with_every_row_and_retention_
     # And the scheduled loop keeps the log by its policy before each round
     settings = Settings(home=tmp_path / "home", prediction_log=tmp_path)
     policy = MonitorConfig(log=LogPolicy(keep_days=1))
-    assert schedule(settings, None, [], policy, every_s=0, iterations=1) == 0
+    assert schedule(settings, None, [], policy, every_s=0, iterations=1).failed == 0
     assert [d["day"] for d in log_status(tmp_path)] == [f"{today:%Y-%m-%d}"]
 
 
