@@ -122,6 +122,24 @@ def test_extreme_values_are_clipped_counted_and_show_as_drift_in_a_persisted_pas
     assert result.persisted["html"]["drift"].endswith(".html")  # the report's histograms drew too
 
 
+def test_passes_add_snapshots_the_evidently_ui_reads_without_parsing_the_ones_before(settings):
+    from evidently.ui.workspace import Workspace
+
+    reference = _reference()
+    _log(settings, reference, _records(reference))
+    first = _pass(settings, reference, persist_reports=True)
+    project = first.persisted["project_id"]
+    # a snapshot file no JSON parser reads: Evidently's Workspace() parses every snapshot on opening and fails
+    (settings.evidently_workspace / project / "snapshots" / "00000000-0000-0000-0000-000000000000.json").write_text(
+        "{not json")
+    second = _pass(settings, reference, persist_reports=True)  # so this pass did not open the workspace that way
+    assert second.persisted["project_id"] == project
+    (settings.evidently_workspace / project / "snapshots" / "00000000-0000-0000-0000-000000000000.json").unlink()
+    ui = Workspace(str(settings.evidently_workspace))  # as the Evidently UI opens it
+    [listed] = ui.search_project("personalize: churn")
+    assert str(listed.id) == project and len(ui.list_runs(listed.id)) == 2  # a drift snapshot per pass
+
+
 @pytest.mark.parametrize(("value", "clipped"), [
     (1e308, LIMIT), (-1e308, -LIMIT), (math.inf, LIMIT), (-math.inf, -LIMIT), (1e150, 1e150), (42.0, 42.0),
 ])
