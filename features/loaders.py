@@ -227,8 +227,8 @@ def separator_hint(path: Path, csv: CsvOptions) -> str:
     if likely is None or counts[likely] <= line.count(csv.sep):
         return ""
     given = "\\t" if likely == "\t" else likely
-    return (f"; the header looks {_SEPARATORS[likely]}-separated: set csv.sep in the ingest config, or pass "
-            f"--sep '{given}' when training on the file")
+    return (f"; the header looks {_SEPARATORS[likely]}-separated: pass --sep '{given}' (or set csv.sep in the "
+            "ingest config)")
 
 
 def column_hint(path: Path, file_format: str, csv: CsvOptions, columns: Any) -> str:

@@ -222,10 +222,11 @@ def read_outcomes(path: Path, id_column: str, label_column: str, positive: str, 
     path = Path(path)
     fmt, csv = file_format(path), CsvOptions(sep=sep)
     raw, unreadable = read_source(path, fmt, csv)
-    for column in (id_column, label_column):
+    for column, what, option in ((id_column, "id", "--labels-id"), (label_column, "label", "--labels-column")):
         if column not in raw.columns:
-            raise DataFileError(path, f"no outcome column; the file has {list(raw.columns)[:12]}"
-                                      f"{column_hint(path, fmt, csv, raw.columns)}", column=column)
+            raise DataFileError(path, f"no {what} column ({option} names another); the file has "
+                                      f"{list(raw.columns)[:12]}{column_hint(path, fmt, csv, raw.columns)}",
+                                column=column)
     text, positive_text, blank = comparable_labels(raw[label_column], positive)
     classes = sorted(set(text[~blank]))
     strangers = [c for c in classes if values and c not in values]

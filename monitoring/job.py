@@ -165,9 +165,11 @@ def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: p
         metrics["outcomes"] = {**known.summary(), "matched_predictions": matched,
                                "evaluated_customers": int(matured.frame["label"].notna().sum())}
     seconds["compare"] = time.perf_counter() - t
+    metrics["min_rows"] = config.alerts.min_rows  # below it, no rule judges the window (said with the pass)
     alerts = evaluate(metrics, config, model, reference.version, window.start, window.end)
     result = PassResult(model, reference.version, window.summary(), metrics, alerts)
     if persist_reports:
+        result.seconds = {k: round(v, 3) for k, v in seconds.items()}  # the written summary's: up to here
         t = time.perf_counter()
         numeric = {k: float(v) for k, v in metrics.items()
                    if isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)}

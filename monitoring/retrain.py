@@ -36,6 +36,7 @@ class RetrainState:
     first_window: str | None = None  # start of the streak's first window
     last_retrain: str | None = None  # window end at which the last retrain ran
     last_reason: str = ""
+    last_counted: str | None = None  # end of the last window counted (a later one must start after it to count)
 
 
 def load_state(folder: Path, model: str) -> RetrainState:
@@ -58,28 +59,37 @@ def save_state(folder: Path, model: str, state: RetrainState) -> None:
 
 
 def decide(state: RetrainState, alerts: list[Alert], window_start: pd.Timestamp, window_end: pd.Timestamp,
-           policy: RetrainPolicy, horizon_days: int | None) -> tuple[RetrainState, bool, str]:
-    """(new state, retrain now?, why) after one window's alerts."""
+           policy: RetrainPolicy, horizon_days: int | None, *, rows: int | None = None,
+           min_rows: int = 0) -> tuple[RetrainState, bool, str]:
+    """(new state, retrain now?, why) after one window's alerts. Windows in a row are distinct windows: a window
+    that starts before the last counted one ended (hourly passes over 7-day windows, a look at the past with
+    ``--end``) is not counted, nor is one with fewer than ``min_rows`` predictions (no alert rule judged it); either
+    leaves the streak as it was, and the cooldown and the wait for labels are checked again."""
     qualifying = [a for a in alerts if SEVERITY_RANK[a.severity] >= SEVERITY_RANK[policy.on]
                   and a.rule not in policy.not_on]
-    if qualifying:
+    aside = ""
+    if state.last_counted and pd.Timestamp(window_start) < pd.Timestamp(state.last_counted):
+        aside = f"; this window overlaps the last one counted (until {state.last_counted}) and is not counted"
+    elif rows is not None and rows < min_rows:
+        aside = f"; this window has {rows} prediction(s), fewer than the {min_rows} the rules judge, and is not counted"
+    elif qualifying:
         state = RetrainState(state.streak + 1, state.first_window or str(window_start), state.last_retrain,
-                             state.last_reason)
+                             state.last_reason, str(window_end))
     else:
-        state = RetrainState(0, None, state.last_retrain, state.last_reason)
+        state = RetrainState(0, None, state.last_retrain, state.last_reason, str(window_end))
     if not policy.enabled:
         return state, False, "retraining is off"
     if state.streak < policy.consecutive:
-        return state, False, f"{state.streak}/{policy.consecutive} qualifying window(s) in a row"
+        return state, False, f"{state.streak}/{policy.consecutive} qualifying window(s) in a row{aside}"
     now = pd.Timestamp(window_end)
     if state.last_retrain and now - pd.Timestamp(state.last_retrain) < pd.Timedelta(days=policy.cooldown_days):
-        return state, False, f"cooldown: last retrain at {state.last_retrain}"
+        return state, False, f"cooldown: last retrain at {state.last_retrain}{aside}"
     if policy.wait_for_labels and horizon_days and state.first_window:
         ready = pd.Timestamp(state.first_window) + pd.Timedelta(days=horizon_days)
         if now < ready:
-            return state, False, f"waiting for labels from the changed data until {ready}"
-    rules = sorted({a.rule for a in qualifying})
-    return state, True, f"{state.streak} window(s) in a row with {', '.join(rules)} since {state.first_window}"
+            return state, False, f"waiting for labels from the changed data until {ready}{aside}"
+    rules = ", ".join(sorted({a.rule for a in qualifying})) or "qualifying alerts"
+    return state, True, f"{state.streak} window(s) in a row with {rules} since {state.first_window}"
 
 
 @dataclass

@@ -46,7 +46,8 @@ def step(settings: Any, client: Any, model: str, end: pd.Timestamp | None, confi
     result = run_pass(settings, client, model, start, end, config, dataset=dataset, **pass_options)
     folder = settings.monitoring_dir / "state"
     reference_horizon = result.metrics.get("horizon_days")
-    state, due, why = decide(load_state(folder, model), result.alerts, start, end, config.retrain, reference_horizon)
+    state, due, why = decide(load_state(folder, model), result.alerts, start, end, config.retrain, reference_horizon,
+                             rows=result.metrics.get("rows"), min_rows=config.alerts.min_rows)
     out = StepResult(model, result, due, why)
     if due and allow_retrain:
         log.warning("%s: retraining (%s)", model, why)

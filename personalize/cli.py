@@ -85,7 +85,8 @@ def _configure(
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a PersonalizeError into one red line on stderr and exit code 2."""
+    """Turn a PersonalizeError into one red line on stderr and exit code 2; a command asked for ``--json`` also
+    prints ``{"error": ...}`` on stdout, so a script reading it gets a document either way."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -93,6 +94,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except PersonalizeError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            if kwargs.get("as_json"):
+                print(json.dumps({"error": str(exc)}))
             raise typer.Exit(2) from None
 
     return wrapper
@@ -480,8 +483,9 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     console.print(table)
     d = t.test_decision
     console.print(
-        f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, trial {t.tuned.trial} of "
-        f"{len(t.tuned.study.trials)}, validation AUC {t.tuned.valid_auc:.4f} ({_one_se_note(t.tuned) or 'the best'}), "
+        f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, trial-{t.tuned.trial} "
+        f"(of {len(t.tuned.study.trials)}), validation AUC {t.tuned.valid_auc:.4f} "
+        f"({_one_se_note(t.tuned) or 'the best'}), "
         f"trained on {t.trained_on}; "
         f"calibration {calibration} on {t.calibrated_on}: test ECE {t.test_raw_metrics['ece']:.4f} -> "
         f"{t.test_metrics['ece']:.4f}\n"
@@ -1114,8 +1118,13 @@ def _pass_table(out: Any) -> Table:
     table.add_column("reference", justify="right")
     table.add_row("predictions (warm / logged / cold start)",
                   f"{m['rows']:,} / {m['logged_rows']:,} / {m['cold_start_rows']:,}", "")
-    table.add_row(f"drifted features (of {m.get('tested_features', '?')} tested)", f"{m['drift_share']:.0%}",
-                  ", ".join(m["drifted_features"][:4]))
+    if m["rows"] < m.get("min_rows", 0):
+        table.add_row("[yellow]alert rules: none judged this window[/]", f"{m['rows']:,} < min_rows",
+                      f"{m['min_rows']:,}")
+    drifted = m["drifted_features"]
+    names = f"\n  {', '.join(drifted[:6])}{', ...' if len(drifted) > 6 else ''}" if drifted else ""
+    table.add_row(f"drifted features (of {m.get('tested_features', '?')} tested){names}", f"{m['drift_share']:.0%}",
+                  "")
     table.add_row("prediction drift (score)", f"{m['prediction_drift']:.3f}", "")
     table.add_row("mean probability", f"{m['mean_probability']:.3f}", f"{m['reference_mean_probability']:.3f}")
     table.add_row("estimated ROC-AUC (CBPE)", f"{m['estimated_roc_auc']:.3f}", f"{m['reference_estimated_roc_auc']:.3f}")
@@ -1171,7 +1180,9 @@ def monitor(
 
     settings: Settings = ctx.obj
     policy = load_config(config)
-    if window:
+    if window is not None:
+        if window <= 0:
+            raise PersonalizeError(f"--window {window:g}: a window is a positive number of days")
         policy = policy.model_copy(update={"window_days": window})
     if labels is None and (labels_id or labels_column or positive):
         raise PersonalizeError("--labels-id, --labels-column and --positive describe a --labels file: give it too")
@@ -1201,6 +1212,11 @@ def monitor(
         console.print("[yellow]logged columns the reference lacks (not compared):[/] "
                       + ", ".join(out.result.window["extra_columns"]), highlight=False, soft_wrap=True)
     m = out.result.metrics
+    outcomes = m.get("outcomes")
+    if outcomes and outcomes["rows_in"] and not outcomes["matched_predictions"]:
+        console.print("[yellow]no id of the outcomes file matches a prediction in the window:[/] check that "
+                      "--labels-id is the file's id column and that the window holds the scored customers",
+                      highlight=False, soft_wrap=True)
     if m.get("skipped_features"):
         console.print("[yellow]features not tested for drift:[/] "
                       + ", ".join(f"{c} ({why})" for c, why in m["skipped_features"].items()),
@@ -1265,7 +1281,7 @@ def log_compact_command(
 @user_errors
 def log_prune_command(
     ctx: typer.Context,
-    keep_days: Annotated[float, typer.Option(min=1, help="Keep this many days; remove the days wholly older.")],
+    keep_days: Annotated[float, typer.Option(help="Keep this many days (> 0); remove the days wholly older.")],
     dry_run: Annotated[bool, typer.Option(help="Say what would be removed, remove nothing.")] = False,
 ) -> None:
     """Retention: remove the prediction log's days older than --keep-days. Keep at least a monitoring window plus
@@ -1273,6 +1289,8 @@ def log_prune_command(
     from serving.predlog import prune
 
     settings: Settings = ctx.obj
+    if keep_days <= 0:  # as the policy's log.keep_days: any positive length, 0.5 is half a day
+        raise PersonalizeError(f"--keep-days {keep_days:g}: keep a positive number of days")
     done = prune(settings.log_root, keep_days, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     console.print(f"{verb} {done['days']} day(s) through {done['through']}: {done['segments']:,} segments, "
@@ -1401,23 +1419,31 @@ def ui(
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
 ) -> None:
     """Start the Evidently UI (the monitoring workspace) and the MLflow UI on loopback; Ctrl-C stops both."""
+    import signal
     import subprocess
     import sys
 
     settings: Settings = ctx.obj
     bin_dir = Path(sys.executable).parent
     settings.evidently_workspace.mkdir(parents=True, exist_ok=True)
+    # each UI in its own session: the terminal's Ctrl-C reaches this process only, which stops them with SIGTERM
+    # (a Ctrl-C of their own made MLflow's workers print their KeyboardInterrupt tracebacks)
     procs = [subprocess.Popen([str(bin_dir / "evidently"), "ui", "--workspace", str(settings.evidently_workspace),
-                               "--host", "127.0.0.1", "--port", str(evidently_port)])]
+                               "--host", "127.0.0.1", "--port", str(evidently_port)], start_new_session=True)]
     if not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
         procs.append(subprocess.Popen([str(bin_dir / "mlflow"), "ui", "--backend-store-uri", settings.tracking_uri,
                                        "--default-artifact-root", settings.artifact_root, "--host", "127.0.0.1",
-                                       "--port", str(mlflow_port), "--workers", "1"]))
+                                       "--port", str(mlflow_port), "--workers", "1"], start_new_session=True))
         mlflow_at = f"http://127.0.0.1:{mlflow_port}"
     else:
         mlflow_at = settings.tracking_uri
     console.print(f"Evidently UI: http://127.0.0.1:{evidently_port}   MLflow UI: {mlflow_at}   (Ctrl-C stops)",
                   highlight=False)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM (a service manager's stop) stops both UIs as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         for p in procs:
             p.wait()

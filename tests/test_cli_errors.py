@@ -274,3 +274,12 @@ def test_schedule_stops_on_ctrl_c_after_the_pass_under_way_and_says_what_it_did(
         proc.kill()
     assert proc.returncode == 0 and time.monotonic() - began < 40, out
     assert "stopping after the pass under way" in out and "stopped after 1 round(s): 1 pass(es), 1 failed" in out, out
+
+
+def test_a_json_command_that_fails_prints_a_json_error_and_refuses_a_window_that_is_no_length(
+        isolated_home: Path) -> None:
+    result = run("monitor", "churn", "--json")
+    assert result.exit_code == 2
+    assert "error" in json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+    result = run("monitor", "churn", "--window", "0")
+    assert result.exit_code == 2 and "--window 0: a window is a positive number of days" in one_line(result.output)

@@ -97,13 +97,13 @@ def test_the_retrain_policy_needs_a_streak_waits_for_labels_and_cools_down():
     assert not due and "1/2" in why
     state, due, _ = decide(state, [], t0 + week, t0 + 2 * week, policy, 30)  # a quiet window resets the streak
     assert not due and state.streak == 0
-    for k in range(1, 6):
+    for k in range(2, 8):
         state, due, why = decide(state, [_alert()], t0 + k * week, t0 + (k + 1) * week, policy, 30)
         if due:
             break
-    assert due and k == 5  # the streak began at t0 + 1 week; its labels are known 30 days later
-    state.last_retrain = str(t0 + 6 * week)
-    state, due, why = decide(state, [_alert()], t0 + 6 * week, t0 + 7 * week, policy, 30)
+    assert due and k == 6  # the streak began at t0 + 2 weeks; its labels are known 30 days later
+    state.last_retrain = str(t0 + 7 * week)
+    state, due, why = decide(state, [_alert()], t0 + 7 * week, t0 + 8 * week, policy, 30)
     assert not due and "cooldown" in why
     info_only = decide(RetrainState(streak=5, first_window=str(t0)), [_alert(severity="info")], t0, t0 + week * 9,
                        policy, 30)
@@ -113,6 +113,26 @@ def test_the_retrain_policy_needs_a_streak_waits_for_labels_and_cools_down():
     assert not empty[1] and empty[0].streak == 0
     counted = decide(RetrainState(), [_alert(rule="empty_feature")], t0, t0 + week, RetrainPolicy(not_on=[]), 30)
     assert counted[0].streak == 1
+
+
+def test_windows_in_a_row_are_distinct_windows_with_enough_rows():
+    policy = RetrainPolicy(consecutive=2, wait_for_labels=False, cooldown_days=0)
+    week, hour = pd.Timedelta(days=7), pd.Timedelta(hours=1)
+    t0 = pd.Timestamp("2025-07-01")
+    state, due, _ = decide(RetrainState(), [_alert()], t0, t0 + week, policy, 30, rows=500, min_rows=200)
+    assert state.streak == 1 and not due
+    # an hourly pass over the week that ends an hour later overlaps it: not a second window in a row
+    again, due, why = decide(state, [_alert()], t0 + hour, t0 + week + hour, policy, 30, rows=500, min_rows=200)
+    assert again.streak == 1 and not due and "overlaps the last one counted" in why
+    # nor does a quiet look at a past window reset the streak
+    look, due, _ = decide(state, [], t0 - week, t0, policy, 30, rows=500, min_rows=200)
+    assert look.streak == 1
+    # a window too small for the rules says nothing either way
+    small, due, why = decide(state, [], t0 + week, t0 + week + hour, policy, 30, rows=5, min_rows=200)
+    assert small.streak == 1 and "5 prediction(s), fewer than the 200" in why
+    # the next distinct week does count
+    state, due, why = decide(state, [_alert()], t0 + week, t0 + 2 * week, policy, 30, rows=500, min_rows=200)
+    assert state.streak == 2 and due and "2 window(s) in a row" in why
 
 
 def test_an_outcomes_file_labels_by_pseudonymized_id_and_counts_what_it_skips(tmp_path):
@@ -130,8 +150,10 @@ def test_an_outcomes_file_labels_by_pseudonymized_id_and_counts_what_it_skips(tm
     frame.assign(y=frame["y"].map({1.0: "churned", 0.0: "stayed"})).to_csv(tmp_path / "o.csv", index=False)
     with pytest.raises(DataFileError, match="'yes'"):  # a positive value that is not one of the two
         read_outcomes(tmp_path / "o.csv", "id", "y", "yes", b"salt")
-    with pytest.raises(DataFileError, match="no outcome column"):
+    with pytest.raises(DataFileError, match=r"no id column \(--labels-id names another\); the file has \['id', 'y'\]"):
         read_outcomes(tmp_path / "o.csv", "customer", "y", "churned", b"salt")
+    with pytest.raises(DataFileError, match=r"no label column \(--labels-column names another\)"):
+        read_outcomes(tmp_path / "o.csv", "id", "Churn", "churned", b"salt")
     assert read_outcomes(tmp_path / "o.csv", "id", "y", "Churned", b"salt").labels.sum() == 2  # any case
     # against the training table's values, a file coded otherwise is an error, not a file of negatives
     pd.DataFrame({"id": ["a", "b"], "y": [1, 1]}).to_csv(tmp_path / "coded.csv", index=False)
