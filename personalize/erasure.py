@@ -39,8 +39,8 @@ influence.
 
 :func:`find` is the check: every store above searched by id and by key, then a last resort over every file under
 home, the log and the local artifact stores (except the audit log): Parquet read logically (pages may be
-compressed) and every file searched byte for byte, for the id as a whole token (``17850`` is not found inside the
-float ``0.6498178506375228``, nor in ``C-17850``). A hit there is reported as ``scan:<file>``; for a short numeric
+compressed) and every file searched byte for byte, for the id standing alone (``17850`` is not found inside the
+float ``0.6498178506375228``, but is in ``17850.0`` and ``customer_17850.csv``). A hit there is reported as ``scan:<file>``; for a short numeric
 id it may still be a coincidence (the same number in another role), worth a look rather than a deletion.
 
 The key is ``pseudonymize(customer_id, salt)`` with the server's salt (``PERSONALIZE_ID_SALT`` or
@@ -464,25 +464,46 @@ def _json_rows(obj: Any, columns: frozenset[str], values: set[str]) -> tuple[Any
     return obj, 0
 
 
-# Characters that continue a token: an id found between two of them is part of another value (17850 in the float
-# 0.6498178506375228 or the time 00:09:20.178506), not the customer.
-_TOKEN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-_TOKEN_CLASS = "A-Za-z0-9._-"
+# An id stands alone where neither neighbour continues it: a letter or digit does (x17850, 178506), and so does a dot
+# with digits on both sides (the float 0.6498178506375228, the time 00:09:20.178506, 17850.5), except a whole
+# number's .0 (17850.0 is the id written as a float). Punctuation does not (17850.json, customer_17850, C-17850).
+_ALNUM = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_DIGITS = frozenset(b"0123456789")
+_DOT, _ZERO = ord("."), ord("0")
+
+
+def _standalone(data: Any, at: int, after: int) -> bool:
+    """Whether ``data[at:after]`` (bytes or a mmap) stands alone (the rule above)."""
+    end = len(data)
+    if at and (data[at - 1] in _ALNUM or (at >= 2 and data[at - 1] == _DOT and data[at - 2] in _DIGITS)):
+        return False
+    if after < end and data[after] in _ALNUM:
+        return False
+    if after + 1 < end and data[after] == _DOT and data[after + 1] in _DIGITS:
+        k = after + 1
+        while k < end and data[k] == _ZERO:
+            k += 1
+        return not (k < end and data[k] in _ALNUM)  # 17850.0 is the id; 17850.05 or 17850.0e3 another number
+    return True
+
+
+def _token_regex(value: str) -> str:
+    """:func:`_standalone` as an RE2 pattern (Arrow's regex engine has no lookaround)."""
+    return (rf"(?:^|[^A-Za-z0-9.]|(?:^|[^0-9])\.){re.escape(value)}(?:\.0+)?"
+            r"(?:$|[^A-Za-z0-9.]|\.(?:$|[^0-9]))")
 
 
 def _occurrences(data: Any, needle: bytes) -> int:
-    """Occurrences of ``needle`` in ``data`` (bytes or a mmap) as a whole token: neither neighbour continues it."""
-    count, at, end = 0, data.find(needle), len(data)
+    """Occurrences of ``needle`` in ``data`` (bytes or a mmap) that stand alone (:func:`_standalone`)."""
+    count, at = 0, data.find(needle)
     while at != -1:
-        after = at + len(needle)
-        if (at == 0 or data[at - 1] not in _TOKEN) and (after >= end or data[after] not in _TOKEN):
-            count += 1
+        count += _standalone(data, at, at + len(needle))
         at = data.find(needle, at + 1)
     return count
 
 
 def _contains(path: Path, needles: list[bytes]) -> int:
-    """Occurrences of the needles in the file's bytes, each as a whole token (:func:`_occurrences`)."""
+    """Occurrences of the needles in the file's bytes, each standing alone (:func:`_occurrences`)."""
     try:
         if path.stat().st_size == 0:
             return 0
@@ -695,8 +716,8 @@ def _unattributed(settings: Settings, layout: _Layout) -> list[dict[str, str]]:
 
 def _scan(layout: _Layout, who: _Who, skip: set[Path], problems: list[dict[str, str]]) -> dict[str, int]:
     """The last resort: every file searched byte for byte, Parquet files also read (their pages may be
-    compressed): any text value equal to the id (containing it as a whole token, for an id of 6 characters or more)
-    or containing the key. In bytes, the id counts as a whole token only, not inside another number or word."""
+    compressed): any text value equal to the id (containing it standing alone, for an id of 6 characters or more)
+    or containing the key. In bytes, the id counts where it stands alone (:func:`_standalone`), not inside another number or word."""
     needles = _needles(who)
     hits: dict[str, int] = {}
     for path in _files(layout):
@@ -725,9 +746,8 @@ def _parquet_values(path: Path, who: _Who) -> int:
     count = 0
     for column in table.columns:
         text = pc.cast(column, pa.string())
-        if len(who.customer_id) >= 6:  # inside a longer text, as a whole token (_occurrences)
-            hit = pc.match_substring_regex(text, f"(^|[^{_TOKEN_CLASS}]){re.escape(who.customer_id)}"
-                                                 f"($|[^{_TOKEN_CLASS}])")
+        if len(who.customer_id) >= 6:  # inside a longer text, standing alone (_standalone)
+            hit = pc.match_substring_regex(text, _token_regex(who.customer_id))
         else:
             hit = pc.equal(pc.utf8_trim_whitespace(text), who.customer_id)
         if who.key:

@@ -333,16 +333,20 @@ def test_the_last_resort_scan_finds_the_customer_outside_the_known_stores():
     assert report.removed == {} and set(report.remaining) == set(found) and not report.clean
 
 
-def test_the_scan_takes_an_id_as_a_whole_token_not_digits_inside_another_number():
+def test_the_scan_finds_an_id_standing_alone_not_digits_inside_another_number():
     settings = Settings.from_env()
     settings.home.mkdir(parents=True)
     (settings.home / "numbers.txt").write_text('{"recency_ratio": 0.6498178506375228, "at": "00:09:20.178506", '
-                                                '"other": "C-17850", "x": "x17850", "y": 178506.5}\n')
-    pd.DataFrame({"note": ["ratio 0.6498178506375228", "at 00:09:20.178506", "C-178506"]}).to_parquet(
+                                                '"x": "x17850", "y": 178506.5, "z": 17850.05}\n')
+    pd.DataFrame({"note": ["ratio 0.6498178506375228", "at 00:09:20.178506", "y 178506.5"]}).to_parquet(
         settings.home / "notes.parquet", compression="zstd", index=False)
     assert find(settings, "17850", environ=ENV) == {} and find(settings, "178506", environ=ENV) == {}
 
     (settings.home / "serve.log").write_text("GET /churn customer_id=17850 200\n")
-    pd.DataFrame({"note": ["called 178506, twice"]}).to_parquet(settings.home / "calls.parquet", index=False)
-    assert find(settings, "17850", environ=ENV) == {"scan:serve.log": 1}
+    (settings.home / "export.csv").write_text("id,spend\n17850.0,3\n")  # the id written as a float
+    (settings.home / "customer_17850.png").write_bytes(b"\x89PNG")  # named after the customer
+    pd.DataFrame({"note": ["called 178506, twice", "178506.0"]}).to_parquet(settings.home / "calls.parquet",
+                                                                            index=False)
+    assert find(settings, "17850", environ=ENV) == {"scan:serve.log": 1, "scan:export.csv": 1,
+                                                    "scan:customer_17850.png": 1}
     assert set(find(settings, "178506", environ=ENV)) == {"scan:calls.parquet"}  # its bytes hold it several times
