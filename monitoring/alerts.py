@@ -50,6 +50,13 @@ class Alert:
         return asdict(self)
 
 
+def judged(metrics: dict[str, Any], policy: AlertPolicy) -> bool:
+    """Whether any rule of :func:`evaluate` could judge the window: enough predictions for the first four, or enough
+    labeled ones for the realized-performance rule."""
+    return (int(metrics.get("rows", 0)) >= policy.min_rows
+            or int(metrics.get("labeled_rows", 0)) >= policy.min_labeled)
+
+
 def evaluate(metrics: dict[str, Any], config: MonitorConfig, model: str, version: str, start: pd.Timestamp,
              end: pd.Timestamp) -> list[Alert]:
     """The alerts a pass's numbers raise under the policy (pure). ``metrics`` holds ``rows``, ``drift_share`` (of

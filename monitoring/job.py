@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monitoring.alerts import Alert, AlertSink, evaluate
+from monitoring.alerts import Alert, AlertSink, evaluate, judged
 from monitoring.cbpe import estimate
 from monitoring.config import MonitorConfig
 from monitoring.data import (MonitorError, OutcomesFile, Reference, Window, join_labels, load_reference, outcomes_for,
@@ -165,7 +165,7 @@ def run_pass(settings: Any, client: Any, model: str, start: pd.Timestamp, end: p
         metrics["outcomes"] = {**known.summary(), "matched_predictions": matched,
                                "evaluated_customers": int(matured.frame["label"].notna().sum())}
     seconds["compare"] = time.perf_counter() - t
-    metrics["min_rows"] = config.alerts.min_rows  # below it, no rule judges the window (said with the pass)
+    metrics["judged"] = judged(metrics, config.alerts)  # too few rows for every rule: said with the pass
     alerts = evaluate(metrics, config, model, reference.version, window.start, window.end)
     result = PassResult(model, reference.version, window.summary(), metrics, alerts)
     if persist_reports:

@@ -59,19 +59,19 @@ def save_state(folder: Path, model: str, state: RetrainState) -> None:
 
 
 def decide(state: RetrainState, alerts: list[Alert], window_start: pd.Timestamp, window_end: pd.Timestamp,
-           policy: RetrainPolicy, horizon_days: int | None, *, rows: int | None = None,
-           min_rows: int = 0) -> tuple[RetrainState, bool, str]:
+           policy: RetrainPolicy, horizon_days: int | None, *, judged: bool = True) -> tuple[RetrainState, bool, str]:
     """(new state, retrain now?, why) after one window's alerts. Windows in a row are distinct windows: a window
     that starts before the last counted one ended (hourly passes over 7-day windows, a look at the past with
-    ``--end``) is not counted, nor is one with fewer than ``min_rows`` predictions (no alert rule judged it); either
-    leaves the streak as it was, and the cooldown and the wait for labels are checked again."""
+    ``--end``) is not counted, nor is a quiet one too small for any alert rule to judge (not ``judged``,
+    :func:`monitoring.alerts.judged`); either leaves the streak as it was, and the cooldown and the wait for labels
+    are checked again."""
     qualifying = [a for a in alerts if SEVERITY_RANK[a.severity] >= SEVERITY_RANK[policy.on]
                   and a.rule not in policy.not_on]
     aside = ""
     if state.last_counted and pd.Timestamp(window_start) < pd.Timestamp(state.last_counted):
         aside = f"; this window overlaps the last one counted (until {state.last_counted}) and is not counted"
-    elif rows is not None and rows < min_rows:
-        aside = f"; this window has {rows} prediction(s), fewer than the {min_rows} the rules judge, and is not counted"
+    elif not judged and not qualifying:
+        aside = "; this window is too small for the alert rules to judge and is not counted"
     elif qualifying:
         state = RetrainState(state.streak + 1, state.first_window or str(window_start), state.last_retrain,
                              state.last_reason, str(window_end))

@@ -47,7 +47,7 @@ def step(settings: Any, client: Any, model: str, end: pd.Timestamp | None, confi
     folder = settings.monitoring_dir / "state"
     reference_horizon = result.metrics.get("horizon_days")
     state, due, why = decide(load_state(folder, model), result.alerts, start, end, config.retrain, reference_horizon,
-                             rows=result.metrics.get("rows"), min_rows=config.alerts.min_rows)
+                             judged=result.metrics.get("judged", True))
     out = StepResult(model, result, due, why)
     if due and allow_retrain:
         log.warning("%s: retraining (%s)", model, why)

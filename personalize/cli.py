@@ -1118,9 +1118,9 @@ def _pass_table(out: Any) -> Table:
     table.add_column("reference", justify="right")
     table.add_row("predictions (warm / logged / cold start)",
                   f"{m['rows']:,} / {m['logged_rows']:,} / {m['cold_start_rows']:,}", "")
-    if m["rows"] < m.get("min_rows", 0):
-        table.add_row("[yellow]alert rules: none judged this window[/]", f"{m['rows']:,} < min_rows",
-                      f"{m['min_rows']:,}")
+    if not m.get("judged", True):
+        table.add_row("[yellow]alert rules: none could judge this window[/]", "too few rows",
+                      "min_rows / min_labeled")
     drifted = m["drifted_features"]
     names = f"\n  {', '.join(drifted[:6])}{', ...' if len(drifted) > 6 else ''}" if drifted else ""
     table.add_row(f"drifted features (of {m.get('tested_features', '?')} tested){names}", f"{m['drift_share']:.0%}",

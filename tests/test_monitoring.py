@@ -119,19 +119,22 @@ def test_windows_in_a_row_are_distinct_windows_with_enough_rows():
     policy = RetrainPolicy(consecutive=2, wait_for_labels=False, cooldown_days=0)
     week, hour = pd.Timedelta(days=7), pd.Timedelta(hours=1)
     t0 = pd.Timestamp("2025-07-01")
-    state, due, _ = decide(RetrainState(), [_alert()], t0, t0 + week, policy, 30, rows=500, min_rows=200)
+    state, due, _ = decide(RetrainState(), [_alert()], t0, t0 + week, policy, 30)
     assert state.streak == 1 and not due
     # an hourly pass over the week that ends an hour later overlaps it: not a second window in a row
-    again, due, why = decide(state, [_alert()], t0 + hour, t0 + week + hour, policy, 30, rows=500, min_rows=200)
+    again, due, why = decide(state, [_alert()], t0 + hour, t0 + week + hour, policy, 30)
     assert again.streak == 1 and not due and "overlaps the last one counted" in why
     # nor does a quiet look at a past window reset the streak
-    look, due, _ = decide(state, [], t0 - week, t0, policy, 30, rows=500, min_rows=200)
+    look, due, _ = decide(state, [], t0 - week, t0, policy, 30)
     assert look.streak == 1
     # a window too small for the rules says nothing either way
-    small, due, why = decide(state, [], t0 + week, t0 + week + hour, policy, 30, rows=5, min_rows=200)
-    assert small.streak == 1 and "5 prediction(s), fewer than the 200" in why
+    small, due, why = decide(state, [], t0 + week, t0 + week + hour, policy, 30, judged=False)
+    assert small.streak == 1 and "too small for the alert rules to judge" in why
+    # but a small window's alert counts: the realized-performance rule judges the labeled rows, not the window's
+    labeled, due, _ = decide(state, [_alert()], t0 + week, t0 + week + hour, policy, 30, judged=False)
+    assert labeled.streak == 2
     # the next distinct week does count
-    state, due, why = decide(state, [_alert()], t0 + week, t0 + 2 * week, policy, 30, rows=500, min_rows=200)
+    state, due, why = decide(state, [_alert()], t0 + week, t0 + 2 * week, policy, 30)
     assert state.streak == 2 and due and "2 window(s) in a row" in why
 
 
