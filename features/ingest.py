@@ -34,6 +34,7 @@ REASON = "_reason"
 DETAIL = "_detail"
 SOURCE_FILE = "_source_file"
 RAW_LINE = "_raw_line"  # the text of a line that could not be split into the file's columns
+NUMBER_COLUMNS = frozenset({"quantity", "unit_price", "amount", "duration_s"})  # source text read by parse_number
 CUSTOMER = "_customer_id"  # the row's customer id as parsed (whatever the source column is called): for erasure
 BOOKKEEPING = (SOURCE_FILE, SOURCE_ROW, RAW_LINE, REASON, DETAIL, CUSTOMER)
 TRUE_TEXT = {"true", "t", "yes", "y", "1", "1.0"}
@@ -50,7 +51,7 @@ class ParseOptions:
     # False none, None (the default) strips a column's ids when every one of them is written so
     strip_float_ids: bool | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # contract column -> value when the column is absent
-    # numbers written 29,85 / 1.621,37: True, 29.85: False, None decides per column (see _parse_number)
+    # numbers written 29,85 / 1.621,37: True, 29.85: False, None decides per column (see parse_number)
     decimal_comma: bool | None = False
 
 
@@ -201,10 +202,11 @@ def dot_decimals(text: pd.Series) -> pd.Series:
     return text.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False)
 
 
-def _parse_number(s: pd.Series, decimal_comma: bool | None = False) -> pd.Series:
+def parse_number(s: pd.Series, decimal_comma: bool | None = False) -> pd.Series:
     """Numbers from text. ``decimal_comma``: True reads ``29,85`` and ``1.621,37`` (a value written otherwise, such as
     ``1.5``, is unparseable), False reads ``29.85``, None decides per column: a decimal comma when some value is
-    written with one and none is a number only the dot way reads (``1.5``, ``1e3``)."""
+    plainly written with one (not three digits after it: ``1,000`` may be a thousand) and none is a number only the
+    dot way reads (``1.5``, ``1e3``)."""
     if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
         return s.astype(float)
     text = s.astype(object).where(~is_blank(s), None)
@@ -213,7 +215,8 @@ def _parse_number(s: pd.Series, decimal_comma: bool | None = False) -> pd.Series
         written = comma_numbers(present)
         if decimal_comma is None:
             dot_only = pd.to_numeric(present[~written], errors="coerce").notna()
-            decimal_comma = bool(present[written].str.contains(",", regex=False).any() and not dot_only.any())
+            plainly = present[written].str.contains(r",(?:\d{1,2}|\d{4,})$")
+            decimal_comma = bool(plainly.any() and not dot_only.any())
         if decimal_comma:
             text = dot_decimals(present[written]).reindex(text.index)
     return pd.to_numeric(text, errors="coerce").astype(float)
@@ -289,7 +292,7 @@ def validate_table(
     reasons.add(~is_blank(raw_time) & out[time_col].isna(), f"unparseable_{time_col}")
 
     if table == "transactions":
-        qty = _parse_number(col("quantity"), options.decimal_comma)
+        qty = parse_number(col("quantity"), options.decimal_comma)
         reasons.add(is_blank(col("quantity")), "missing_quantity")
         reasons.add(~is_blank(col("quantity")) & qty.isna(), "unparseable_quantity")
         reasons.add(qty.notna() & ~np.isfinite(qty.fillna(0)), "non_finite_quantity")
@@ -298,7 +301,7 @@ def validate_table(
             amount_raw = col("amount")
         else:  # amount = quantity x unit price
             amount_raw = col("unit_price")
-        amount = _parse_number(amount_raw, options.decimal_comma)
+        amount = parse_number(amount_raw, options.decimal_comma)
         reasons.add(is_blank(amount_raw), "missing_amount")
         reasons.add(~is_blank(amount_raw) & amount.isna(), "unparseable_amount")
         reasons.add(amount.notna() & ~np.isfinite(amount.fillna(0)), "non_finite_amount")
@@ -323,7 +326,7 @@ def validate_table(
             lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip().lower())
         reasons.add(out["event_type"].isna(), "missing_event_type")
         if "duration_s" in provided:
-            duration = _parse_number(col("duration_s"), options.decimal_comma)
+            duration = parse_number(col("duration_s"), options.decimal_comma)
             reasons.add(~is_blank(col("duration_s")) & duration.isna(), "unparseable_duration_s")
             out["duration_s"] = duration
     for name in OPTIONAL_COLUMNS[table]:

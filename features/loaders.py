@@ -19,6 +19,7 @@ import csv as csvlib
 import difflib
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,8 +28,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, missing_required
-from features.ingest import (DETAIL, RAW_LINE, REASON, SOURCE_FILE, SOURCE_ROW, ParseOptions, ValidationResult,
-                             validate_table)
+from features.ingest import (DETAIL, NUMBER_COLUMNS, RAW_LINE, REASON, SOURCE_FILE, SOURCE_ROW, ParseOptions,
+                             ValidationResult, parse_number, validate_table)
 from personalize.errors import ConfigError, DataFileError
 
 TableName = Literal["customers", "transactions", "events"]
@@ -275,13 +276,27 @@ def load_table(mapping: TableMapping, now: pd.Timestamp | None = None,
     return result.with_unreadable(unreadable)
 
 
+def numbers_read(frame: pd.DataFrame, decimal_comma: bool | None) -> pd.DataFrame:
+    """``frame`` (contract columns) with its number columns read as ``decimal_comma`` says (``parse_number``): a
+    value read becomes a float, one that is not stays as written, for validation to quarantine."""
+    if decimal_comma is False:
+        return frame
+    out = frame.copy()
+    for column in NUMBER_COLUMNS & set(frame.columns):
+        parsed = parse_number(frame[column], decimal_comma)
+        out[column] = frame[column].astype(object).where(parsed.isna(), parsed)
+    return out
+
+
 def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
                 known_customers: pd.Series | None = None) -> ValidationResult:
     """Several files of one table (monthly exports, say), validated as one table so that a row repeated in two
     files is a duplicate; each quarantined row names its own file and line."""
     if len(mappings) == 1:
         return load_table(mappings[0], now, known_customers)
-    if any(m.table != mappings[0].table or m.parse_options != mappings[0].parse_options for m in mappings):
+    # numbers are read file by file (each file's own csv.decimal and separator), so that is no shared option
+    options = [replace(m.parse_options, decimal_comma=False) for m in mappings]
+    if any(m.table != mappings[0].table or o != options[0] for m, o in zip(mappings, options)):
         raise ConfigError(f"files of one table must share their table and parse options "
                           f"(timestamp_format, return_prefix, ...): {[str(m.path) for m in mappings]}")
     raws, mapped, files, rows, unreadable = [], [], [], [], []
@@ -289,13 +304,13 @@ def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
         raw, bad = read_source(mapping.path, mapping.file_format, mapping.csv)
         unreadable.append(bad)
         raws.append(raw)
-        mapped.append(map_columns(raw, mapping))
+        mapped.append(numbers_read(map_columns(raw, mapping), mapping.parse_options.decimal_comma))
         files += [str(mapping.path)] * len(raw)
         rows += list(raw.index)
     index = pd.RangeIndex(1, len(files) + 1)
     source = pd.concat(raws, ignore_index=True).set_axis(index)
     frame = pd.concat(mapped, ignore_index=True).set_axis(index)
-    result = validate_table(frame, mappings[0].table, now, mappings[0].parse_options, source=source,
+    result = validate_table(frame, mappings[0].table, now, options[0], source=source,
                             known_customers=known_customers)
     at = result.quarantined[SOURCE_ROW].to_numpy(dtype="int64") - 1
     result.quarantined[SOURCE_FILE] = pd.Series(files, dtype="string").to_numpy()[at]

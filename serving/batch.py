@@ -293,9 +293,10 @@ class TableScoreReport:
     unseen: dict[str, int] = field(default_factory=dict)  # per column, scored rows with a category new to the model
 
 
-def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.DataFrame, Any]:
-    """The model's columns of ``raw`` typed as in training, and the reasons of the rows whose values are not."""
-    from features.ingest import RowReasons, comma_numbers, dot_decimals, is_blank
+def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool | None) -> tuple[pd.DataFrame, Any]:
+    """The model's columns of ``raw`` typed as in training, and the reasons of the rows whose values are not;
+    numbers are read as ingest reads them (``decimal_comma``: :func:`features.ingest.parse_number`)."""
+    from features.ingest import RowReasons, is_blank, parse_number
     from features.labeled import BOOL_TEXT
 
     reasons = RowReasons(raw.index)
@@ -318,10 +319,7 @@ def _typed(raw: pd.DataFrame, scorer: Any, decimal_comma: bool) -> tuple[pd.Data
                 values = text.str.lower().map({**BOOL_TEXT, "1": True, "0": False, "1.0": True, "0.0": False})
                 out[c] = values.astype(float)
             else:
-                written = comma_numbers(text) & ~blank
-                if decimal_comma and text[written].str.contains(",", regex=False).any():  # 29,85 and 1.621,37
-                    text = text.where(~written, dot_decimals(text))
-                out[c] = pd.to_numeric(text.where(~blank, None), errors="coerce").astype(float)
+                out[c] = parse_number(text.where(~blank, None), decimal_comma)
         # as the API refuses them: a value that is no finite number, a negative count of the held-out data
         reasons.add((~blank & out[c].isna()) | np.isinf(out[c]), f"invalid_{c}")
         if c in getattr(scorer, "counts", ()):
@@ -360,7 +358,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
             raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{hint}",
                                 column=column)
     started = time.perf_counter()
-    typed, reasons = _typed(raw, scorer, decimal_comma=fmt == "csv" and csv.decimal_comma is not False)
+    typed, reasons = _typed(raw, scorer, decimal_comma=csv.decimal_comma if fmt == "csv" else False)
     quarantine = reasons.quarantine(raw, str(path))
     quarantine = pd.concat([quarantine, unreadable], ignore_index=True) if len(unreadable) else quarantine
     good = typed.drop(index=reasons.rows)

@@ -73,6 +73,29 @@ def test_a_column_with_numbers_only_dots_read_is_not_taken_for_decimal_commas(tm
     assert comma.valid["amount"].tolist() == [2.55, 1234.0] and comma.reasons == {"unparseable_amount": 1}
 
 
+def test_a_comma_before_three_digits_alone_does_not_make_a_column_decimal_commas(tmp_path: Path) -> None:
+    (tmp_path / "orders.tsv").write_text("cust\tinvoice\twhen\tqty\tprice\n1\tA1\t2024-01-02\t1,000\t3\n"
+                                         "1\tA2\t2024-01-03\t2\t4\n")  # a US export: 1,000 may be a thousand
+    columns = {k: v for k, v in MAPPING.items() if k != "item"}
+    result = load_table(mapping(tmp_path / "orders.tsv", columns=columns, csv=CsvOptions(sep="\t")))
+    assert result.valid["quantity"].tolist() == [2] and result.reasons == {"unparseable_quantity": 1}  # not 1
+
+
+def test_files_of_one_table_each_read_numbers_their_own_way(tmp_path: Path) -> None:
+    (tmp_path / "jan.csv").write_text("cust;invoice;when;qty;price\n1;A1;2024-01-02;2;2,55\n"
+                                      "1;A2;2024-01-03;1;1.234,50\n")
+    pd.DataFrame({"cust": ["2", "2"], "invoice": ["B1", "B2"], "when": ["2024-02-02", "2024-02-03"], "qty": [1, 3],
+                  "price": [1.5, None]}).to_parquet(tmp_path / "feb.parquet")
+    (tmp_path / "mar.csv").write_text("cust,invoice,when,qty,price\n3,C1,2024-03-02,1,7.25\n3,C2,2024-03-03,1,n/a\n")
+    columns = {k: v for k, v in MAPPING.items() if k != "item"}
+    result = load_tables([mapping(tmp_path / "jan.csv", columns=columns, csv=CsvOptions(sep=";")),
+                          mapping(tmp_path / "feb.parquet", columns=columns),
+                          mapping(tmp_path / "mar.csv", columns=columns)])
+    assert result.valid["amount"].tolist() == pytest.approx([5.1, 1234.5, 1.5, 7.25])
+    assert result.reasons == {"missing_amount": 1, "unparseable_amount": 1}
+    assert sorted(result.quarantined[SOURCE_FILE]) == [str(tmp_path / "feb.parquet"), str(tmp_path / "mar.csv")]
+
+
 def test_several_files_of_one_table_are_one_table(tmp_path: Path) -> None:
     (tmp_path / "jan.csv").write_text(ORDERS_CSV)
     (tmp_path / "feb.csv").write_text("cust,invoice,when,qty,price,sku\n"
