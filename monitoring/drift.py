@@ -232,7 +232,9 @@ def snapshot_workspace(path: str) -> Any:
     """Evidently's local workspace at ``path``, for projects and snapshots only. ``Workspace.__init__`` also builds
     its dataset manager, which reads and parses every snapshot of every project on opening: 26 s per pass once a
     workspace held ~80 snapshots (300 MB), growing with every pass of a long-lived schedule. Projects and runs go
-    through the workspace's own file state, which reads only what it is asked for."""
+    through the workspace's own file state, which reads only what it is asked for. (Checked against Evidently
+    0.7.23, the locked version: ``create_project``, ``search_project``, the dashboard and ``add_run`` use only
+    ``path`` and ``state``; tests/test_monitoring_inputs.py has the Evidently UI's Workspace read what it wrote.)"""
     from evidently.ui.storage.local.base import LocalState
     from evidently.ui.workspace import Workspace
 

@@ -78,11 +78,10 @@ def keep_log(log_root: Any, config: MonitorConfig) -> dict[str, Any]:
 
 def monitored_models(client: Any) -> list[str]:
     """The registered classifiers that have a champion: what ``personalize schedule`` watches when not told."""
-    from training.registry import CHAMPION, MODELS
+    from training.registry import CHAMPION, recorded_kind
 
     return sorted(m.name for m in client.search_registered_models(max_results=1000)
-                  if CHAMPION in (m.aliases or {})
-                  and ((m.tags or {}).get("kind") or MODELS.get(m.name, "classifier")) == "classifier")
+                  if CHAMPION in (m.aliases or {}) and recorded_kind(m.name, m.tags) == "classifier")
 
 
 @dataclass

@@ -1181,7 +1181,7 @@ def monitor(
     settings: Settings = ctx.obj
     policy = load_config(config)
     if window is not None:
-        if window <= 0:
+        if not window > 0:  # also NaN
             raise PersonalizeError(f"--window {window:g}: a window is a positive number of days")
         policy = policy.model_copy(update={"window_days": window})
     if labels is None and (labels_id or labels_column or positive):
@@ -1289,7 +1289,7 @@ def log_prune_command(
     from serving.predlog import prune
 
     settings: Settings = ctx.obj
-    if keep_days <= 0:  # as the policy's log.keep_days: any positive length, 0.5 is half a day
+    if not keep_days > 0:  # as the policy's log.keep_days: any positive length, 0.5 is half a day (NaN is none)
         raise PersonalizeError(f"--keep-days {keep_days:g}: keep a positive number of days")
     done = prune(settings.log_root, keep_days, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
@@ -1370,6 +1370,7 @@ def schedule_command(
     it after the pass under way; a second one at once."""
     import os
     import signal
+    import sys
     import threading
 
     from monitoring.config import load_config
@@ -1381,8 +1382,6 @@ def schedule_command(
     names = [check_name(m) for m in models] if models else monitored_models(client)
     if not names:
         raise PersonalizeError("no registered classifier has a champion yet: promote one, or name the models")
-    console.print(f"watching {', '.join(names)} every {every:,.0f} s (Ctrl-C stops after the pass under way)",
-                  highlight=False)
 
     def report(out: Any) -> None:
         if not out.error:  # a failed pass is logged as an error by the loop
@@ -1394,12 +1393,15 @@ def schedule_command(
     def on_signal(signum: int, frame: Any) -> None:
         if stop.is_set():
             console.print("stopped at once", highlight=False)
+            sys.stdout.flush()
             os._exit(130)
         stop.set()
         console.print(f"{signal.Signals(signum).name}: stopping after the pass under way (again to stop at once)",
                       highlight=False)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    console.print(f"watching {', '.join(names)} every {every:,.0f} s (Ctrl-C stops after the pass under way)",
+                  highlight=False)
     try:
         done = schedule(settings, client, names, load_config(config), every, iterations, retrain, on_step=report,
                         stop=stop)
@@ -1441,15 +1443,18 @@ def ui(
                   highlight=False)
 
     def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # SIGTERM (a service manager's stop) stops both UIs as Ctrl-C does
+        raise KeyboardInterrupt  # SIGTERM (a service manager's stop) or SIGHUP (the terminal closed): as Ctrl-C
 
-    signal.signal(signal.SIGTERM, on_term)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_term)
     try:
         for p in procs:
             p.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # stopping already: another signal must not cut it
+            signal.signal(s, signal.SIG_IGN)
         for p in procs:
             p.terminate()
         for p in procs:

@@ -330,3 +330,17 @@ def test_bad_input_is_a_clear_error_or_is_skipped_and_reported(loop, tmp_path):
     window = read_window(root, reference, ts - WEEK, ts + WEEK)
     assert len(window.frame) == 3 and window.extra_columns == ["shoe_size"]
     assert len(window.skipped_segments) == 1 and "part-0-0-999999" in window.skipped_segments[0][0].name
+
+
+def test_the_schedule_watches_the_classifiers_that_have_a_champion():
+    from types import SimpleNamespace
+
+    from monitoring.schedule import monitored_models
+
+    registered = [SimpleNamespace(name="churn", aliases={"champion": "3"}, tags={"kind": "classifier"}),
+                  SimpleNamespace(name="churn_telco", aliases={"champion": "1", "challenger": "2"}, tags={}),
+                  SimpleNamespace(name="propensity", aliases={"challenger": "1"}, tags={"kind": "classifier"}),
+                  SimpleNamespace(name="purchase_cycle", aliases={"champion": "1"}, tags={"kind": "regressor"}),
+                  SimpleNamespace(name="purchase_forecast", aliases={"champion": "1"}, tags=None)]
+    client = SimpleNamespace(search_registered_models=lambda max_results: registered)
+    assert monitored_models(client) == ["churn", "churn_telco"]

@@ -174,8 +174,6 @@ def test_readiness_lists_the_champions(server: Server) -> None:
     assert metrics.status_code == 200 and "bentoml_service_request" in metrics.text
     spec = server.client.get("/docs.json").json()
     assert {"/churn", "/propensity", "/next_purchase", "/forecast"} <= set(spec["paths"])
-    page = server.client.get("/")  # the docs page that `serve` points at, open without the API key
-    assert page.status_code == 200 and "swagger" in page.text.lower(), page.text[:200]
 
 
 def test_churn_by_id_by_record_and_in_a_batch_agree(server: Server, home: Path) -> None:
@@ -462,6 +460,9 @@ def test_an_api_key_guards_scoring_but_not_the_probes(server: Server, home: Path
         assert anonymous.post("/churn", json={"customer_id": cid},
                               headers={"authorization": f"Bearer {API_KEY}"}).status_code == 200
         assert anonymous.get("/readyz").status_code == 200 and anonymous.get("/metrics").status_code == 200
+        page = anonymous.get("/")  # the API's docs page, where `serve` points
+        assert page.status_code == 200 and "swagger" in page.text.lower(), page.text[:200]
+        assert anonymous.get("/docs.json").status_code == 200
 
 
 # --- in process: shadow mode ---------------------------------------------------------------------------------------

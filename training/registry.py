@@ -161,7 +161,12 @@ def kind_of(client, name: str) -> str:
         known = sorted(m.name for m in client.search_registered_models(max_results=200))
         raise RegistryError(f"unknown model {name!r}; registered: {', '.join(known) or 'none yet'} "
                             "(`personalize train ...` registers one)") from None
-    return tags.get("kind") or MODELS.get(name, "classifier")
+    return recorded_kind(name, tags)
+
+
+def recorded_kind(name: str, tags: dict[str, str] | None) -> str:
+    """A registered model's kind from its tags (models registered before the tag: by name, else classifier)."""
+    return (tags or {}).get("kind") or MODELS.get(name, "classifier")
 
 
 def _who() -> str:
