@@ -19,7 +19,7 @@ import csv as csvlib
 import difflib
 import re
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +27,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, missing_required
+from features.contracts import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, TIME_COLUMNS, missing_required
 from features.ingest import (DETAIL, NUMBER_COLUMNS, RAW_LINE, REASON, SOURCE_FILE, SOURCE_ROW, ParseOptions,
-                             ValidationResult, parse_number, validate_table)
+                             ValidationResult, is_blank, parse_number, parse_timestamp, validate_table)
 from personalize.errors import ConfigError, DataFileError
 
 TableName = Literal["customers", "transactions", "events"]
@@ -276,15 +276,22 @@ def load_table(mapping: TableMapping, now: pd.Timestamp | None = None,
     return result.with_unreadable(unreadable)
 
 
-def numbers_read(frame: pd.DataFrame, decimal_comma: bool | None) -> pd.DataFrame:
-    """``frame`` (contract columns) with its number columns read as ``decimal_comma`` says (``parse_number``): a
-    value read becomes a float, one that is not stays as written, for validation to quarantine."""
-    if decimal_comma is False:
-        return frame
+_UNREAD = "not readable as mapped: "  # a prefix no parser reads, before a value its file's own format could not read
+
+
+def values_read(frame: pd.DataFrame, table: str, options: ParseOptions, times: bool) -> pd.DataFrame:
+    """One file's ``frame`` (contract columns) with its numbers (and, with ``times``, its times) read as its own
+    mapping says (its ``csv.decimal`` and separator, its ``timestamp_format``), before it joins the other files of
+    its table: a value read becomes a float or a timestamp; one that is not keeps its text behind a prefix no parser
+    reads, so that validation quarantines it as unparseable; a blank stays blank."""
     out = frame.copy()
-    for column in NUMBER_COLUMNS & set(frame.columns):
-        parsed = parse_number(frame[column], decimal_comma)
-        out[column] = frame[column].astype(object).where(parsed.isna(), parsed)
+    parsers = {c: lambda s: parse_number(s, options.decimal_comma) for c in NUMBER_COLUMNS & set(frame.columns)}
+    if times and TIME_COLUMNS[table] in frame.columns:
+        parsers[TIME_COLUMNS[table]] = lambda s: parse_timestamp(s, options.timestamp_format)
+    for column, parse in parsers.items():
+        raw, parsed = frame[column], parse(frame[column])
+        marked = (_UNREAD + raw.astype(str)).where(~is_blank(raw), None)
+        out[column] = parsed.astype(object).where(parsed.notna(), marked)
     return out
 
 
@@ -294,17 +301,22 @@ def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
     files is a duplicate; each quarantined row names its own file and line."""
     if len(mappings) == 1:
         return load_table(mappings[0], now, known_customers)
-    # numbers are read file by file (each file's own csv.decimal and separator), so that is no shared option
-    options = [replace(m.parse_options, decimal_comma=False) for m in mappings]
-    if any(m.table != mappings[0].table or o != options[0] for m, o in zip(mappings, options)):
-        raise ConfigError(f"files of one table must share their table and parse options "
-                          f"(timestamp_format, return_prefix, ...): {[str(m.path) for m in mappings]}")
+    # numbers are read file by file (values_read), and so are times where the files' formats differ (else the
+    # shared format reads them, and an order id made of the time keeps the time as written)
+    times = len({m.parse_options.timestamp_format for m in mappings}) > 1
+    options = [replace(m.parse_options, decimal_comma=False,
+                       timestamp_format=None if times else m.parse_options.timestamp_format) for m in mappings]
+    for m, o in zip(mappings[1:], options[1:]):
+        differ = [f.name for f in fields(o) if getattr(o, f.name) != getattr(options[0], f.name)]
+        if m.table != mappings[0].table or differ:
+            raise ConfigError(f"files of one table must share their table and {', '.join(differ) or 'table'}: "
+                              f"{mappings[0].path} and {m.path} differ")
     raws, mapped, files, rows, unreadable = [], [], [], [], []
     for mapping in mappings:
         raw, bad = read_source(mapping.path, mapping.file_format, mapping.csv)
         unreadable.append(bad)
         raws.append(raw)
-        mapped.append(numbers_read(map_columns(raw, mapping), mapping.parse_options.decimal_comma))
+        mapped.append(values_read(map_columns(raw, mapping), mapping.table, mapping.parse_options, times))
         files += [str(mapping.path)] * len(raw)
         rows += list(raw.index)
     index = pd.RangeIndex(1, len(files) + 1)

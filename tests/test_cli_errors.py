@@ -105,7 +105,7 @@ def test_ingest_says_what_to_check_beside_reasons_that_mean_a_mapping_to_fix(tmp
     assert result.exit_code == 0, result.output
     text = one_line(result.output)
     assert "shop.customers: 1 row unparseable_consent: accepted, in any case: 1, t, true, y, yes (true)" in text, text
-    assert 'shop.transactions: 1 row unparseable_amount: if the file writes numbers with a decimal comma' in text
+    assert "shop.transactions: 1 row unparseable_amount: numbers are read as the mapping's csv.decimal says" in text
     assert "shop.transactions: 3 rows unknown_customer: check that the customers table" in text  # 1's rows
 
 

@@ -11,7 +11,7 @@ import pytest
 from features.ingest import REASON, SOURCE_FILE, SOURCE_ROW
 from features.labeled import LABEL, LabeledTableSpec, load_labeled
 from features.loaders import CsvOptions, TableMapping, load_table, load_tables
-from personalize.errors import DataFileError
+from personalize.errors import ConfigError, DataFileError
 
 ORDERS_CSV = """cust,invoice,when,qty,price,sku
 1,A1,2024-01-02 10:00:00,2,3.50,X
@@ -81,19 +81,29 @@ def test_a_comma_before_three_digits_alone_does_not_make_a_column_decimal_commas
     assert result.valid["quantity"].tolist() == [2] and result.reasons == {"unparseable_quantity": 1}  # not 1
 
 
-def test_files_of_one_table_each_read_numbers_their_own_way(tmp_path: Path) -> None:
-    (tmp_path / "jan.csv").write_text("cust;invoice;when;qty;price\n1;A1;2024-01-02;2;2,55\n"
-                                      "1;A2;2024-01-03;1;1.234,50\n")
-    pd.DataFrame({"cust": ["2", "2"], "invoice": ["B1", "B2"], "when": ["2024-02-02", "2024-02-03"], "qty": [1, 3],
-                  "price": [1.5, None]}).to_parquet(tmp_path / "feb.parquet")
+def test_files_of_one_table_each_read_numbers_and_times_their_own_way(tmp_path: Path) -> None:
+    (tmp_path / "jan.csv").write_text("cust;invoice;when;qty;price\n1;A1;02.01.2024 10:00;2;2,55\n"
+                                      "1;A2;03.01.2024 10:00;1;1.234,50\n1;A3;04.01.2024 10:00;1;1.5\n")
+    pd.DataFrame({"cust": ["2", "2"], "invoice": ["B1", "B2"], "qty": [1, 3], "price": [1.5, None],
+                  "when": pd.to_datetime(["2024-02-02", "2024-02-03"])}).to_parquet(tmp_path / "feb.parquet")
     (tmp_path / "mar.csv").write_text("cust,invoice,when,qty,price\n3,C1,2024-03-02,1,7.25\n3,C2,2024-03-03,1,n/a\n")
     columns = {k: v for k, v in MAPPING.items() if k != "item"}
-    result = load_tables([mapping(tmp_path / "jan.csv", columns=columns, csv=CsvOptions(sep=";")),
-                          mapping(tmp_path / "feb.parquet", columns=columns),
-                          mapping(tmp_path / "mar.csv", columns=columns)])
+    result = load_tables([
+        mapping(tmp_path / "jan.csv", columns=columns, csv=CsvOptions(sep=";", decimal=","),
+                timestamp_format="%d.%m.%Y %H:%M"),
+        mapping(tmp_path / "feb.parquet", columns=columns),  # native times, no format to give
+        mapping(tmp_path / "mar.csv", columns=columns)])
     assert result.valid["amount"].tolist() == pytest.approx([5.1, 1234.5, 1.5, 7.25])
-    assert result.reasons == {"missing_amount": 1, "unparseable_amount": 1}
-    assert sorted(result.quarantined[SOURCE_FILE]) == [str(tmp_path / "feb.parquet"), str(tmp_path / "mar.csv")]
+    assert result.valid["timestamp"].min() == pd.Timestamp("2024-01-02 10:00")
+    # 1.5 under the first file's decimal ",": unparseable there, as in that file alone
+    assert result.reasons == {"missing_amount": 1, "unparseable_amount": 2}
+    assert sorted(result.quarantined[SOURCE_FILE]) == sorted(map(str, (tmp_path / "jan.csv", tmp_path / "feb.parquet",
+                                                                       tmp_path / "mar.csv")))
+    assert result.quarantined.loc[result.quarantined[SOURCE_FILE] == str(tmp_path / "jan.csv"), "price"].tolist() == [
+        "1.5"]  # quarantine keeps the value as read
+    with pytest.raises(ConfigError, match="share their table and return_prefix"):
+        load_tables([mapping(tmp_path / "mar.csv", columns=columns),
+                     TableMapping(table="transactions", path=tmp_path / "feb.parquet", columns=columns)])
 
 
 def test_several_files_of_one_table_are_one_table(tmp_path: Path) -> None:
