@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.segments import assign_one, load_segments
+from features.segments import assign_one, closest_name, load_segments
 from serving.config import ServeConfig
 from serving.decision_store import EVENTS, DecisionStore, UnknownDecision
 from serving.decisions import CYCLE_SCORES, SCORES, Catalog, decide, load_catalog
@@ -429,6 +429,11 @@ class Runtime:
             raise InputError("placement", f"unknown placement {placement!r}; known: {known}") from None
         if features is not None:
             self._check_record(features)
+        for name in sorted(set(context or ()) - set(self.catalog.context)):  # a typo would silently read as missing
+            close = closest_name(name, self.catalog.context)
+            declared = ", ".join(self.catalog.context) or "none"
+            raise InputError(f"context.{name}", f"{name!r} is not a context name the catalog declares (declared: "
+                                                f"{declared}){f'; did you mean {close!r}?' if close else ''}")
         rid = self.request_id(request_id)
         record = self._record(customer_id, features)
         cold = record is None

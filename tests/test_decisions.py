@@ -332,6 +332,34 @@ def test_a_rule_reading_a_name_no_decision_has_is_found_before_serving(shop: Set
     assert unknown_rule_names(catalog, segments, default_url(shop.home, "nowhere"), "nowhere") is None  # unknown
 
 
+def test_a_request_context_carries_declared_names_only(shop: Settings, tmp_path: Path) -> None:
+    import yaml
+
+    from serving.api import Runtime
+    from serving.config import ServeConfig
+    from serving.scoring import InputError
+    from training.registry import connect
+
+    raw = yaml.safe_load(Path("serving/catalog.yaml").read_text())
+    raw["context"] = ["device"]
+    raw["placements"][2]["variants"][0]["eligible"] = "device == 'mobile'"  # product_page: bundle_offer
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+    config = ServeConfig(home=shop.home, tracking_uri=shop.tracking_uri, decisions=tmp_path / "decisions.sqlite",
+                         prediction_log=tmp_path / "predlog", catalog=tmp_path / "catalog.yaml")
+    rt = Runtime(config, client=connect(shop.tracking_uri), start_reloader=False, freeze_heap=False)
+    try:
+        cid = next(c for c, p in _profiles(shop).items() if p["consent"])
+        mobile = rt.personalize("product_page", cid, context={"device": "mobile"})
+        assert mobile["variant"] == "bundle_offer" and mobile["reason"] == "rule: device == 'mobile'"
+        assert rt.personalize("product_page", cid, context={"device": "desktop"})["variant"] == "similar_items"
+        with pytest.raises(InputError, match="'devise' is not a context name the catalog declares "
+                                             r"\(declared: device\); did you mean 'device'\?") as caught:
+            rt.personalize("product_page", cid, context={"devise": "mobile"})  # a typo: not silently the default
+        assert caught.value.field == "context.devise"
+    finally:
+        rt.close()
+
+
 def test_a_customer_without_consent_gets_the_default_and_leaves_no_trace(runtime, shop: Settings) -> None:
     cid = next(c for c, p in _profiles(shop).items() if not p["consent"])
     out = runtime.personalize("homepage_banner", cid)
