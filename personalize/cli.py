@@ -1396,8 +1396,8 @@ def schedule_command(
             sys.stdout.flush()
             os._exit(130)
         stop.set()
-        console.print(f"{signal.Signals(signum).name}: stopping after the pass under way (again to stop at once)",
-                      highlight=False)
+        console.print(f"{signal.Signals(signum).name}: stopping (after the pass under way, if one is; again to stop "
+                      "at once)", highlight=False)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     console.print(f"watching {', '.join(names)} every {every:,.0f} s (Ctrl-C stops after the pass under way)",

@@ -736,15 +736,21 @@ def _scan(layout: _Layout, who: _Who, skip: set[Path], problems: list[dict[str, 
 
 
 def _parquet_values(path: Path, who: _Who) -> int:
+    """Text values naming the customer, and, for a numeric id, integers equal to it in a column whose name says id
+    (``customer_id``, ``CustomerID``, ``user_id``: an export that kept ids as numbers; other integer columns hold
+    counts, where a short id would match by coincidence)."""
+    number = int(who.customer_id) if re.fullmatch(r"\d{1,18}", who.customer_id) else None
     with pq.ParquetFile(path) as pf:
         names = [f.name for f in pf.schema_arrow
                  if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
                  or (pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type))]
-        if not names:
+        integers = [f.name for f in pf.schema_arrow if number is not None and pa.types.is_integer(f.type)
+                    and (_slug(f.name) in _ID_NAMES or _slug(f.name).endswith("id"))]
+        if not names and not integers:
             return 0
-        table = pf.read(columns=list(dict.fromkeys(names)))
-    count = 0
-    for column in table.columns:
+        table = pf.read(columns=list(dict.fromkeys([*names, *integers])))
+    count = sum(int(pc.sum(pc.fill_null(pc.equal(table[c], number), False)).as_py() or 0) for c in integers)
+    for column in (table[c] for c in names):
         text = pc.cast(column, pa.string())
         if len(who.customer_id) >= 6:  # inside a longer text, standing alone (_standalone)
             hit = pc.match_substring_regex(text, _token_regex(who.customer_id))

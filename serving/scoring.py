@@ -366,8 +366,9 @@ class Forecast:
         first = self.starts[series]
         if start is not None:
             begin, latest = self.begins[series], first + pd.Timedelta(days=MAX_LEAD_DAYS)
-            if not begin.date() <= pd.Timestamp(start).date() <= latest.date():
-                raise InputError("start", f"{start} is outside the series' range: from its first day "
+            day = pd.Timestamp(start).date()
+            if not begin.date() <= day <= latest.date():
+                raise InputError("start", f"{day} is outside the series' range: from its first day "
                                           f"({begin.date()}) to {MAX_LEAD_DAYS:,} days after its history "
                                           f"({latest.date()})")
             first = pd.Timestamp(start).normalize()

@@ -347,6 +347,8 @@ def test_the_scan_finds_an_id_standing_alone_not_digits_inside_another_number():
     (settings.home / "customer_17850.png").write_bytes(b"\x89PNG")  # named after the customer
     pd.DataFrame({"note": ["called 178506, twice", "178506.0"]}).to_parquet(settings.home / "calls.parquet",
                                                                             index=False)
+    pd.DataFrame({"CustomerID": [17850, 17851], "orders": [3, 17850]}).to_parquet(settings.home / "crm.parquet")
     assert find(settings, "17850", environ=ENV) == {"scan:serve.log": 1, "scan:export.csv": 1,
-                                                    "scan:customer_17850.png": 1}
+                                                    "scan:customer_17850.png": 1,
+                                                    "scan:crm.parquet": 1}  # an id kept as a number; not the count
     assert set(find(settings, "178506", environ=ENV)) == {"scan:calls.parquet"}  # its bytes hold it several times
