@@ -307,10 +307,11 @@ def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
     options = [replace(m.parse_options, decimal_comma=False,
                        timestamp_format=None if times else m.parse_options.timestamp_format) for m in mappings]
     for m, o in zip(mappings[1:], options[1:]):
-        differ = [f.name for f in fields(o) if getattr(o, f.name) != getattr(options[0], f.name)]
-        if m.table != mappings[0].table or differ:
-            raise ConfigError(f"files of one table must share their table and {', '.join(differ) or 'table'}: "
-                              f"{mappings[0].path} and {m.path} differ")
+        differ = [*(["table"] if m.table != mappings[0].table else []),
+                  *(f.name for f in fields(o) if getattr(o, f.name) != getattr(options[0], f.name))]
+        if differ:
+            raise ConfigError(f"files of one table must share their {', '.join(differ)}: {mappings[0].path} and "
+                              f"{m.path} differ")
     raws, mapped, files, rows, unreadable = [], [], [], [], []
     for mapping in mappings:
         raw, bad = read_source(mapping.path, mapping.file_format, mapping.csv)

@@ -40,8 +40,9 @@ influence.
 :func:`find` is the check: every store above searched by id and by key, then a last resort over every file under
 home, the log and the local artifact stores (except the audit log): Parquet read logically (pages may be
 compressed) and every file searched byte for byte, for the id standing alone (``17850`` is not found inside the
-float ``0.6498178506375228``, but is in ``17850.0`` and ``customer_17850.csv``). A hit there is reported as ``scan:<file>``; for a short numeric
-id it may still be a coincidence (the same number in another role), worth a look rather than a deletion.
+float ``0.6498178506375228``, but is in ``17850.0`` and ``customer_17850.csv``), and a numeric id also in the integer
+columns named like ids. A hit there is reported as ``scan:<file>``; for a short numeric id it may still be a
+coincidence (the same number in another role), worth a look rather than a deletion.
 
 The key is ``pseudonymize(customer_id, salt)`` with the server's salt (``PERSONALIZE_ID_SALT`` or
 ``<home>/secrets/id_salt``): run ``forget`` with the same environment as the server. Without any salt the keyed
@@ -717,7 +718,8 @@ def _unattributed(settings: Settings, layout: _Layout) -> list[dict[str, str]]:
 def _scan(layout: _Layout, who: _Who, skip: set[Path], problems: list[dict[str, str]]) -> dict[str, int]:
     """The last resort: every file searched byte for byte, Parquet files also read (their pages may be
     compressed): any text value equal to the id (containing it standing alone, for an id of 6 characters or more)
-    or containing the key. In bytes, the id counts where it stands alone (:func:`_standalone`), not inside another number or word."""
+    or containing the key. In bytes, the id counts where it stands alone (:func:`_standalone`), not inside another
+    number or word."""
     needles = _needles(who)
     hits: dict[str, int] = {}
     for path in _files(layout):

@@ -9,7 +9,8 @@ rule segments and cluster), ``/personalize`` (a placement's variant for a custom
 ``/feedback`` (an impression, click or conversion of a decision; the bandits learn from it). GET ``/healthz`` (alive),
 ``/readyz`` (models loaded, with their versions; 503 until then), ``/status`` (everything: versions, reload errors,
 the prediction log, the online store), ``/metrics`` (Prometheus), ``/`` (the OpenAPI page with examples; the spec at
-``/docs.json``). ``/readyz`` and ``/status`` also name the worker process that answered (``worker``: its pid) and where its models come from.
+``/docs.json``). ``/readyz`` and ``/status`` also name the worker process that answered (``worker``: its pid) and
+where its models come from.
 
 Models come from the MLflow registry (hot-reloaded when an alias moves), or, when the service runs from a Bento that
 carries them (``personalize bento build``; ``PERSONALIZE_MODEL_SOURCE`` chooses), from the Bento's own model store:

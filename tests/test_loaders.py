@@ -101,7 +101,7 @@ def test_files_of_one_table_each_read_numbers_and_times_their_own_way(tmp_path: 
                                                                        tmp_path / "mar.csv")))
     assert result.quarantined.loc[result.quarantined[SOURCE_FILE] == str(tmp_path / "jan.csv"), "price"].tolist() == [
         "1.5"]  # quarantine keeps the value as read
-    with pytest.raises(ConfigError, match="share their table and return_prefix"):
+    with pytest.raises(ConfigError, match="must share their return_prefix: "):
         load_tables([mapping(tmp_path / "mar.csv", columns=columns),
                      TableMapping(table="transactions", path=tmp_path / "feb.parquet", columns=columns)])
 
