@@ -53,6 +53,7 @@ class ParseOptions:
     defaults: dict[str, Any] = field(default_factory=dict)  # contract column -> value when the column is absent
     # numbers written 29,85 / 1.621,37: True, 29.85: False, None decides per column (see parse_number)
     decimal_comma: bool | None = False
+    thousands_comma: bool = False  # beside a decimal dot, 1,234.50 is 1234.5 (see parse_number)
 
 
 @dataclass(frozen=True)
@@ -202,14 +203,24 @@ def dot_decimals(text: pd.Series) -> pd.Series:
     return text.astype(str).str.replace(".", "", regex=False).str.replace(",", ".", regex=False)
 
 
-def parse_number(s: pd.Series, decimal_comma: bool | None = False) -> pd.Series:
+# A number written with a decimal dot and thousands commas: 1,234.50  12,000  -3,500,000.25
+THOUSANDS_COMMA_NUMBER = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?")
+
+
+def parse_number(s: pd.Series, decimal_comma: bool | None = False, thousands_comma: bool = False) -> pd.Series:
     """Numbers from text. ``decimal_comma``: True reads ``29,85`` and ``1.621,37`` (a value written otherwise, such as
     ``1.5``, is unparseable), False reads ``29.85``, None decides per column: a decimal comma when some value is
     plainly written with one (not three digits after it: ``1,000`` may be a thousand) and none is a number only the
-    dot way reads (``1.5``, ``1e3``)."""
+    dot way reads (``1.5``, ``1e3``). ``thousands_comma`` (with a decimal dot) also reads ``1,234.50`` and ``12,000``;
+    a comma elsewhere (``1,23``) stays unparseable."""
     if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
         return s.astype(float)
     text = s.astype(object).where(~is_blank(s), None)
+    if thousands_comma and not decimal_comma:
+        grouped = text.dropna().astype(str).str.strip()
+        grouped = grouped[grouped.str.fullmatch(THOUSANDS_COMMA_NUMBER)]
+        text = text.where(~text.index.isin(grouped.index), grouped.str.replace(",", "", regex=False))
+        return pd.to_numeric(text, errors="coerce").astype(float)
     if decimal_comma is not False:
         present = text.dropna().astype(str).str.strip()
         written = comma_numbers(present)
@@ -292,7 +303,7 @@ def validate_table(
     reasons.add(~is_blank(raw_time) & out[time_col].isna(), f"unparseable_{time_col}")
 
     if table == "transactions":
-        qty = parse_number(col("quantity"), options.decimal_comma)
+        qty = parse_number(col("quantity"), options.decimal_comma, options.thousands_comma)
         reasons.add(is_blank(col("quantity")), "missing_quantity")
         reasons.add(~is_blank(col("quantity")) & qty.isna(), "unparseable_quantity")
         reasons.add(qty.notna() & ~np.isfinite(qty.fillna(0)), "non_finite_quantity")
@@ -301,7 +312,7 @@ def validate_table(
             amount_raw = col("amount")
         else:  # amount = quantity x unit price
             amount_raw = col("unit_price")
-        amount = parse_number(amount_raw, options.decimal_comma)
+        amount = parse_number(amount_raw, options.decimal_comma, options.thousands_comma)
         reasons.add(is_blank(amount_raw), "missing_amount")
         reasons.add(~is_blank(amount_raw) & amount.isna(), "unparseable_amount")
         reasons.add(amount.notna() & ~np.isfinite(amount.fillna(0)), "non_finite_amount")
@@ -326,7 +337,7 @@ def validate_table(
             lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip().lower())
         reasons.add(out["event_type"].isna(), "missing_event_type")
         if "duration_s" in provided:
-            duration = parse_number(col("duration_s"), options.decimal_comma)
+            duration = parse_number(col("duration_s"), options.decimal_comma, options.thousands_comma)
             reasons.add(~is_blank(col("duration_s")) & duration.isna(), "unparseable_duration_s")
             out["duration_s"] = duration
     for name in OPTIONAL_COLUMNS[table]:

@@ -25,7 +25,7 @@ import re
 
 import pandas as pd
 import pandera.pandas as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from features.ingest import RowReasons, ValidationResult, has_decimal_commas, dot_decimals, is_blank, parse_timestamp
 from features.loaders import CsvOptions, column_hint, file_format, read_source
@@ -56,6 +56,13 @@ class LabeledTableSpec(BaseModel):
     format: Literal["csv", "parquet"] | None = None
     csv: CsvOptions = CsvOptions()
     drop_columns: tuple[str, ...] = ()  # columns that must not become features (leaks, free text)
+
+    @field_validator("csv")
+    @classmethod
+    def _no_thousands(cls, value: CsvOptions) -> CsvOptions:
+        if value.thousands:  # infer_types reads a decimal comma, not thousands commas: refused, not ignored
+            raise ValueError("thousands is read for mapped tables (tables:), not for a labeled table")
+        return value
 
     @property
     def file_format(self) -> str:

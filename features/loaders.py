@@ -45,11 +45,21 @@ class CsvOptions(BaseModel):
     # how numbers are written: "," reads 29,85 and 1.621,37, "." reads 29.85; unset, a file separated by
     # something other than "," reads a column with a decimal comma when its numbers are written so
     decimal: Literal[".", ","] | None = None
+    thousands: Literal[","] | None = None  # "," (with a decimal dot): 1,234.50 and 12,000 are read
+
+    @model_validator(mode="after")
+    def _one_meaning_for_a_comma(self) -> CsvOptions:
+        if self.thousands == "," and self.decimal == ",":
+            raise ValueError('thousands "," needs a decimal dot: decimal "," reads 1.234,50 already')
+        return self
 
     @property
     def decimal_comma(self) -> bool | None:
-        """True or False when ``decimal`` says, None (decide per column) for a file not separated by ","."""
-        return self.decimal == "," if self.decimal else (None if self.sep != "," else False)
+        """True or False when ``decimal`` says (or a thousands comma implies a dot), None (decide per column) for a
+        file not separated by ","."""
+        if self.decimal or self.thousands:
+            return self.decimal == ","
+        return None if self.sep != "," else False
 
     @field_validator("sep")
     @classmethod
@@ -110,6 +120,7 @@ class TableMapping(BaseModel):
             strip_float_ids=self.strip_float_ids,
             defaults=dict(self.defaults),
             decimal_comma=self.csv.decimal_comma if self.file_format == "csv" else False,
+            thousands_comma=self.file_format == "csv" and self.csv.thousands == ",",
         )
 
 
@@ -285,7 +296,8 @@ def values_read(frame: pd.DataFrame, table: str, options: ParseOptions, times: b
     its table: a value read becomes a float or a timestamp; one that is not keeps its text behind a prefix no parser
     reads, so that validation quarantines it as unparseable; a blank stays blank."""
     out = frame.copy()
-    parsers = {c: lambda s: parse_number(s, options.decimal_comma) for c in NUMBER_COLUMNS & set(frame.columns)}
+    parsers = {c: lambda s: parse_number(s, options.decimal_comma, options.thousands_comma)
+               for c in NUMBER_COLUMNS & set(frame.columns)}
     if times and TIME_COLUMNS[table] in frame.columns:
         parsers[TIME_COLUMNS[table]] = lambda s: parse_timestamp(s, options.timestamp_format)
     for column, parse in parsers.items():
@@ -304,7 +316,7 @@ def load_tables(mappings: list[TableMapping], now: pd.Timestamp | None = None,
     # numbers are read file by file (values_read), and so are times where the files' formats differ (else the
     # shared format reads them, and an order id made of the time keeps the time as written)
     times = len({m.parse_options.timestamp_format for m in mappings}) > 1
-    options = [replace(m.parse_options, decimal_comma=False,
+    options = [replace(m.parse_options, decimal_comma=False, thousands_comma=False,
                        timestamp_format=None if times else m.parse_options.timestamp_format) for m in mappings]
     for m, o in zip(mappings[1:], options[1:]):
         differ = [*(["table"] if m.table != mappings[0].table else []),

@@ -84,8 +84,8 @@ def _finish(settings: Settings, report: IngestReport, results: dict[str, Validat
 
 # What to check first when rows of a table are quarantined for this reason (all of them, or some: `ingest` prints it).
 _NUMBER_HINT = ('numbers are read as the mapping\'s csv.decimal says: "," reads 29,85 and 1.621,37, "." reads 29.85 '
-                '(a thousands comma, 1,234.50, is not read); unset, a file not separated by "," finds it per column. '
-                'The quarantine file shows the values')
+                '(thousands commas, 1,234.50, with csv.thousands: ","); unset, a file not separated by "," finds it '
+                'per column. The quarantine file shows the values')
 _BOOL_HINT = (f"accepted, in any case: {', '.join(sorted(TRUE_TEXT - {'1.0'}))} (true) and "
               f"{', '.join(sorted(FALSE_TEXT - {'', '0.0'}))} or blank (false)")
 REASON_HINTS = {

@@ -226,7 +226,7 @@ def _named_400(send: Any) -> Any:
             body = named_error(json.loads(held["body"]))
         except ValueError:
             body = {"error": held["body"].decode(errors="replace"), "field": "body"}
-        raw = json.dumps(body, default=str).encode()
+        raw = json.dumps(body, default=str, ensure_ascii=False).encode()
         headers = [(k, v) for k, v in held.pop("start")["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": 400,
                     "headers": [*headers, (b"content-length", str(len(raw)).encode())]})
@@ -280,7 +280,7 @@ logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietBadRequest
 
 
 async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
-    raw = json.dumps(body, default=str).encode()
+    raw = json.dumps(body, default=str, ensure_ascii=False).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
     await send({"type": "http.response.body", "body": raw})

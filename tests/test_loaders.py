@@ -81,6 +81,23 @@ def test_a_comma_before_three_digits_alone_does_not_make_a_column_decimal_commas
     assert result.valid["quantity"].tolist() == [2] and result.reasons == {"unparseable_quantity": 1}  # not 1
 
 
+def test_a_thousands_comma_beside_a_decimal_dot_is_read_when_the_mapping_says_so(tmp_path: Path) -> None:
+    (tmp_path / "orders.csv").write_text('cust,invoice,when,qty,price\n1,A1,2024-01-02,"1,000",3\n'
+                                         '1,A2,2024-01-03,2,"1,234.50"\n2,A3,2024-01-04,1,"1,23"\n'
+                                         '2,A4,2024-01-05,1,9.5\n')
+    columns = {k: v for k, v in MAPPING.items() if k != "item"}
+    plain = load_table(mapping(tmp_path / "orders.csv", columns=columns))
+    assert plain.reasons == {"unparseable_quantity": 1, "unparseable_amount": 2}  # never read as 1 or 1.234
+    grouped = load_table(mapping(tmp_path / "orders.csv", columns=columns, csv=CsvOptions(thousands=",")))
+    assert grouped.valid["quantity"].tolist() == [1000, 2, 1] and grouped.valid["amount"].tolist() == [3000.0,
+                                                                                                      2469.0, 9.5]
+    assert grouped.reasons == {"unparseable_amount": 1}  # 1,23: a comma that groups no thousands
+    with pytest.raises(ValueError, match="needs a decimal dot"):
+        CsvOptions(decimal=",", thousands=",")
+    with pytest.raises(ValueError, match="not for a labeled table"):  # refused there, not ignored
+        LabeledTableSpec(path=tmp_path / "orders.csv", label_column="qty", positive="1", csv={"thousands": ","})
+
+
 def test_files_of_one_table_each_read_numbers_and_times_their_own_way(tmp_path: Path) -> None:
     (tmp_path / "jan.csv").write_text("cust;invoice;when;qty;price\n1;A1;02.01.2024 10:00;2;2,55\n"
                                       "1;A2;03.01.2024 10:00;1;1.234,50\n1;A3;04.01.2024 10:00;1;1.5\n")
