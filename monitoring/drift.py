@@ -209,6 +209,10 @@ def _project(workspace: Any, model: str) -> Any:
     name = f"personalize: {model}"
     found = workspace.search_project(name)
     if found:
+        try:
+            _panels_once(workspace, found[0])  # a project made before this was repaired here
+        except Exception as exc:
+            log.warning("Evidently dashboard not checked: %s", exc)
         return found[0]
     project = workspace.create_project(name, description=f"Monitoring of the {model} champion (personalize monitor)")
     try:
@@ -223,9 +227,20 @@ def _project(workspace: Any, model: str) -> Any:
             PanelMetric(metric="ValueDrift", legend=PREDICTION, metric_labels={"column": PREDICTION})]), tab="Drift")
         dash.add_panel(line_plot_panel("ROC-AUC on labeled predictions", [
             PanelMetric(metric="RocAuc", legend="ROC-AUC")]), tab="Performance")
+        _panels_once(workspace, project)
     except Exception as exc:  # the reports are what matters; a dashboard the UI cannot draw is not worth a failed pass
         log.warning("Evidently dashboard panels not added: %s", exc)
     return project
+
+
+def _panels_once(workspace: Any, project: Any) -> None:
+    """Each dashboard panel listed once per tab: evidently 0.7.23's ``add_panel`` lists a panel twice in a tab that
+    already exists, and the UI then draws it twice."""
+    board = project.dashboard.model()
+    if any(len(set(tab.panels)) < len(tab.panels) for tab in board.tabs):
+        for tab in board.tabs:
+            tab.panels = list(dict.fromkeys(tab.panels))
+        workspace.save_dashboard(project.id, board)
 
 
 def snapshot_workspace(path: str) -> Any:

@@ -138,6 +138,10 @@ def test_passes_add_snapshots_the_evidently_ui_reads_without_parsing_the_ones_be
     ui = Workspace(str(settings.evidently_workspace))  # as the Evidently UI opens it
     [listed] = ui.search_project("personalize: churn")
     assert str(listed.id) == project and len(ui.list_runs(listed.id)) == 2  # a drift snapshot per pass
+    board = listed.dashboard.model()
+    assert {t.title: len(t.panels) for t in board.tabs} == {"Drift": 2, "Performance": 1}  # each panel drawn once
+    assert sorted(p.title for p in board.panels) == [
+        "Prediction drift (score)", "ROC-AUC on labeled predictions", "Share of drifted features"]
 
 
 @pytest.mark.parametrize(("value", "clipped"), [
