@@ -1039,8 +1039,8 @@ def serve(
         try:
             client.get_model_version_by_alias(name, "champion")
         except Exception:
-            console.print(f"[yellow]{name} has no champion[/]: /{endpoint} answers 503 until one is promoted",
-                          highlight=False)
+            console.print(f"[yellow]{name} has no champion[/]: /{endpoint} (and /readyz) answer 503 until one is "
+                          "promoted", highlight=False)
     env = serve_environment(settings, dataset, workers, shadow, api_key, reload_s, store, models)
     for name, path in (("PERSONALIZE_CATALOG", catalog), ("PERSONALIZE_SEGMENTS", segments)):
         if path is not None:

@@ -66,7 +66,7 @@ class Runtime:
         self.config = config
         self.client = client if client is not None else connect(config.settings.tracking_uri)
         self.models = ModelSet(self.client, config.models, config.alias,
-                               config.shadow_alias if config.shadow else None)
+                               config.shadow_alias if config.shadow else None, required=config.required)
         self.models.refresh()
         self.freeze_heap = freeze_heap  # a server process; not a test or a notebook that embeds the runtime
         if freeze_heap:

@@ -85,6 +85,8 @@ class ServeConfig(BaseModel):
     # a customer whose consent neither the request nor the customers table states: personalize or not
     assume_consent: bool = False
     models: dict[str, str] = Field(default_factory=lambda: dict(ENDPOINT_MODELS))
+    # the endpoints given a model by name (`serve --model`): /readyz waits for their champion
+    required: tuple[str, ...] = ()
 
     @field_validator("models")
     @classmethod
@@ -137,6 +139,7 @@ class ServeConfig(BaseModel):
                 values[key] = kind(env[name])
         if env.get("PERSONALIZE_MODELS"):
             values["models"] = endpoint_models(env["PERSONALIZE_MODELS"].split(","))
+            values["required"] = tuple(values["models"])
         return cls(**values)
 
 

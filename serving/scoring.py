@@ -383,8 +383,9 @@ class ModelSet:
     """The champion (and, in shadow mode, the challenger) of each endpoint, kept fresh from the registry."""
 
     def __init__(self, client: Any, endpoints: dict[str, str], alias: str = "champion",
-                 shadow_alias: str | None = None) -> None:
+                 shadow_alias: str | None = None, required: tuple[str, ...] = ()) -> None:
         self.client, self.endpoints, self.alias, self.shadow_alias = client, endpoints, alias, shadow_alias
+        self.required = required  # endpoints the operator named (`serve --model`): not ready until they serve
         self.current: dict[str, Loaded] = {}
         self.shadow: dict[str, Loaded] = {}
         self.errors: dict[str, str] = {}
@@ -460,10 +461,12 @@ class ModelSet:
 
     @property
     def ready(self) -> bool:
-        """Checked the registry once, and every endpoint with a champion there has it loaded."""
+        """Checked the registry once, every endpoint with a champion there has it loaded, and every required
+        endpoint has one."""
         return self.checked_at is not None and not any(e in self.errors and e not in self.current
                                                        and "failed to load" in self.errors[e]
-                                                       for e in self.endpoints)
+                                                       for e in self.endpoints) \
+            and all(e in self.current for e in self.required)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -176,6 +176,27 @@ def test_readiness_lists_the_champions(server: Server) -> None:
     assert {"/churn", "/propensity", "/next_purchase", "/forecast"} <= set(spec["paths"])
 
 
+def test_readiness_waits_for_a_model_the_operator_named_but_not_for_an_optional_endpoint() -> None:
+    """`serve --model churn=churn_telco` names a model to serve: until it has a champion the server is not ready
+    (a load balancer keeps traffic away). An endpoint left at its default (no forecaster trained) does not hold
+    readiness back."""
+    from serving.config import ServeConfig
+    from serving.scoring import ModelSet
+
+    class NoChampions:  # a registry where no model has the alias
+        def get_model_version_by_alias(self, name: str, alias: str) -> Any:
+            raise LookupError(f"no alias {alias} on {name}")
+
+    config = ServeConfig.from_env({"PERSONALIZE_MODELS": "churn=churn_telco"})
+    assert config.required == ("churn",) and ServeConfig.from_env({}).required == ()
+    named = ModelSet(NoChampions(), config.models, required=config.required)
+    default = ModelSet(NoChampions(), ServeConfig.from_env({}).models)
+    named.refresh()
+    default.refresh()
+    assert default.ready and not named.ready
+    assert named.errors["churn"] == "no version of churn_telco has the alias 'champion'"
+
+
 def test_churn_by_id_by_record_and_in_a_batch_agree(server: Server, home: Path) -> None:
     cid = _known_ids(home, 1)[0]
     features = {c: _features(home, cid).get(c) for c in _model_features(home, "churn")}
