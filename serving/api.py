@@ -534,7 +534,8 @@ class Runtime:
         self._emit([make_row(rid, "forecast", loaded.ref, None, False, {"series": series, "start": start,
                                                                          "horizon_days": horizon_days},
                              {"total": sum(p["yhat"] or 0.0 for p in points)}, None)])
-        return {"request_id": rid, "model": loaded.ref, "series": series, "forecast": points}
+        return {"request_id": rid, "model": loaded.ref, "series": series, "measure": loaded.scorer.measure,
+                "forecast": points}
 
 
 def _now() -> str:

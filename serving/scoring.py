@@ -348,6 +348,7 @@ class Forecast:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.series = sorted(model.models)
+        self.measure: str | None = getattr(model, "measure", None)  # orders, spend or units per day
         # each series' first day, and the day after its history ends: where a forecast starts by default
         self.begins = {name: pd.Timestamp(m.history["ds"].min()).normalize() for name, m in model.models.items()}
         self.starts = {name: pd.Timestamp(m.history["ds"].max()).normalize() + pd.Timedelta(days=1)

@@ -24,6 +24,7 @@ from training.cycle import (
     cycle_metrics,
     log_cycle_model,
     select_cycle_model,
+    time_grid,
 )
 from training.tracking import use_experiment
 
@@ -156,6 +157,20 @@ def test_candidates_outputs_have_valid_shapes_and_ranges(synthetic: pd.DataFrame
 
 
 @pytest.mark.slow
+def test_expected_days_to_next_is_the_integral_whatever_the_horizon(synthetic: pd.DataFrame) -> None:
+    """The restricted mean time to next purchase is the integral of the no-purchase curve up to H, at any H.
+    Evenly spaced points made it grow with H (a floor of half a step, H/48: 15 days at H = 730 for a customer
+    buying every 3 days)."""
+    current = customer_summary(synthetic[synthetic["timestamp"] < CALIBRATION_END], CALIBRATION_END)
+    base = BTYDModel().fit(current)
+    for horizon in (30, 365, 730):
+        fine = np.linspace(0.0, horizon, 20 * horizon + 1)
+        exact = np.trapezoid(base.survival(current, fine), fine, axis=1)
+        days = base.predict(current, horizon)["expected_days_to_next"].to_numpy()
+        assert np.max(np.abs(days - exact) / exact) < 0.015, horizon
+
+
+@pytest.mark.slow
 def test_bgnbd_in_closed_form_answers_what_the_library_answers(synthetic: pd.DataFrame) -> None:
     """Expected purchases, P(alive), spend and (for repeat buyers) the no-purchase curve equal pymc-marketing's
     own predictions from the same fit; for one-time buyers the curve is the model's exact one."""
@@ -184,7 +199,7 @@ def test_bgnbd_in_closed_form_answers_what_the_library_answers(synthetic: pd.Dat
     alpha, r = base.params_["alpha"], base.params_["r"]
     T = current["T"].to_numpy()[~repeat, None]
     assert np.allclose(curve[~repeat], ((alpha + T) / (alpha + T + grid / 7.0)) ** r, rtol=1e-12, atol=0)
-    at_horizon = base.survival(current, np.linspace(0.0, HORIZON, base.grid_points + 1))[:, -1]
+    at_horizon = base.survival(current, time_grid(HORIZON, base.grid_points))[:, -1]
     assert np.array_equal(out["p_purchase"], 1 - at_horizon)
 
 
@@ -275,6 +290,31 @@ def test_pyfunc_round_trip_gives_the_same_numbers(selection: CycleSelection, syn
                                                 dst_path=str(tmp_path / "dl"))
     gate = pd.read_parquet(local)
     assert list(gate.columns) == [*INPUT_COLUMNS, "actual_purchases"] and len(gate) == len(heldout)
+
+
+@pytest.mark.slow
+def test_the_gate_scores_a_champion_of_another_horizon_at_the_challengers(selection: CycleSelection,
+                                                                          synthetic: pd.DataFrame,
+                                                                          tmp_path: Path) -> None:
+    """A challenger trained for 30 days is held out on 30-day counts: the champion, trained for 60, is scored at
+    30 days too (here the same fitted model: no difference at all), not at its own 60 against 30-day counts."""
+    import dataclasses
+
+    from training.registry import GateConfig, connect, evaluate_gate, promote, register
+
+    client = connect(os.environ["MLFLOW_TRACKING_URI"])
+    use_experiment(os.environ["MLFLOW_TRACKING_URI"], "test", artifact_root=str(tmp_path / "artifacts"))
+    for horizon in (HORIZON, 30):
+        chosen = dataclasses.replace(selection, config=CONFIG.model_copy(update={"horizon_days": horizon}))
+        with mlflow.start_run() as run:
+            info = log_cycle_model(chosen, customer_summary(synthetic, CALIBRATION_END, horizon), name="cycle")
+        register(client, "cycle_gate_test", info.model_uri, run.info.run_id, kind="regressor")
+        if horizon == HORIZON:
+            promote(client, "cycle_gate_test", GateConfig(bootstrap_rounds=100), reason="the first", force=True)
+
+    report = evaluate_gate(client, "cycle_gate_test", GateConfig(bootstrap_rounds=100))
+    assert report.numbers["horizon_days"] == 30
+    assert report.numbers["delta"] == 0 and report.numbers["champion_rmse"] == report.numbers["challenger_rmse"]
 
 
 # --- errors ----------------------------------------------------------------------------------------------------

@@ -156,6 +156,29 @@ def test_the_pyfunc_serves_every_series_and_the_run_carries_the_gate_inputs(resu
     assert artifacts == {"plots/holdout_total.png"}
 
 
+def test_the_gate_refuses_to_compare_forecasts_of_different_measures(result: ForecastResult,
+                                                                       tmp_path: Path) -> None:
+    """Daily spend against daily orders is no comparison: the gate says so (promote --force --reason still can),
+    and the served model says which measure it forecasts."""
+    from training.registry import GateConfig, connect, evaluate_gate, promote, register
+
+    client = connect(os.environ["MLFLOW_TRACKING_URI"])
+    use_experiment(os.environ["MLFLOW_TRACKING_URI"], "test", artifact_root=str(tmp_path))
+    spend = forecast_purchases(planted(), ForecastConfig(**{**FAST, "measure": "spend"}))
+    for fitted in (result, spend):
+        with mlflow.start_run() as run:
+            info = log_forecast(fitted)
+        register(client, "forecast_gate_test", info.model_uri, run.info.run_id, kind="regressor")
+        if fitted is result:
+            promote(client, "forecast_gate_test", GateConfig(bootstrap_rounds=100), reason="the first", force=True)
+    assert mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model().measure == "spend"
+
+    report = evaluate_gate(client, "forecast_gate_test", GateConfig(bootstrap_rounds=100))
+    [check] = [c for c in report.checks if c.name == "not_worse_than_champion"]
+    assert not report.passed and not check.passed
+    assert "trained with measure 'orders' and the challenger with 'spend'" in check.detail
+
+
 def test_logging_needs_an_active_run(result: ForecastResult) -> None:
     with pytest.raises(ForecastError, match="active MLflow run"):
         log_forecast(result)

@@ -305,6 +305,7 @@ def test_propensity_next_purchase_and_forecast(server: Server, home: Path) -> No
     assert fc.status_code == 200, fc.text
     points = fc.json()["forecast"]
     assert len(points) == 14 and all(p["yhat"] is not None and p["yhat"] >= 0 for p in points)
+    assert fc.json()["measure"] == "orders"  # daily orders (the default), not spend or units
 
 
 def test_adaptive_batching_merges_concurrent_calls_and_answers_each_its_own(server: Server, home: Path) -> None:

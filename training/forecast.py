@@ -403,6 +403,7 @@ class PurchaseForecastModel(mlflow.pyfunc.PythonModel):
         self.calendar = BusinessCalendar.from_dict(bundle["calendar"])
         self.clip = bool(bundle["clip_negative"])
         self.seed = int(bundle["interval_seed"])
+        self.measure: str | None = bundle.get("measure")  # absent from bundles logged before it was recorded
         self.grids: dict[str, pd.DataFrame] = {}
         self.lock = threading.Lock()  # predictions seed numpy's global generator: one at a time (server threads)
 
@@ -493,14 +494,14 @@ def log_forecast(result: ForecastResult, name: str = "purchase_forecast") -> Mod
         bundle.write_text(json.dumps({"models": {s: model_to_json(m) for s, m in result.models.items()},
                                       "calendar": result.calendar.to_dict(),
                                       "clip_negative": config.clip_negative,
-                                      "interval_seed": config.interval_seed}))
+                                      "interval_seed": config.interval_seed, "measure": config.measure}))
         output = result.forecast.merge(example, on=["series", "ds"])[list(PYFUNC_OUTPUT)]
         info = mlflow.pyfunc.log_model(name=name, python_model=PurchaseForecastModel(),
                                        artifacts={"bundle": str(bundle)},
                                        signature=infer_signature(example, output), input_example=example,
                                        pip_requirements=_requirements())
     mlflow.set_tags({"heldout_target": "actual", "heldout_prediction": "yhat", "gate_metric": "mae",
-                     "heldout_artifact": HELDOUT_ARTIFACT, "kind": "forecast"})
+                     "heldout_artifact": HELDOUT_ARTIFACT, "kind": "forecast", "gate_same_params": "measure"})
     return info
 
 

@@ -359,12 +359,13 @@ def _heldout(client, run_id: str) -> tuple[pd.DataFrame, dict[str, str]]:
     return pd.read_parquet(path), tags
 
 
-def _score(name: str, version: str, heldout: pd.DataFrame, prediction: str) -> pd.DataFrame:
+def _score(name: str, version: str, heldout: pd.DataFrame, prediction: str,
+           params: dict[str, Any] | None = None) -> pd.DataFrame:
     import mlflow.pyfunc
 
     try:
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-        out = model.predict(conform(heldout, model.metadata.get_input_schema()))
+        out = model.predict(conform(heldout, model.metadata.get_input_schema()), params=params or None)
     except Exception as exc:
         text = str(exc)
         if text.startswith("Failed to enforce schema") and "Error: " in text:  # MLflow quotes the whole frame first
@@ -434,12 +435,16 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
     if target not in heldout.columns:
         raise RegistryError(f"the held-out frame of run {run_id} has no target column {target!r}")
     y = heldout[target].to_numpy()
+    # how the frame is scored, by both (the purchase cycle's horizon: a champion trained for another one is scored
+    # at the challenger's, as the targets were counted)
+    call = json.loads(tags.get("heldout_params") or "{}")
     precomputed = tags.get("heldout_challenger_prediction")
     if precomputed and precomputed in heldout.columns:  # out-of-time predictions made before the refit
         ours = pd.DataFrame({prediction: heldout[precomputed].to_numpy()})
     else:
-        ours = _score(name, challenger, heldout, prediction)
+        ours = _score(name, challenger, heldout, prediction, call)
     report = GateReport(name, challenger, champion, metric_name, len(heldout))
+    report.numbers.update({k: float(v) for k, v in call.items() if isinstance(v, (int, float))})
     metric = _auc if metric_name == "roc_auc" else _neg_error(metric_name)
     boot = {"rounds": config.bootstrap_rounds, "confidence": config.confidence, "seed": config.seed}
     report.numbers[f"challenger_{metric_name}"] = abs(metric(y, ours[prediction].to_numpy()))
@@ -452,7 +457,8 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
             f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"))
     else:
         try:
-            theirs = _score(name, champion, heldout, prediction)
+            _same_params(client, name, run_id, champion, tags.get("gate_same_params", ""))
+            theirs = _score(name, champion, heldout, prediction, call)
         except RegistryError as exc:  # e.g. the feature set changed: no like-for-like comparison is possible
             theirs, d = None, None
             report.checks.append(Check("not_worse_than_champion", False, None, None,
@@ -497,6 +503,18 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
             report.checks.append(Check("fairness", True, None, None,
                                        "not checked: no attribute configured (--fairness-attribute)"))
     return report
+
+
+def _same_params(client, name: str, run_id: str, champion: str, names: str) -> None:
+    """Refuse a comparison of two versions whose runs differ in a parameter that changes what the model predicts
+    (a forecaster's ``measure``: daily orders against daily spend)."""
+    ours = client.get_run(run_id).data.params
+    theirs = client.get_run(client.get_model_version(name, champion).run_id).data.params
+    for param in filter(None, (p.strip() for p in names.split(","))):
+        if ours.get(param) != theirs.get(param):
+            raise RegistryError(f"the champion (version {champion}) was trained with {param} "
+                                f"{theirs.get(param, 'unset')!r} and the challenger with {ours.get(param, 'unset')!r}:"
+                                " they do not predict the same thing")
 
 
 def _fairness_checks(heldout: pd.DataFrame, y: np.ndarray, scored: pd.DataFrame, attribute: str,
