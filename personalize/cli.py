@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from personalize.errors import PersonalizeError, first_line
+from personalize.errors import PersonalizeError, first_line, option_error
 from personalize.settings import Settings, looks_like_file, redact
 
 app = typer.Typer(
@@ -340,7 +340,7 @@ def tune(
         config = TuneConfig(trials=trials, timeout_s=timeout, seed=seed, selection=selection,
                             **({"families": tuple(family)} if family else {}))
     except ValueError as exc:
-        raise PersonalizeError(str(exc).splitlines()[-1]) from None
+        raise option_error(exc, {"timeout_s": "--timeout", "families": "--family"}) from None
     name = study or f"{dataset}-seed{seed}"
     storage = settings.optuna_storage_url
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -465,7 +465,8 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
             threshold=_threshold_policy(threshold), calibration=calibration, horizon_days=horizon,
             fairness_attribute=fairness_attribute)
     except ValueError as exc:
-        raise PersonalizeError(str(exc).splitlines()[-1].strip()) from None
+        raise option_error(exc, {"timeout_s": "--timeout", "families": "--family", "horizon_days": "--horizon"}) \
+            from None
     from training.registry import connect
 
     connect(settings.tracking_uri)  # an unreachable store fails before anything is read or tuned
@@ -574,7 +575,7 @@ def train_forecast(
                                 holidays_country=None if (holidays or "").lower() in ("", "none") else holidays,
                                 max_series=max_series)
     except ValueError as exc:
-        raise PersonalizeError(str(exc).splitlines()[-1].strip()) from None
+        raise option_error(exc, {"holidays_country": "--holidays"}) from None
     with console.status(f"forecasting {dataset}"):
         result, run_id, version = train_and_register(ctx.obj, dataset, config)
     table = Table(title=f"purchase forecast of {dataset}: last {holdout_days} days held out")
@@ -610,7 +611,7 @@ def train_purchase_cycle(
     try:
         config = CycleConfig(horizon_days=horizon, candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()))
     except ValueError as exc:
-        raise PersonalizeError(str(exc).splitlines()[-1].strip()) from None
+        raise option_error(exc, {"horizon_days": "--horizon"}) from None
     with console.status(f"purchase cycle of {dataset}: fitting candidates"):
         selection, metrics, run_id, version = train_and_register(ctx.obj, dataset, config, calibration_end)
     table = Table(title=f"purchase cycle of {dataset}: candidates on the inner validation window "

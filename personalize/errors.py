@@ -55,3 +55,22 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     its type's name when it has no message."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def option_error(exc: ValueError, options: dict[str, str] | None = None) -> PersonalizeError:
+    """A config's refusal of a command-line value as one line naming the option and the value: pydantic's own text
+    ends in a link (``For further information visit ...``) and starts with the class's name. ``options`` maps a field
+    to its option where they differ (``{"horizon_days": "--horizon"}``); by default ``--field-name``."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return PersonalizeError(first_line(exc))
+    error = exc.errors()[0]
+    message = error["msg"].removeprefix("Value error, ")
+    fields = [str(p) for p in error["loc"] if not isinstance(p, int)]
+    if not fields:  # a check across fields names them itself
+        return PersonalizeError(message)
+    option = (options or {}).get(fields[-1], "--" + fields[-1].replace("_", "-"))
+    given = error.get("input")
+    value = f" {given!r}" if isinstance(given, (str, int, float)) and not isinstance(given, bool) else ""
+    return PersonalizeError(f"{option}{value}: {message[0].lower()}{message[1:]}")

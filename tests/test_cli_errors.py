@@ -100,13 +100,16 @@ def test_ingest_says_what_to_check_beside_reasons_that_mean_a_mapping_to_fix(tmp
     columns: {customer_id: cust, signup_at: since, consent: ok}
 """)
     (tmp_path / "customers.csv").write_text("cust,since,ok\n1,2024-01-01,ja\n2,2024-01-01,yes\n3,2024-01-01,y\n")
-    (tmp_path / "orders.csv").write_text((tmp_path / "orders.csv").read_text() + "2,A7,2024-04-02 09:00:00,1,\"4,5\"\n")
+    (tmp_path / "orders.csv").write_text((tmp_path / "orders.csv").read_text() + "2,A7,2024-04-02 09:00:00,1,\"4,5\"\n"
+                                         "2,A8,2024-04-03 09:00:00,-1,10.00\n")  # a return no mapping marks
     result = run("ingest", str(config))
     assert result.exit_code == 0, result.output
     text = one_line(result.output)
     assert "shop.customers: 1 row unparseable_consent: accepted, in any case: 1, t, true, y, yes (true)" in text, text
     assert "shop.transactions: 1 row unparseable_amount: numbers are read as the mapping's csv.decimal says" in text
     assert "shop.transactions: 3 rows unknown_customer: check that the customers table" in text  # 1's rows
+    assert "shop.transactions: 1 row negative_amount_not_return: a negative quantity or amount is a return: set " \
+           "the mapping's return_prefix" in text
 
 
 def test_ingest_with_every_row_quarantined_stores_nothing_new(tmp_path: Path, isolated_home: Path) -> None:
@@ -284,3 +287,18 @@ def test_a_json_command_that_fails_prints_a_json_error_and_refuses_a_window_that
     assert "error" in json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
     result = run("monitor", "churn", "--window", "0")
     assert result.exit_code == 2 and "--window 0: a window is a positive number of days" in one_line(result.output)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("train", "purchase-cycle", "shop", "--candidates", "bgnbd,foo"),
+     "error: --candidates 'foo': input should be 'bgnbd', 'pareto_nbd', 'aft' or 'hybrid'"),
+    (("train", "forecast", "shop", "--measure", "revenue"),
+     "error: --measure 'revenue': input should be 'orders', 'spend' or 'units'"),
+    (("train", "churn", "shop", "--family", "catboost"), "error: --family 'catboost': input should be 'lightgbm'"),
+    (("train", "churn", "shop", "--calibration", "iso"), "error: --calibration 'iso': input should be 'sigmoid'"),
+])
+def test_a_value_an_option_cannot_take_names_the_option_and_the_value(isolated_home: Path, args: tuple[str, ...],
+                                                                      message: str) -> None:
+    result = run(*args)
+    assert result.exit_code == 2 and one_line(result.output).startswith(message), result.output
+    assert "pydantic" not in result.output
