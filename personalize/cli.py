@@ -867,7 +867,8 @@ def materialize(
 @user_errors
 def score(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Registered classifier: churn or propensity.")],
+    model: Annotated[str, typer.Argument(help="Registered model: churn, propensity (or a classifier of another name), "
+                                              "or purchase_cycle.")],
     dataset: Annotated[str | None, typer.Option(help="Ingested transaction data set to score (default: the one the "
                                                      "model version was trained on).")] = None,
     as_of: Annotated[datetime | None, typer.Option(help="Features as of this time (default: after the data's "
@@ -883,17 +884,30 @@ def score(
     log: Annotated[bool | None, typer.Option("--log/--no-log", help="Write every score to the prediction log too, as "
                                              "the API does, so `monitor` sees batch scoring (default: yes, but not "
                                              "for a labeled table's stored training rows).")] = None,
+    horizon: Annotated[int | None, typer.Option(min=1, max=3650, help="purchase_cycle only: the horizon in days "
+                                                "(default: the one it was trained for).")] = None,
 ) -> None:
     """Score every customer of a data set (or every row of a table file) with a model's champion and write the
-    scores to Parquet (and to the prediction log)."""
+    scores to Parquet (and to the prediction log); purchase_cycle writes every customer's next-purchase answers."""
     from serving.batch import score_dataset, score_table
     from serving.predlog import load_salt
     from training.registry import check_name, connect
 
     settings: Settings = ctx.obj
     client = connect(settings.tracking_uri)
+    version = _model_version(client, check_name(model), alias)
+    kind = _version_kind(client, version)
+    if kind == "forecast":
+        raise PersonalizeError(f"{model} is a forecaster: `/forecast` answers its series (its held-out forecasts are "
+                               "in its training run); `score` covers classifiers and the purchase cycle")
+    if kind == "cycle":
+        return _score_cycle(settings, client, model, dataset or _trained_on(client, version), as_of, alias, horizon,
+                            table, engine, log)
+    if horizon is not None:
+        raise PersonalizeError("--horizon is for a purchase-cycle model; a classifier's horizon is the one it was "
+                               "trained for")
     if table is None:
-        trained_on = _trained_on(client, _model_version(client, check_name(model), alias))
+        trained_on = _trained_on(client, version)
         if dataset is None:
             if trained_on is None:
                 raise PersonalizeError(f"{model}@{alias} does not record the data set it was trained on; give "
@@ -942,6 +956,38 @@ def score(
                   f"{report.as_of}): features {report.features_s:.1f}s, scoring {report.score_s:.2f}s "
                   f"({report.rows_per_s:,.0f} rows/s) -> {report.path}", highlight=False, soft_wrap=True)
     _print_logged(report.logged, report.request_id, settings)
+
+
+def _version_kind(client: Any, version: Any) -> str:
+    """classifier, cycle or forecast, from the version's training run's tags (before loading anything)."""
+    try:
+        tags = client.get_run(version.run_id).data.tags
+    except Exception:  # a run deleted from the tracking store: loading the model will tell
+        return "classifier"
+    return "forecast" if tags.get("kind") == "forecast" else "cycle" if "cycle_winner" in tags else "classifier"
+
+
+def _score_cycle(settings: Settings, client: Any, model: str, dataset: str | None, as_of: datetime | None,
+                 alias: str, horizon: int | None, table: Path | None, engine: str, log: bool | None) -> None:
+    """``score purchase_cycle``: every customer's next-purchase answers, from the summary of their purchases."""
+    import pandas as pd
+
+    from serving.batch import score_cycle
+
+    if table is not None or engine != "duckdb" or log:
+        raise PersonalizeError(f"{model} is a purchase-cycle model: it scores an ingested data set's customers "
+                               "(--dataset, --as-of, --horizon), without --table, --engine spark or --log")
+    if dataset is None:
+        raise PersonalizeError(f"{model}@{alias} does not record the data set it was trained on; give --dataset")
+    if not (settings.dataset_dir(dataset) / "transactions.parquet").exists():
+        raise PersonalizeError(f"{dataset!r} has no ingested transactions to summarize (`personalize ingest`)")
+    r = score_cycle(client, model, settings.dataset_dir(dataset), settings.home / "scores",
+                    pd.Timestamp(as_of) if as_of is not None else None, alias, horizon)
+    unscored = (f"; {r.without_history:,} customers without a purchase before then are not scored (the API answers "
+                "them with its cold-start prior)" if r.without_history else "")
+    console.print(f"scored [bold]{r.rows:,}[/] customers of {dataset} with {r.model} v{r.version} (as of "
+                  f"{r.as_of.date()}, horizon {r.horizon_days} days) in {r.score_s:.2f}s -> {r.path}{unscored}",
+                  highlight=False, soft_wrap=True)
 
 
 def _model_version(client: Any, model: str, alias: str) -> Any:

@@ -180,6 +180,62 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     return ScoreReport(name, loaded.version, len(out), as_of, path, features_s, score_s, logged, request_id)
 
 
+@dataclass(frozen=True)
+class CycleScoreReport:
+    model: str
+    version: str
+    rows: int  # customers with a purchase before as_of: each scored
+    without_history: int  # customers with none (the API's cold start): not scored
+    as_of: pd.Timestamp
+    horizon_days: int
+    path: Path
+    score_s: float
+
+
+def score_cycle(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_of: pd.Timestamp | None = None,
+                alias: str = "champion", horizon_days: int | None = None) -> CycleScoreReport:
+    """Every customer's purchase cycle as of ``as_of`` (default: the day after the data's last row) by
+    ``name@alias``: the summary ``materialize`` puts in the online store, predicted in one vectorized call, so the
+    answers are the API's (``/next_purchase``) for the same summary. Writes ``<out_dir>/<name>/v<n>/scores.parquet``:
+    ``customer_id``, ``as_of``, ``horizon_days``, expected purchases, expected days to the next purchase (the mean
+    restricted to the horizon), P(purchase), P(alive), expected spend, ``model``, ``version``. A customer with no
+    purchase before ``as_of`` has no summary: counted, not scored."""
+    from features.store import FeatureStore
+    from serving.online import default_as_of
+    from serving.scoring import load
+    from training.cycle import CycleError, customer_summary
+
+    loaded = load(client, name, alias)
+    if loaded.kind != "cycle":
+        raise PersonalizeError(f"{name} is a {loaded.kind} model, not a purchase-cycle one")
+    h = int(horizon_days or loaded.scorer.horizon_days)
+    store = FeatureStore(dataset_dir)
+    as_of = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
+    transactions = store.transactions.select("customer_id", "timestamp", "amount", "is_return").to_pandas()
+    transactions = transactions[~transactions["is_return"].fillna(False).astype(bool)]
+    started = time.perf_counter()
+    try:
+        summary = customer_summary(transactions[transactions["timestamp"] < as_of], as_of.floor("D"))
+    except CycleError as exc:
+        raise PersonalizeError(f"no purchase-cycle summary as of {as_of}: {exc}") from None
+    scorer = loaded.scorer
+    frame = summary[["customer_id", *scorer.inputs]].reset_index(drop=True)
+    predicted = scorer.model.model.predict(frame, h)[scorer.outputs].reset_index(drop=True)
+    score_s = time.perf_counter() - started
+    out = pd.concat([pd.DataFrame({"customer_id": frame["customer_id"].astype(str), "as_of": as_of.floor("D"),
+                                   "horizon_days": h}), predicted.astype(float)], axis=1)
+    out["model"], out["version"] = name, loaded.version
+    customers = store.customers.select("customer_id").to_pandas()["customer_id"].astype(str)
+    path = out_dir / name / f"v{loaded.version}" / "scores.parquet"
+    _clear(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    out.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return CycleScoreReport(name, loaded.version, len(out), int((~customers.isin(out["customer_id"])).sum()),
+                            as_of.floor("D"), h, path, score_s)
+
+
 def _score_spark(store: Any, spec: Any, loaded: Any, as_of: pd.Timestamp, path: Path, started: float,
                  log_root: Path | None = None, salt: bytes | None = None) -> ScoreReport:
     """Features computed by Spark and cached, then the registered model version applied by

@@ -282,6 +282,11 @@ def _one_thread(obj: Any, depth: int = 3) -> None:
 
 
 # --- purchase cycle ----------------------------------------------------------------------------------------------
+# a purchase summary's counts of purchase days, and its spend (returns are not purchases)
+WHOLE_SUMMARY = ("frequency", "purchases_30d", "purchases_90d", "purchases_180d", "purchases_365d")
+SPEND_SUMMARY = ("monetary", "spend_total", "spend_90d")
+
+
 class Cycle:
     """The purchase-cycle champion: expected purchases in H days, days to the next one, P(purchase), P(alive)."""
 
@@ -310,6 +315,13 @@ class Cycle:
                 raise InputError(f"{at}.recency", f"cannot exceed T (the customer's age): {r['recency']} > {r['T']}")
             if r["frequency"] > r["T"] + 1:
                 raise InputError(f"{at}.frequency", "more repeat purchase days than days since the first purchase")
+            for c in WHOLE_SUMMARY:
+                if r.get(c) is not None and r[c] != int(r[c]):
+                    raise InputError(f"{at}.{c}", f"is a number of purchase days: a whole number (got {r[c]})")
+            for c in SPEND_SUMMARY:
+                if r.get(c) is not None and r[c] < 0:
+                    raise InputError(f"{at}.{c}", f"is spend on purchases, returns left out: it cannot be negative "
+                                                  f"(got {r[c]})")
 
     def predict(self, records: list[dict[str, Any]], horizon_days: int) -> list[dict[str, float]]:
         # the frame built column by column from floats: pandas' record and per-column conversions, and iterrows on

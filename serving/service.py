@@ -277,6 +277,9 @@ class QuietBadRequests(logging.Filter):
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietBadRequests())
+# BentoML's server logging shows its own INFO lines but only WARNING from other loggers: the server's own (models
+# loaded and reloaded, a bad request the model turned away) are INFO lines an operator reads beside BentoML's
+logging.getLogger("serving").setLevel(logging.INFO)
 
 
 async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -406,6 +409,7 @@ async def _call(ctx: bentoml.Context, endpoint: str, fn, *args: Any, offload: bo
             out = fn(*args, **kwargs, request_id=rid)
     except InputError as exc:
         ctx.response.status_code = 400
+        log.info("bad request on /%s: %s", endpoint, exc)  # as pydantic's turn-aways are logged (QuietBadRequests)
         return JSONResponse({"error": str(exc), "field": exc.field}, status_code=400)
     except NotServing as exc:
         ctx.response.status_code = 503

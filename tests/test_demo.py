@@ -46,6 +46,10 @@ def test_the_demo_runs_end_to_end_and_twice(isolated_home: Path, data_root: Path
     assert last["table_scoring"]["logged"] == last["table_scoring"]["monitored_rows"] == 7_043
     assert last["table_scoring"]["drift_share"] < 0.2 and not last["table_scoring"]["prediction_drift_detected"]
     assert (isolated_home / "features" / "cdnow" / "training_frame.parquet").exists()
+    # every CDNOW customer (all first bought in Q1 1997) got next-purchase answers from the cycle champion
+    cycle = last["cycle_scoring"]
+    assert cycle["customers"] == 23_570 and cycle["horizon_days"] == 90 and cycle["as_of"] == "1998-07-01"
+    assert 0 < cycle["likely_buyers"] < cycle["customers"] and cycle["expected_purchases"] > 0
     # the API answered from the champions and logged every scored item
     assert last["served_versions"]["forecast"] in ("1", "2") and last["requests_served"] >= 1
     assert last["served_items"] == last["logged_rows"] > 0

@@ -286,6 +286,29 @@ def test_batch_scoring_gives_the_online_answer(server: Server, home: Path) -> No
     assert scores.loc[cid, "probability"] == pytest.approx(online, abs=1e-6)
 
 
+def test_batch_cycle_scores_give_the_online_answers_and_a_forecaster_is_refused_at_once(server: Server,
+                                                                                         home: Path) -> None:
+    """`score purchase_cycle` writes every customer's next-purchase answers, the API's for the same summary."""
+    from typer.testing import CliRunner
+
+    from personalize.cli import app
+
+    cid = _known_ids(home, 1)[0]
+    online = server.client.post("/next_purchase", json={"customer_id": cid, "horizon_days": 30}).json()["results"][0]
+    runner, env = CliRunner(), _env(home)
+    result = runner.invoke(app, ["score", "purchase_cycle", "--horizon", "30"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "horizon 30 days" in " ".join(result.output.split()), result.output
+    scores = pd.read_parquet(home / "scores" / "purchase_cycle" / "v1" / "scores.parquet").set_index("customer_id")
+    assert len(scores) >= 300 and (scores["horizon_days"] == 30).all() and scores.index.is_unique
+    for column in ("expected_purchases", "expected_days_to_next", "p_purchase"):
+        assert scores.loc[cid, column] == pytest.approx(online[column], abs=1e-6), column
+    for args, message in ((["score", "purchase_forecast"], "is a forecaster"),
+                          (["score", "churn", "--horizon", "30"], "--horizon is for a purchase-cycle model")):
+        refused = runner.invoke(app, args, env=env)
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
 def test_propensity_next_purchase_and_forecast(server: Server, home: Path) -> None:
     cid = _known_ids(home, 1)[0]
     prop = server.client.post("/propensity", json={"customer_id": cid}).json()["results"][0]
@@ -299,6 +322,8 @@ def test_propensity_next_purchase_and_forecast(server: Server, home: Path) -> No
     for r in (known, new):
         assert r["horizon_days"] == 60 and r["expected_purchases"] >= 0 and 0 <= r["p_purchase"] <= 1
     longer = server.client.post("/next_purchase", json={"customer_id": cid, "horizon_days": 180}).json()["results"][0]
+    sent = server.client.post("/next_purchase", json={"summary": SUMMARY})  # a summary the application computed
+    assert sent.status_code == 200 and 0 < sent.json()["results"][0]["p_purchase"] < 1, sent.text
     assert longer["expected_purchases"] >= known["expected_purchases"]
 
     fc = server.client.post("/forecast", json={"series": "total", "horizon_days": 14})
@@ -337,6 +362,12 @@ def test_adaptive_batching_merges_concurrent_calls_and_answers_each_its_own(serv
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
+# a purchase summary the cycle model scores (one repeat purchase day)
+SUMMARY = {"frequency": 1, "recency": 20, "T": 60, "monetary": 12.5, "days_since_last": 40, "purchases_30d": 0,
+           "purchases_90d": 2, "purchases_180d": 2, "purchases_365d": 2, "spend_total": 25.0, "spend_90d": 25.0,
+           "gap_mean_days": 20.0}
+
+
 def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
     cid = _known_ids(home, 1)[0]
     features = {c: _features(home, cid).get(c) for c in _model_features(home, "churn")}
@@ -360,6 +391,8 @@ def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
         ("/churn/ids", {"customer_ids": []}, "customer_ids"),
         ("/churn/ids", {"customer_ids": [cid], "explain": True}, "explain"),
         ("/next_purchase", {"summary": {"frequency": 2}}, "summary."),
+        ("/next_purchase", {"summary": {**SUMMARY, "frequency": 4.5}}, "summary.frequency"),  # days are whole
+        ("/next_purchase", {"summary": {**SUMMARY, "monetary": -35.2}}, "summary.monetary"),  # returns are not spend
         ("/next_purchase", {"customer_id": cid, "horizon_days": 0}, "horizon_days"),
         ("/forecast", {"series": "nope"}, "series"),
         ("/forecast", {"series": "total", "horizon_days": 10_000}, "horizon_days"),
@@ -393,10 +426,14 @@ def test_bad_requests_get_a_4xx_naming_the_field(server: Server, home: Path) -> 
         r = server.client.post(path, content=content, headers={"content-type": media})
         assert 400 <= r.status_code < 500, (content, r.status_code, r.text)
         assert r.json()["field"] == field, (content, r.text)
-    server.log.flush()
+    time.sleep(0.5)  # the server's log lines are written by its worker process
     with open(server.log.name) as f:
         f.seek(logged)
-        assert "Traceback" not in f.read()  # a client's mistake is an INFO line, not an error with a traceback
+        text = f.read()
+    assert "Traceback" not in text  # a client's mistake is an INFO line, not an error with a traceback
+    # one line per bad request, whichever check turned it away (pydantic's, or the model's: an unknown series)
+    assert text.count("bad request on") >= len(_bad_cases(home)), text[-3000:]
+    assert "bad request on /forecast: series: unknown series 'nope'" in text, text[-3000:]
 
 
 def test_schemathesis_finds_no_server_error(server: Server) -> None:
