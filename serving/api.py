@@ -53,7 +53,11 @@ def _row_id(value: Any) -> str | None:
     number without its ``.0``; None for a blank or a null."""
     from features.ingest import normalize_ids
 
-    return None if isinstance(value, bool) else normalize_ids(pd.Series([value], dtype=object)).iloc[0]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():  # a JSON integer, read as a float by the features' type
+        value = int(value)
+    return normalize_ids(pd.Series([value], dtype=object)).iloc[0]
 
 
 class Runtime:

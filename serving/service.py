@@ -512,6 +512,13 @@ class Personalization:
             out = await anyio.to_thread.run_sync(self.runtime.classify_ids, endpoint, list(customer_ids))
         except NotServing as exc:
             raise ServiceUnavailable(str(exc)) from None
+        except InputError as exc:  # the model scores no id at all (a labeled table's): every merged call's 400
+            from pydantic import ValidationError
+
+            message = str(exc).removeprefix(f"{exc.field}: ")
+            raise ValidationError.from_exception_data("IdsRequest", [{
+                "type": "value_error", "loc": ("customer_ids",), "input": None,
+                "ctx": {"error": ValueError(message)}}]) from None
         BATCH_SIZE.labels(method_name=f"{endpoint}_ids").observe(len(customer_ids))
         for r in out:
             _count(endpoint, r["model"], r["cold_start"])

@@ -46,12 +46,13 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 class Server:
     """``personalize serve`` in its own process group, stopped gracefully (SIGINT) or killed."""
 
-    def __init__(self, home: Path, **env: str) -> None:
+    def __init__(self, home: Path, *args: str, **env: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(home / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "personalize"), "serve", "--port", str(self.port), "--reload-s", "0.5"],
+            [str(Path(sys.executable).parent / "personalize"), "serve", "--port", str(self.port), "--reload-s", "0.5",
+             *args],
             env=_env(home, **env), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
@@ -746,6 +747,20 @@ def test_an_endpoint_serves_a_model_of_another_name_and_says_what_it_cannot_scor
         assert sent["scores"]["churn"] == answer["results"][0]["probability"]
     finally:
         runtime.close()
+
+    # over HTTP: the adaptive-batching route by ids is a 400 naming the field, as /churn by id is (it was a 500)
+    server = Server(home, "--model", "churn=churn_telco", PERSONALIZE_PREDICTION_LOG=str(tmp_path / "http-log"))
+    try:
+        server.wait_ready()
+        for path, field in (("/churn/ids", "customer_ids"), ("/churn", "customer_id")):
+            r = server.client.post(path, json={field: [row["customerID"].iloc[0]] if path.endswith("ids")
+                                               else row["customerID"].iloc[0]})
+            assert r.status_code == 400 and "send the customer's row as `features`" in r.json()["error"], r.text
+            assert r.json()["field"] == field, r.text
+        r = server.client.post("/churn", json={"features": json.loads(row.to_json(orient="records"))[0]})
+        assert r.status_code == 200 and r.json()["results"][0]["customer_id"] == row["customerID"].iloc[0], r.text
+    finally:
+        server.stop()
 
 
 def test_a_model_of_another_data_sets_features_is_not_scored_on_made_up_values(

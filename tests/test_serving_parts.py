@@ -332,3 +332,13 @@ def test_a_forecast_series_is_found_as_the_data_writes_it_and_its_start_is_bound
         with pytest.raises(InputError) as caught:
             forecast.predict("total", 2, pd.Timestamp(start))
         assert caught.value.field == "start"
+
+
+def test_a_rows_integer_id_is_the_id_batch_scoring_and_erasure_use() -> None:
+    """A feature value is read as a float (JSON's 100001 arrives as 100001.0): a row's id column still names the
+    customer "100001", as ingest, batch scoring and `forget 100001` do, not "100001.0"."""
+    from features.ingest import normalize_ids
+    from serving.api import _row_id
+
+    assert _row_id(100001.0) == _row_id(100001) == normalize_ids(pd.Series([100001])).iloc[0] == "100001"
+    assert _row_id(1.5) == "1.5" and _row_id(None) is None and _row_id(True) is None
