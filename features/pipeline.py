@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import yaml
@@ -163,8 +164,41 @@ def ingest_labeled(settings: Settings, name: str, table: LabeledTable) -> Ingest
         "numeric": table.numeric,
         "categorical": table.categorical, "boolean": table.boolean, "ignored": table.ignored,
         "dropped": list(table.spec.drop_columns), "id_column": table.spec.id_column,
-        "time_column": table.spec.time_column})
+        "time_column": table.spec.time_column, "source": str(Path(table.spec.path).resolve())})
     return _finish(settings, report, {"table": table.result})
+
+
+def stored_source(settings: Settings, dataset: str) -> str | None:
+    """The file a stored labeled table was ingested from (None: not a labeled table, or ingested before that was
+    recorded)."""
+    report = settings.dataset_dir(dataset) / "ingest_report.json"
+    try:
+        return json.loads(report.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@contextmanager
+def kept_unless_done(settings: Settings, dataset: str) -> Iterator[None]:
+    """The data set's stored files as they were, put back if the block fails: a `train` that ingests a table file
+    and then fails (too few rows, a bad --id, Ctrl-C) leaves the data set an earlier model was trained on alone."""
+    import shutil
+
+    stored = settings.dataset_dir(dataset)
+    backup = settings.home / ".previous" / dataset
+    shutil.rmtree(backup, ignore_errors=True)
+    if stored.exists():
+        shutil.copytree(stored, backup)
+    try:
+        yield
+    except BaseException:
+        if backup.exists():
+            shutil.rmtree(stored, ignore_errors=True)
+            backup.replace(stored)
+            log.info("%s: the data set as stored before is back in place", dataset)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def ingest_synthetic(settings: Settings, dataset: str, data: SyntheticData) -> IngestReport:

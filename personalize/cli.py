@@ -7,6 +7,7 @@ printed as one line and exit with code 2; anything else is a bug and keeps its t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -388,11 +389,13 @@ def _threshold_policy(text: str):
 
 def _dataset_from_table(settings: Settings, dataset: str, label: str | None, positive: str | None,
                         id_column: str | None, time_column: str | None, drop: list[str] | None = None,
-                        sep: str | None = None, time_format: str | None = None) -> str:
-    """A data set name; a CSV/Parquet file or a YAML ingest config is ingested first (bring your own data)."""
+                        sep: str | None = None, time_format: str | None = None,
+                        dataset_name: str | None = None) -> str:
+    """A data set name; a CSV/Parquet file or a YAML ingest config is ingested first (bring your own data), as
+    ``dataset_name`` or the file's stem."""
     from features.definitions import slug
     from features.labeled import LabeledTableSpec, load_labeled
-    from features.pipeline import ingest_config, ingest_labeled, load_ingest_config
+    from features.pipeline import ingest_config, ingest_labeled, load_ingest_config, stored_source
 
     path = Path(dataset)
     if looks_like_file(dataset) and not path.exists():
@@ -412,8 +415,13 @@ def _dataset_from_table(settings: Settings, dataset: str, label: str | None, pos
     spec = LabeledTableSpec(path=path, label_column=label, positive=positive, id_column=id_column,
                             time_column=time_column, timestamp_format=time_format, drop_columns=tuple(drop or ()),
                             csv=CsvOptions(sep=sep) if sep else CsvOptions())
-    name = slug(path.name.split(".")[0])
+    name = dataset_name or slug(path.name.split(".")[0])
     table = load_labeled(spec)
+    before = stored_source(settings, name)
+    if before is not None and before != str(path.resolve()):
+        console.print(f"[yellow]data set {name!r} held {before}[/]: this file replaces it, and a model trained on it "
+                      f"scores this table from now on (--dataset-name NAME keeps both)", highlight=False,
+                      soft_wrap=True)
     report = ingest_labeled(settings, name, table)
     console.print(ingest_table([report]))
     print_columns(report)
@@ -453,7 +461,8 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
                       horizon: int, fairness_attribute: str | None, study: str | None, label: str | None,
                       positive: str | None, id_column: str | None, time_column: str | None, name: str | None,
                       drop: list[str] | None = None, sep: str | None = None,
-                      time_format: str | None = None) -> None:
+                      time_format: str | None = None, dataset_name: str | None = None) -> None:
+    from features.definitions import slug
     from training.train import TrainConfig, train_and_register
     from training.tune import TuneConfig
 
@@ -470,11 +479,22 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     from training.registry import connect
 
     connect(settings.tracking_uri)  # an unreachable store fails before anything is read or tuned
-    dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column, drop, sep, time_format)
-    progress, on_trial = _trial_progress(trials)
-    started = time.perf_counter()
-    with progress:
-        outcome = train_and_register(settings, task, dataset, config, study, on_trial, name)
+    from features.pipeline import kept_unless_done
+
+    if dataset_name is not None and dataset_name != slug(dataset_name):
+        raise PersonalizeError(f"--dataset-name {dataset_name!r}: use lower-case letters, digits and _ (e.g. "
+                               f"{slug(dataset_name)!r})")
+    given = Path(dataset)
+    stored_as = (dataset_name or slug(given.name.split(".")[0])) if given.is_file() and \
+        given.suffix.lower() not in (".yaml", ".yml") else None
+    # a table file replaces the data set of its name only if the model trains: a failure puts the old one back
+    with kept_unless_done(settings, stored_as) if stored_as else contextlib.nullcontext():
+        dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column, drop, sep,
+                                      time_format, dataset_name)
+        progress, on_trial = _trial_progress(trials)
+        started = time.perf_counter()
+        with progress:
+            outcome = train_and_register(settings, task, dataset, config, study, on_trial, name)
     t = outcome.trained
     table = Table(title=f"{task} on {dataset}: held-out test ({len(t.prepared.test):,} rows)")
     for col in ("metric", "model", "constant baseline"):
@@ -537,10 +557,12 @@ def _classifier_command(task: str, doc: str):
         sep: Annotated[str | None, typer.Option(help="Separator of a CSV table file (default ','; '\\t' or tab for "
                                                      "tabs).")] = None,
         name: Annotated[str | None, typer.Option(help="Registered model name (default: the task, churn or propensity).")] = None,
+        dataset_name: Annotated[str | None, typer.Option(
+            help="The data set a table file is stored as (default: the file's name without its extension).")] = None,
     ) -> None:
         _train_classifier(ctx, task, dataset, trials, timeout, family, selection, seed, threshold, calibration, horizon,
                           fairness_attribute, study, label, positive, id_column, time_column, name, drop, sep,
-                          time_format)
+                          time_format, dataset_name)
 
     command.__doc__ = doc
     return user_errors(command)

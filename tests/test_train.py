@@ -419,3 +419,32 @@ def test_a_champion_that_cannot_score_the_new_frame_refuses_until_forced_with_a_
     assert aliases(client, "churn")[CHAMPION] == "2"
     last = history(client, "churn")[-1]
     assert last["action"] == "force-promote" and last["reason"] == "new feature set, checked by hand"
+
+
+def test_a_table_file_that_fails_to_train_leaves_the_data_set_of_its_name_alone(tmp_path: Path) -> None:
+    """`train churn a/cust.csv` stores the table as data set `cust`, which `score` reads. A later `train` of another
+    cust.csv that fails (too few rows) puts that data set back as it was; one that trains warns that it replaces a
+    table from another file, and --dataset-name keeps both."""
+    from features.pipeline import stored_source
+
+    frame, _ = churn_table(600)
+    first, second = tmp_path / "a" / "cust.csv", tmp_path / "b" / "cust.csv"
+    for path, rows in ((first, frame), (second, frame.head(30))):
+        path.parent.mkdir()
+        rows.to_csv(path, index=False)
+    args = ["--label", "left", "--positive", "Y", "--id", "acct", "--trials", "1", "--family", "lightgbm"]
+    assert runner.invoke(app, ["train", "churn", str(first), *args]).exit_code == 0
+    stored = settings().dataset_dir("cust") / "table.parquet"
+    before = stored.read_bytes()
+
+    failed = runner.invoke(app, ["train", "churn", str(second), *args])
+    assert failed.exit_code == 2 and "at least 50" in failed.output, failed.output
+    assert "data set 'cust' held" in " ".join(failed.output.split())  # it said what it was replacing
+    assert stored.read_bytes() == before and stored_source(settings(), "cust") == str(first.resolve())
+    assert not (settings().home / ".previous").exists() or not any((settings().home / ".previous").iterdir())
+
+    kept = runner.invoke(app, ["train", "churn", str(first), *args, "--dataset-name", "cust_a", "--name", "churn_a"])
+    assert kept.exit_code == 0 and "data set 'cust' held" not in kept.output, kept.output
+    assert len(pd.read_parquet(settings().dataset_dir("cust_a") / "table.parquet")) == len(pd.read_parquet(stored))
+    bad = runner.invoke(app, ["train", "churn", str(first), *args, "--dataset-name", "Cust A"])
+    assert bad.exit_code == 2 and "--dataset-name 'Cust A'" in bad.output
