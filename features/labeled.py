@@ -112,6 +112,9 @@ def infer_types(frame: pd.DataFrame, skip: set[str],
         if name in skip:
             continue
         s = frame[name]
+        if isinstance(s.dtype, pd.CategoricalDtype):  # a Parquet file's pandas categories: read as their values
+            s = s.astype(object).where(s.notna(), None)
+            out[name] = s
         if not (s.dtype == object or pd.api.types.is_string_dtype(s)):
             if pd.api.types.is_bool_dtype(s):
                 boolean.append(name)
@@ -152,6 +155,8 @@ def unusable(raw: pd.Series, kind: str) -> str | None:
         return "entirely missing"
     if pd.api.types.is_datetime64_any_dtype(raw):
         return _DATE_REASON
+    if pd.api.types.is_timedelta64_dtype(raw):
+        return "a duration (timedelta), which no request can send: store it as a number (days, say) to use it"
     text = present.astype(str).str.strip()
     distinct = text.nunique()
     if distinct == 1 and not blank.any():

@@ -257,10 +257,15 @@ def test_a_labeled_table_sets_aside_columns_that_cannot_be_features(tmp_path: Pa
     assert table.numeric == ["spend"] and table.categorical == ["promo", "plan"] and table.boolean == []
     assert len(table.frame) == n and "email" in table.frame  # set aside, not lost
 
-    parquet = tmp_path / "t.parquet"  # typed columns: a real timestamp, an all-null float
-    frame.assign(signed_up=pd.to_datetime(frame["signed_up"]), notes=np.nan).to_parquet(parquet, index=False)
+    parquet = tmp_path / "t.parquet"  # typed columns: a timestamp, an all-null float, pandas categories, a duration
+    frame.assign(signed_up=pd.to_datetime(frame["signed_up"]), notes=np.nan, plan=frame["plan"].astype("category"),
+                 waited=pd.to_timedelta(frame["spend"], unit="D")).to_parquet(parquet, index=False)
     table = load_labeled(LabeledTableSpec(path=parquet, label_column="left", positive="yes", drop_columns=("row",)))
-    assert set(table.ignored) == {"email", "notes", "country", "signed_up"} and "row" not in table.frame
+    assert set(table.ignored) == {"email", "notes", "country", "signed_up", "waited"} and "row" not in table.frame
+    assert table.ignored["waited"].startswith("a duration (timedelta)")
+    # categories are read as their values (MLflow's signature could not take the dtype: training crashed at logging)
+    assert "plan" in table.categorical and table.frame["plan"].dtype == object
+    assert sorted(table.frame["plan"].unique()) == ["basic", "pro"]
 
     lookalikes = tmp_path / "lookalikes.csv"  # codes and versions that are not dates, dates that are
     pd.DataFrame({"speed": [f"{5 + i % 3}/10/20 Mbps" for i in range(n)],
