@@ -448,3 +448,28 @@ def test_a_table_file_that_fails_to_train_leaves_the_data_set_of_its_name_alone(
     assert len(pd.read_parquet(settings().dataset_dir("cust_a") / "table.parquet")) == len(pd.read_parquet(stored))
     bad = runner.invoke(app, ["train", "churn", str(first), *args, "--dataset-name", "Cust A"])
     assert bad.exit_code == 2 and "--dataset-name 'Cust A'" in bad.output
+
+
+def test_an_out_of_time_split_never_splits_a_moment_and_refuses_too_few_moments(tmp_path: Path) -> None:
+    """Rows of one time land in one part (a cut by position split them by file order and called it out of time);
+    a time column with too few distinct times is refused, not passed off as an out-of-time split."""
+    from features.labeled import LabeledTableSpec, load_labeled
+    from features.pipeline import ingest_labeled
+    from training.train import prepare_labeled
+
+    frame, _ = churn_table(1000)
+    frame["month"] = pd.to_datetime("2024-01-01") + pd.to_timedelta((np.arange(1000) // 90) * 31, unit="D")
+    path = tmp_path / "monthly.csv"
+    frame.sample(frac=1.0, random_state=0).to_csv(path, index=False)  # file order is not time order
+    spec = LabeledTableSpec(path=path, label_column="left", positive="Y", id_column="acct", time_column="month")
+    ingest_labeled(settings(), "monthly", load_labeled(spec))
+    prepared = prepare_labeled(settings().dataset_dir("monthly"), "churn", TrainConfig(tune=FAST))
+    parts = [set(p["month"]) for p in (prepared.train, prepared.valid, prepared.test)]
+    assert not (parts[0] & parts[1] or parts[1] & parts[2] or parts[0] & parts[2])  # each month in one part
+    assert max(parts[0]) < min(parts[1]) and max(parts[1]) < min(parts[2])
+    assert sum(len(p) for p in (prepared.train, prepared.valid, prepared.test)) == 1000
+
+    (tmp_path / "one.csv").write_text(frame.assign(month="2024-05-01").to_csv(index=False))
+    ingest_labeled(settings(), "snapshot", load_labeled(spec.model_copy(update={"path": tmp_path / "one.csv"})))
+    with pytest.raises(PersonalizeError, match="1 distinct time"):
+        prepare_labeled(settings().dataset_dir("snapshot"), "churn", TrainConfig(tune=FAST))

@@ -141,10 +141,16 @@ def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepar
     if time_column:
         frame = frame.sort_values(time_column, kind="stable")
         n = len(frame)
-        a, b = int(n * (1 - config.valid_fraction - config.test_fraction)), int(n * (1 - config.test_fraction))
+        times = frame[time_column].to_numpy()
+        a, b = (_time_cut(times, int(n * f)) for f in (1 - config.valid_fraction - config.test_fraction,
+                                                        1 - config.test_fraction))
+        if not 0 < a < b < n:
+            raise PersonalizeError(f"{dataset_dir.name}: {time_column} has {frame[time_column].nunique():,} distinct "
+                                   "time(s), too few to split train, validation and test out of time without "
+                                   "splitting a moment between them; train without --time (a stratified split)")
         train, valid, test = frame.iloc[:a], frame.iloc[a:b], frame.iloc[b:]
-        split = (f"out of time on {time_column}: train before {valid[time_column].min()}, test from "
-                 f"{test[time_column].min()}")
+        split = (f"out of time on {time_column}: train before {valid[time_column].min()}, validation from it, "
+                 f"test from {test[time_column].min()}")
     else:
         part = stable_parts(frame, report.get("id_column"), config.valid_fraction, config.test_fraction)
         train, valid, test = (frame[part == k] for k in ("train", "valid", "test"))
@@ -163,6 +169,15 @@ def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepar
                         time_ordered=bool(time_column))
     prepared.check()
     return prepared
+
+
+def _time_cut(times: np.ndarray, position: int) -> int:
+    """The row boundary nearest ``position`` in ascending ``times`` that splits no moment: rows with equal times
+    land in one part (a cut by position alone split them by file order)."""
+    position = min(max(position, 0), len(times) - 1)
+    candidates = [c for c in (int(np.searchsorted(times, times[position], side=side)) for side in ("left", "right"))
+                  if 0 < c < len(times)]
+    return min(candidates, key=lambda c: abs(c - position)) if candidates else 0
 
 
 def stable_parts(frame: pd.DataFrame, id_column: str | None, valid_fraction: float,
