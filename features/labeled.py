@@ -225,9 +225,19 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
                             column=spec.label_column)
     skip: set[str] = set()
     if spec.id_column:
+        if spec.id_column == spec.label_column:
+            raise DataFileError(spec.path, "the id column cannot be the label column", column=spec.id_column)
         ids = frame[spec.id_column].astype(str).str.strip()
-        reasons.add(is_blank(frame[spec.id_column]), "missing_id")
-        reasons.add(~is_blank(frame[spec.id_column]) & ids.duplicated(keep="first"), "duplicate")
+        named = ~is_blank(frame[spec.id_column])
+        repeated = named & ids.duplicated(keep="first")
+        if repeated.sum() >= 0.5 * named.sum():  # an id names one row: this names groups (a plan, a label)
+            raise DataFileError(spec.path, f"not an id: {int(repeated.sum()):,} of {int(named.sum()):,} rows repeat "
+                                           "an earlier row's value; give the column that names each customer, or "
+                                           "no --id", column=spec.id_column)
+        same = frame.astype(str).duplicated(keep="first")  # the whole row again: an exported duplicate
+        reasons.add(~named, "missing_id")
+        reasons.add(repeated & same, "duplicate")
+        reasons.add(repeated & ~same, "repeated_id")  # the same customer, other values: the first row is kept
         skip.add(spec.id_column)
     decimal_comma = spec.file_format == "csv" and spec.csv.decimal_comma is not False
     typed, numeric, categorical, boolean = infer_types(frame, skip | {spec.time_column} - {None}, decimal_comma)

@@ -101,6 +101,8 @@ REASON_HINTS = {
     "unparseable_is_return": _BOOL_HINT,
     "unknown_customer": "check that the customers table's customer_id maps the same ids",
     "future_timestamp": "check the mapping's timestamp_format (day and month swapped?) and the time zone",
+    "repeated_id": "rows of an id seen before, with other values: the first is kept; check that the id column "
+                   "names one customer per row",
     "negative_amount_not_return": "a negative quantity or amount is a return: set the mapping's return_prefix "
                                   "(order ids of returns start with it) or map an is_return column",
 }

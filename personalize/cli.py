@@ -952,6 +952,9 @@ def score(
                         log_root, salt)
         reasons = ", ".join(f"{k} {v:,}" for k, v in t.reasons.items())
         bad = f"; quarantined {t.quarantined:,} ({reasons}) -> {t.quarantine_path}" if t.quarantined else ""
+        if t.rows == 0 and t.rows_in > 0:  # a batch job must notice: an empty scores file is no success
+            raise PersonalizeError(f"no row of {table} was scored: all {t.rows_in:,} quarantined ({reasons}) -> "
+                                   f"{t.quarantine_path}")
         console.print(f"scored [bold]{t.rows:,}[/] of {t.rows_in:,} rows with {t.model} v{t.version} in "
                       f"{t.score_s:.2f}s -> {t.path}{bad}", highlight=False, soft_wrap=True)
         if t.unseen:

@@ -225,12 +225,17 @@ def test_a_mapping_must_cover_the_contract() -> None:
 def test_a_labeled_table_infers_types_and_quarantines_bad_rows(tmp_path: Path) -> None:
     csv = tmp_path / "churn.csv"
     csv.write_text("id,plan,spend,active,left\n"
-                   "a,gold,10.5,TRUE,yes\nb,silver,,FALSE,no\nb,gold,3,TRUE,no\nc,gold,1,TRUE,\nd,free,0,FALSE,No\n")
+                   "a,gold,10.5,TRUE,yes\nb,silver,,FALSE,no\nb,gold,3,TRUE,no\nc,gold,1,TRUE,\nd,free,0,FALSE,No\n"
+                   "d,free,0,FALSE,No\n")
     table = load_labeled(LabeledTableSpec(path=csv, id_column="id", label_column="left", positive="Yes"))
     assert table.numeric == ["spend"] and table.categorical == ["plan"] and table.boolean == ["active"]
     assert table.frame["id"].tolist() == ["a", "b", "d"]
     assert table.frame[LABEL].tolist() == [1, 0, 0]
-    assert table.result.reasons == {"duplicate": 1, "missing_label": 1}
+    # b again with other values (the first row kept), d again as it was, c without a label
+    assert table.result.reasons == {"repeated_id": 1, "duplicate": 1, "missing_label": 1}
+    for column, problem in (("left", "the id column cannot be the label column"), ("plan", "not an id: 3 of 6 rows")):
+        with pytest.raises(DataFileError, match=problem):
+            load_labeled(LabeledTableSpec(path=csv, id_column=column, label_column="left", positive="Yes"))
 
 
 def test_a_labeled_table_sets_aside_columns_that_cannot_be_features(tmp_path: Path) -> None:

@@ -339,6 +339,9 @@ def test_cli_trains_a_csv_by_configuration_alone_and_reports_errors_in_one_line(
     assert round(scores["probability"].iloc[0], 6) == answer["results"][0]["probability"]  # the API rounds to 6
     result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"), "--id", "nosuch"])
     assert result.exit_code == 2 and "nosuch" in result.output and "Traceback" not in result.output
+    fresh.assign(tenure_m="40 months").to_csv(tmp_path / "unreadable.csv", index=False)  # every row quarantined
+    result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "unreadable.csv"), "--no-log"])
+    assert result.exit_code == 2 and "all 40 quarantined (invalid_tenure_m 40)" in " ".join(result.output.split())
     result = runner.invoke(app, ["score", "churn", "--table", str(tmp_path / "new customers.CSV"), "--id", "plan",
                                  "--no-log"])  # not an id: its values repeat
     assert result.exit_code == 0
