@@ -723,7 +723,9 @@ def promote(
         console.print(f"[bold]{model}@champion[/] -> version {report.challenger}"
                       + (" (forced)" if not report.passed else ""), highlight=False)
     else:
-        console.print(f"[red]refused[/]: {model}@champion stays at version {report.champion or '(none)'}",
+        console.print(f"[red]refused[/]: {model}@champion " + (f"stays at version {report.champion}"
+                                                                 if report.champion else "is not set: no version "
+                                                                 "has passed the gate yet"),
                       highlight=False)
         raise typer.Exit(1)
 

@@ -411,7 +411,8 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
         if column and column not in raw.columns:
             what = "the id column" if column == id_column else f"a feature of {name} v{loaded.version}"
             hint = column_hint(path, fmt, csv, raw.columns)
-            raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{hint}",
+            more = f" and {len(raw.columns) - 12} more" if len(raw.columns) > 12 else ""
+            raise DataFileError(path, f"{what} is missing; the file has {list(raw.columns)[:12]}{more}{hint}",
                                 column=column)
     started = time.perf_counter()
     typed, reasons = _typed(raw, scorer, decimal_comma=csv.decimal_comma if fmt == "csv" else False)

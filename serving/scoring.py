@@ -165,7 +165,17 @@ def check_records(records: list[dict[str, Any]], numeric: list[str], categorical
         for c in categorical:
             v = record[c]
             if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
-                raise InputError(f"{at}.{c}", f"must be a string or null, got {type(v).__name__}")
+                shown = int(v) if isinstance(v, float) and v.is_integer() else v  # as the client wrote it
+                raise InputError(f"{at}.{c}", f"is a category: a string or null, got the {_json_type(v)} {shown!r}")
+
+
+def _json_type(value: Any) -> str:
+    """What a value was in the request's JSON: the API reads a JSON integer as a float where numbers go."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "array" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__
 
 
 # --- classifiers -------------------------------------------------------------------------------------------------

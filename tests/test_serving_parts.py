@@ -197,6 +197,11 @@ def test_bad_records_name_the_field(record: dict, field: str) -> None:
     assert error.value.field == field
 
 
+def test_a_number_where_a_category_goes_is_named_as_the_client_sent_it() -> None:
+    with pytest.raises(InputError, match=r"features.channel: is a category: a string or null, got the number 3$"):
+        check_records([{**GOOD, "channel": 3.0}], ["orders", "spend"], ["channel"], ["member"], frozenset())  # JSON 3
+
+
 def test_good_records_pass_with_nulls() -> None:
     check_records([GOOD, {**GOOD, "spend": None, "channel": None, "member": None}], ["orders", "spend"],
                   ["channel"], ["member"], frozenset({"orders"}))
