@@ -646,7 +646,8 @@ def train_purchase_cycle(
     for name, why in selection.failures.items():
         table.add_row(name, "-", "-", "-", "-", f"not fitted: {why}"[:60])
     console.print(table)
-    console.print(f"held out (last {horizon} days, never seen): RMSE {metrics['rmse']:.4f}, MAE {metrics['mae']:.4f}, "
+    console.print(f"held out (last {horizon} days, never seen): RMSE {metrics['rmse']:.4f} (each customer's rate to "
+                  f"date carried forward: {metrics['baseline_rmse']:.4f}), MAE {metrics['mae']:.4f}, "
                   f"total predicted/actual {metrics['total_ratio']:.3f}\nregistered [bold]purchase_cycle[/] version "
                   f"{version} as challenger (run {run_id}); next: personalize promote purchase_cycle",
                   highlight=False, soft_wrap=True)

@@ -302,3 +302,15 @@ def test_a_value_an_option_cannot_take_names_the_option_and_the_value(isolated_h
     result = run(*args)
     assert result.exit_code == 2 and one_line(result.output).startswith(message), result.output
     assert "pydantic" not in result.output
+
+
+def test_a_purchase_cycle_horizon_the_data_cannot_hold_says_how_long_the_data_runs(tmp_path: Path,
+                                                                                   isolated_home: Path) -> None:
+    assert run("ingest", str(write_shop(tmp_path))).exit_code == 0  # 2024-01-02 to 2024-04-01
+    for args, message in ((["--horizon", "400"], "a 400-day horizon needs history before"),
+                          (["--calibration-end", "2030-01-01"], "the calibration end 2030-01-01 leaves nothing to hold "
+                                                                "out")):
+        result = run("train", "purchase-cycle", "shop", *args)
+        text = one_line(result.output)
+        assert result.exit_code == 2 and message in text and "shop runs 91 days (2024-01-02 to 2024-04-01)" in text, \
+            text

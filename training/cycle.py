@@ -853,6 +853,14 @@ def train_and_register(settings: Any, dataset: str, config: CycleConfig = CycleC
     data_end = transactions["timestamp"].max().floor("D") + _DAY  # the last day counts as observed
     end = _whole_day(calibration_end, "calibration end") if calibration_end is not None \
         else data_end - pd.Timedelta(days=h)
+    first = transactions["timestamp"].min().floor("D")
+    span = f"{dataset} runs {(data_end - first).days:,} days ({first.date()} to {(data_end - _DAY).date()})"
+    if end >= data_end:
+        raise CycleError(f"the calibration end {end.date()} leaves nothing to hold out: {span}")
+    if end - pd.Timedelta(days=h) <= first:  # the candidates are validated on the horizon before the calibration end
+        raise CycleError(f"a {h}-day horizon needs history before {(end - pd.Timedelta(days=h)).date()} (one horizon "
+                         f"to validate the candidates on, before the calibration end {end.date()}): {span}; "
+                         "use a shorter --horizon" + (" or a later --calibration-end" if calibration_end else ""))
     selection = select_cycle_model(transactions, end, config)
     heldout = customer_summary(transactions, end, h, time_unit_days=config.time_unit_days, data_end=data_end)
     metrics = cycle_metrics(heldout, selection.model.predict(heldout, h))
