@@ -241,10 +241,14 @@ def eligible(placement: Placement, context: dict[str, Any]) -> list[Variant]:
 
 
 def by_rules(placement: Placement, candidates: list[Variant]) -> tuple[str, str]:
-    """The first eligible variant with a rule, in catalog order; else the default."""
+    """The first eligible variant in catalog order (one without a rule is eligible for everyone); else the
+    default."""
     for v in candidates:
         if v.eligible:
             return v.id, f"rule: {v.eligible}"
+        if v.id != placement.default:
+            return v.id, "the first eligible variant in the catalog's order (it has no rule: everyone)"
+        break
     return placement.default, "no rule matched: the placement's default"
 
 
@@ -301,9 +305,13 @@ def decide(catalog: Catalog, placement_name: str, customer_id: str | None, conte
         else:
             segment = str(context.get("segment") or "all")
         ids = [v.id for v in candidates]
+        if not ids:  # nothing to sample from: the default, and nothing for the bandit to learn
+            return {**out, "variant": placement.default, "policy": "default",
+                    "reason": "no variant is eligible here: the placement's default"}
         vid, posterior = thompson(ids, bandit_stats(placement.name, segment), rng)
         explore = " (cold start: exploring)" if context.get("cold_start") else ""
         return {**out, "variant": vid, "policy": "bandit", "bandit_segment": segment, "posterior": posterior,
-                "reason": f"Thompson sampling over {len(ids)} eligible variants in segment {segment!r}{explore}"}
+                "reason": f"Thompson sampling over {len(ids)} eligible variant{'s' * (len(ids) != 1)} in segment "
+                          f"{segment!r}{explore}"}
     vid, why = by_rules(placement, candidates)
     return {**out, "variant": vid, "policy": "rules", "reason": why}
