@@ -295,12 +295,14 @@ class Runtime:
         if record is None:
             return assign_one(None, self.segments)
         profile = record.get("profile") or {}
-        if "segments" in profile:  # materialized with the store
+        if record.get("features") or "segments" not in profile:
+            # the server's own segment rules on the customer's stored features (a few microseconds), not the ones
+            # `materialize` ran: `serve --segments` applies to every customer, whatever the store was built with
+            out = assign_one(record.get("features") or {}, self.segments)
+        else:  # a profile without features (a store written by hand, say): as materialized
             names = list(profile["segments"])
             out = {"segments": names, "segment": profile.get("segment") or self.segments.fallback,
                    "cold_start": False}
-        else:
-            out = assign_one(record.get("features") or {}, self.segments)
         if profile.get("cluster") is not None:
             out["cluster"] = profile["cluster"]
         return out

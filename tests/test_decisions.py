@@ -326,6 +326,29 @@ def test_segment_endpoint_answers_the_stored_segments_and_a_records(runtime, sho
     assert runtime.segment(features=stored)["segments"] == profile["segments"]  # the store's own record is known
 
 
+def test_the_servers_own_segments_file_applies_to_stored_customers(shop: Settings, tmp_path: Path) -> None:
+    """`serve --segments FILE` after a `materialize` with the default segments: a stored customer's segments are
+    the file's rules on their stored features (they were the ones materialized, so a rule reading the file's names
+    never held)."""
+    from serving.api import Runtime
+    from serving.config import ServeConfig
+    from training.registry import connect
+
+    mine = tmp_path / "segments.yaml"
+    mine.write_text("segments:\n  - {name: everyone, rule: recency_days >= 0}\nfallback: regular\n")
+    config = ServeConfig(home=shop.home, tracking_uri=shop.tracking_uri, decisions=tmp_path / "decisions.sqlite",
+                         prediction_log=tmp_path / "predlog", segments=mine)
+    rt = Runtime(config, client=connect(shop.tracking_uri), start_reloader=False, freeze_heap=False)
+    try:
+        cid, profile = next(iter(_profiles(shop).items()))
+        assert "everyone" not in profile["segments"]  # materialized with the default segments
+        assert rt.segment(cid)["segments"] == ["everyone"] and rt.segment(cid)["segment"] == "everyone"
+        decision = rt.personalize("email", customer_id=cid, consent=True)
+        assert decision["segments"] == ["everyone"]
+    finally:
+        rt.close()
+
+
 def test_a_rule_reading_a_name_no_decision_has_is_found_before_serving(shop: Settings, tmp_path: Path) -> None:
     import yaml
 
