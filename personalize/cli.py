@@ -1103,8 +1103,7 @@ def serve(
     unknown = unknown_rule_names(rules, segment_config, url, dataset)
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise ConfigError(f"the catalog's {unknown[0]}{more}: that rule would never hold. A name the application "
-                          "sends in each request's context is declared under `context:` in the catalog")
+        raise ConfigError(f"the catalog's {unknown[0]}{more}")
     models = endpoint_models(model or [])
     client = connect(settings.tracking_uri)
     for endpoint, name in models.items():

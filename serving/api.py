@@ -84,7 +84,7 @@ class Runtime:
         self._needed = {p.name: frozenset(self.catalog.rule_names(p.name)) & SCORES
                         for p in self.catalog.placements}
         for problem in unknown_rule_names(self.catalog, self.segments, config.online_url, config.dataset) or ():
-            log.warning("the catalog's %s: that rule never holds", problem)  # `personalize serve` refuses to start
+            log.warning("the catalog's %s", problem)  # `personalize serve` refuses to start
         self._rng = np.random.default_rng()
         self._lock = threading.Lock()
         self._store = None

@@ -147,6 +147,9 @@ class Catalog(BaseModel):
             if not NAME.match(name):
                 raise ValueError(f"{name!r}: a context name is lower-case letters, digits and _, starting with a "
                                  "letter")
+            if name in BUILTIN_NAMES:
+                raise ValueError(f"{name!r} is a name every decision has (the scores, segment, cluster, "
+                                 "cold_start): a request cannot set it; give the context name another name")
         return value
 
     @model_validator(mode="after")
@@ -194,16 +197,22 @@ class Catalog(BaseModel):
 
     def unknown_names(self, known: set[str]) -> list[str]:
         """One line per name a rule reads that is neither in ``known`` (segments, features) nor in the decision's
-        context (:data:`BUILTIN_NAMES`, the declared ``context``): a typo, which would make the rule never hold."""
+        context (:data:`BUILTIN_NAMES`, the declared ``context``): a typo, which would make the rule never hold;
+        and one per declared context name that is also a feature or segment (the stored value would win for a known
+        customer and the request's for a new one)."""
+        lines = [f"context name {name!r}, which is also a feature or segment of every customer: the stored value "
+                 "would win for a known customer and the request's for a new one; give it another name"
+                 for name in self.context if name in known]
         known = set(known) | BUILTIN_NAMES | set(self.context)
-        lines = []
         for p in self.placements:
             for v in p.variants:
                 for name in sorted(compiled(v.eligible).names - known if v.eligible else ()):
                     close = closest_name(name, known)
                     lines.append(f"placement {p.name!r}, variant {v.id!r} reads {name!r}, which is no score, segment, "
                                  f"feature or declared context name" + (f" (did you mean {close!r}?)" if close
-                                                                        else ""))
+                                                                        else "")
+                                 + ": that rule would never hold (a name the application sends in each request's "
+                                   "context is declared under `context:` in the catalog)")
         return lines
 
 

@@ -151,7 +151,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     decision_id: Annotated[str, Field(min_length=1, max_length=64, examples=["5f0c3b8e9a7d4e21b6f1c0a2d3e4f5a6"])]
     event: Literal["impression", "click", "conversion"]
-    value: Annotated[float, Field(allow_inf_nan=False, ge=0)] | None = None
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)] | None = None  # "25" or true: a 400
 
 
 class ForecastRequest(BaseModel):

@@ -361,14 +361,26 @@ def test_a_rule_reading_a_name_no_decision_has_is_found_before_serving(shop: Set
     (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
     catalog, segments, url = load_catalog(tmp_path / "catalog.yaml"), load_segments(), default_url(shop.home,
                                                                                                    "synthetic")
+    never = (": that rule would never hold (a name the application sends in each request's context is declared "
+             "under `context:` in the catalog)")
     assert unknown_rule_names(catalog, segments, url, "synthetic") == [
         "placement 'email', variant 'retention_offer' reads 'churn_score', which is no score, segment, feature or "
-        "declared context name (did you mean 'churn'?)",
+        "declared context name (did you mean 'churn'?)" + never,
         "placement 'product_page', variant 'bundle_offer' reads 'device', which is no score, segment, feature "
-        "or declared context name"]
+        "or declared context name" + never]
     raw["context"] = ["device"]  # a name each request sends in its context
     (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
     assert len(unknown_rule_names(load_catalog(tmp_path / "catalog.yaml"), segments, url, "synthetic")) == 1
+    # a context name that is also a stored feature or a segment: known and new customers would read it differently
+    raw["context"] = ["device", "recency_days", "high_value"]
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+    shadowed = unknown_rule_names(load_catalog(tmp_path / "catalog.yaml"), segments, url, "synthetic")
+    assert [line.split(",")[0] for line in shadowed] == ["context name 'recency_days'", "context name 'high_value'",
+                                                         "placement 'email'"]
+    raw["context"] = ["churn"]  # a score: refused with the file
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="'churn' is a name every decision has"):
+        load_catalog(tmp_path / "catalog.yaml")
     assert unknown_rule_names(load_catalog(), segments, url, "synthetic") == []  # the embedded catalog
     assert unknown_rule_names(catalog, segments, default_url(shop.home, "nowhere"), "nowhere") is None  # unknown
 

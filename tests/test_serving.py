@@ -407,6 +407,8 @@ def _bad_cases(home: Path) -> list[tuple[str, Any, str]]:
         ("/next_purchase", {"customer_id": cid, "horizon_days": 30.5}, "horizon_days"),
         ("/churn", {"customer_id": "   "}, "customer_id"),  # blank once trimmed, as ingest trims ids
         ("/churn", {"customer_id": "c1\u0000"}, "customer_id"),
+        ("/feedback", {"decision_id": "d1", "event": "conversion", "value": "25"}, "value"),  # not coerced
+        ("/feedback", {"decision_id": "d1", "event": "conversion", "value": True}, "value"),
     ]
 
 
