@@ -1645,7 +1645,8 @@ def experiment_report(
     catalog: CatalogOption = None,
     control: Annotated[str, typer.Option(help="The arm the others are compared with.")] = "holdout",
     alpha: Annotated[float, typer.Option(min=0.0001, max=0.5, help="Significance level.")] = 0.05,
-    plot_to: Annotated[Path | None, typer.Option("--plot", help="Also write the plot here (PNG).")] = None,
+    plot_to: Annotated[Path | None, typer.Option("--plot", help="Also write the plot here (PNG; a folder: "
+                                                                 "NAME.png in it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     log: Annotated[bool, typer.Option("--log/--no-log", help="Log the report to MLflow as a new run (--no-log: only "
                                       "print it, e.g. to look while the test runs).")] = True,
@@ -1665,9 +1666,14 @@ def experiment_report(
         raise PersonalizeError(f"no experiment {name!r} in {which}; it has: {known}")
     store = DecisionStore(settings.decisions_path)
     report = analyze(store.experiment_frame(name), experiment, control=control, alpha=alpha)
+    if plot_to is not None:  # first: a path it cannot write is an error before anything is logged
+        if plot_to.is_dir():
+            plot_to = plot_to / f"{name}.png"
+        try:
+            plot(report, plot_to)
+        except OSError as exc:
+            raise PersonalizeError(f"--plot {plot_to}: {exc.strerror or exc}") from None
     run_id = log_report(report, settings.tracking_uri, settings.artifact_root) if log else None
-    if plot_to is not None:
-        plot(report, plot_to)
     if as_json:
         console.print_json(json.dumps({**report.to_dict(), "mlflow_run_id": run_id}))
         return
@@ -1686,6 +1692,8 @@ def experiment_report(
         console.print(f"- {line}", highlight=False, soft_wrap=True)
     if run_id is not None:
         console.print(f"logged to MLflow run {run_id} (experiment ab-{name})", highlight=False)
+    if plot_to is not None:
+        console.print(f"plot -> {plot_to}", highlight=False)
 
 
 @app.command()

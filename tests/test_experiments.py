@@ -368,6 +368,16 @@ def test_the_report_command_logs_a_run_unless_told_not_to(isolated_home: Path) -
     logged = runner.invoke(app, ["experiment", "report", "email_rules"])
     assert logged.exit_code == 0 and "logged to MLflow run" in logged.output, logged.output
     assert runs() == 1
+    # --plot into a folder writes NAME.png there; a path it cannot write is one line, and nothing is logged
+    folder = settings.home / "plots"
+    folder.mkdir()
+    plotted = runner.invoke(app, ["experiment", "report", "email_rules", "--no-log", "--json", "--plot", str(folder)])
+    assert plotted.exit_code == 0 and json.loads(plotted.output)["experiment"] == "email_rules", plotted.output
+    assert (folder / "email_rules.png").read_bytes()[:4] == b"\x89PNG"
+    (folder / "taken").write_text("a file where a folder goes")
+    refused = runner.invoke(app, ["experiment", "report", "email_rules", "--plot", str(folder / "taken" / "x.png")])
+    assert refused.exit_code == 2 and "--plot" in refused.output and "Traceback" not in refused.output, refused.output
+    assert runs() == 1
     unknown = runner.invoke(app, ["experiment", "report", "newsletter_test"])
     assert unknown.exit_code == 2 and "no experiment 'newsletter_test' in the embedded catalog" in " ".join(
         unknown.output.split()) and "it has: email_rules" in " ".join(unknown.output.split()), unknown.output
