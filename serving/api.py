@@ -230,11 +230,12 @@ class Runtime:
         def answer(i: int) -> dict[str, Any]:
             k = position.get(i)
             p = scorer.prior if k is None else float(probs[k])
-            out = {"customer_id": pairs[i][0], "probability": round(p, 6), "decision": p >= scorer.threshold,
-                   "action": action if p >= scorer.threshold else "none", "threshold": scorer.threshold,
-                   "cold_start": k is None}
+            act = k is not None and p >= scorer.threshold  # no history, nothing to act on: an unknown id (or a typo
+            # upstream) gets the base rate, never an offer, even where the base rate is above the threshold
+            out = {"customer_id": pairs[i][0], "probability": round(p, 6), "decision": act,
+                   "action": action if act else "none", "threshold": scorer.threshold, "cold_start": k is None}
             if k is None:
-                out["prior"] = "global base rate of the model's held-out data"
+                out["prior"] = "global base rate of the model's held-out data; no decision without history"
                 return out
             if reasons is not None:
                 out["reasons"] = reasons[k]

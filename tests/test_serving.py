@@ -221,11 +221,30 @@ def test_churn_by_id_by_record_and_in_a_batch_agree(server: Server, home: Path) 
                                                          {"features": features}]}).json()["results"]
     assert [r["cold_start"] for r in batch] == [False, True, False]
     assert batch[0]["probability"] == batch[2]["probability"] == one["probability"]
-    assert "prior" in batch[1]
+    assert "prior" in batch[1] and batch[1]["decision"] is False and batch[1]["action"] == "none"  # no offer blind
     metrics = server.client.get("/metrics").text
     counted = [line for line in metrics.splitlines() if line.startswith("personalize_predictions_total{")
                and 'endpoint="churn"' in line and 'cold_start="true"' in line and 'version="1"' in line]
     assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_a_cold_start_never_decides_to_act_even_above_the_threshold(home: Path, tmp_path: Path) -> None:
+    """An unknown id gets the base rate; where that is above the threshold (here a threshold of 0), a known customer
+    is acted on and the unknown one is not: no history, no offer."""
+    from serving.api import Runtime
+    from serving.config import ServeConfig
+
+    config = ServeConfig(home=home, tracking_uri=f"sqlite:///{home / 'mlflow.db'}", prediction_log=tmp_path / "log")
+    runtime = Runtime(config, start_reloader=False, freeze_heap=False)
+    try:
+        runtime.models.get("churn").scorer.threshold = 0.0
+        known, unknown = runtime.classify("churn", items=[{"customer_id": _known_ids(home, 1)[0]},
+                                                          {"customer_id": "no-such-customer"}])["results"]
+        assert (known["decision"], known["action"]) == (True, "retention_offer")
+        assert unknown["cold_start"] and unknown["probability"] > 0
+        assert (unknown["decision"], unknown["action"]) == (False, "none")
+    finally:
+        runtime.close()
 
 
 def test_an_integer_id_is_the_same_id_as_its_string(server: Server) -> None:
