@@ -64,6 +64,8 @@ def _customer_id(value: Any) -> str:
         raise ValueError("a customer id is not blank")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError("a customer id has no control characters")
+    if len(value) > 128:
+        raise ValueError(f"a customer id has at most 128 characters, not {len(value):,}")
     return value
 
 
@@ -250,10 +252,14 @@ def named_error(body: Any) -> dict[str, Any]:
     loc = list(detail[0].get("loc") or ())
     branches = [d for d in detail if list(d.get("loc") or ())[:-1] == loc[:-1] and len(d.get("loc") or ()) == len(loc)]
     union = len(loc) > 1 and len({d.get("type") for d in branches}) > 1  # a value that fits no branch of a union
+    first = detail[0]
     if union:
         loc = loc[:-1]
+        # the branch the value's type matched, failing a constraint (a string too long), says more than the branches
+        # of other types ("Input should be a valid number")
+        first = next((d for d in branches if not str(d.get("type", "")).endswith(("_type", "_parsing"))), first)
     field = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "body"
-    message = detail[0].get("msg") or body.get("error")
+    message = first.get("msg") or body.get("error")
     more = len(detail) - (len(branches) if union else 1)
     return {"error": f"{field}: {message}" + (f" (and {more} more)" if more > 0 else ""), "field": field,
             "detail": detail}
