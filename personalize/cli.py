@@ -1158,8 +1158,18 @@ def bento_build(
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     settings: Settings = ctx.obj
     served = endpoint_models(model or [])
-    names = list(dict.fromkeys([*([check_name(n.strip()) for n in models.split(",") if n.strip()] if models
-                                  else {**ENDPOINT_MODELS, **served}.values()), *served.values()]))
+    asked = [check_name(n.strip()) for n in models.split(",") if n.strip()] if models is not None else None
+    if asked == []:
+        raise PersonalizeError(f"--models {models!r}: name at least one registered model")
+    names = list(dict.fromkeys([*(asked or {**ENDPOINT_MODELS, **served}.values()), *served.values()]))
+    endpoints = {**ENDPOINT_MODELS, **served}
+    unserved = [n for n in names if n not in endpoints.values()]
+    if unserved and len(unserved) == len(names):
+        raise PersonalizeError(f"no endpoint would serve {', '.join(unserved)}: give --model ENDPOINT=NAME (e.g. "
+                               f"--model churn={unserved[0]})")
+    for name in unserved:
+        console.print(f"[yellow]{name} is carried but no endpoint serves it[/] (--model ENDPOINT={name} would)",
+                      highlight=False)
     client = connect(settings.tracking_uri)
     report = build_bento(client, names, out or settings.home / "bento", alias, required=models is not None,
                          requirements=requirements, run_build=build, endpoints=served)

@@ -46,6 +46,10 @@ HELDOUT_OBJECT = "heldout.parquet"  # the custom object holding the held-out fra
 PACKAGES = ("personalize", "features", "serving", "training", "monitoring")
 SYSTEM_PACKAGES = ("libgomp1",)  # OpenMP, which the LightGBM and XGBoost wheels link against
 CONTAINER_HOME = "/home/bentoml/personalize"  # PERSONALIZE_HOME in the image: mount the home (or a volume) here
+# the Bento's labels that say how it serves (read by the service, so `bentoml serve <tag>` needs no environment):
+# which model an endpoint serves where it is not the default, and the alias its models were carried as
+ENDPOINTS_LABEL = "personalize.endpoints"
+ALIAS_LABEL = "personalize.alias"
 
 
 def model_tag(name: str, version: str, run_id: str) -> str:
@@ -220,7 +224,10 @@ def build(client: Any, names: Iterable[str], out_dir: Path, alias: str = "champi
     pins = requirement_lines(requirements.read_text()) if requirements is not None else pinned_requirements()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bentofile.yaml"
-    spec = bentofile([m.tag for m in imported], pins, {m.name: m.version for m in imported}, endpoints)
+    labels = {m.name: m.version for m in imported} | {ALIAS_LABEL: alias}
+    if endpoints:
+        labels[ENDPOINTS_LABEL] = ",".join(f"{k}={v}" for k, v in endpoints.items())
+    spec = bentofile([m.tag for m in imported], pins, labels, endpoints)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     if not run_build:
         return BuildReport(path, imported, None, missing)
@@ -249,7 +256,8 @@ class BentoRegistry:
 
     One model per registered name: the Bento's own (:meth:`of_bento`) or the last imported (:meth:`latest`)."""
 
-    def __init__(self, models: Iterable[Any]) -> None:
+    def __init__(self, models: Iterable[Any], alias: str | None = None) -> None:
+        self.alias = alias  # the alias every model answers to (a Bento's); None: each model's own label
         self.models: dict[str, Any] = {}
         for model in models:
             name = model.info.labels.get("registered_model")
@@ -261,8 +269,8 @@ class BentoRegistry:
         """The models a Bento lists (read from the model store it is served with: its own in a container)."""
         import bentoml
 
-        return cls(bentoml.models.get(m.tag) for m in bento.info.all_models
-                   if str(m.tag.name).startswith(MODEL_PREFIX))
+        return cls((bentoml.models.get(m.tag) for m in bento.info.all_models
+                    if str(m.tag.name).startswith(MODEL_PREFIX)), bento.info.labels.get(ALIAS_LABEL))
 
     @classmethod
     def latest(cls) -> BentoRegistry:
@@ -281,8 +289,11 @@ class BentoRegistry:
 
     def _version(self, name: str) -> SimpleNamespace:
         labels = self._model(name).info.labels
+        # a Bento's own alias, not the model's label: a version first imported as the challenger and since promoted
+        # is reused by a champion Bento with its old label
+        alias = self.alias or labels.get("alias", "champion")
         return SimpleNamespace(name=name, version=labels["version"], run_id=labels.get("run_id", ""),
-                               aliases=[labels.get("alias", "champion")])
+                               aliases=[alias])
 
     def get_model_version_by_alias(self, name: str, alias: str) -> SimpleNamespace:
         mv = self._version(name)
@@ -308,3 +319,13 @@ class BentoRegistry:
     def describe(self) -> dict[str, str]:
         """Registered model -> BentoML tag."""
         return {name: str(m.tag) for name, m in sorted(self.models.items())}
+
+
+def bento_serving(bento: Any) -> tuple[dict[str, str], str | None]:
+    """How a Bento serves, from its labels: which model an endpoint serves where it is not the default, and the alias
+    its models were carried as (None: built before these were recorded)."""
+    from serving.config import endpoint_models
+
+    labels = dict(bento.info.labels or {}) if bento is not None else {}
+    endpoints = labels.get(ENDPOINTS_LABEL)
+    return (endpoint_models(endpoints.split(",")) if endpoints else {}), labels.get(ALIAS_LABEL)

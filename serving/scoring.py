@@ -427,18 +427,20 @@ class ModelSet:
             raise NotServing(why)
         return loaded
 
-    def _version(self, name: str, alias: str) -> str | None:
+    def _version(self, name: str, alias: str) -> tuple[str | None, str]:
+        """The version ``alias`` points to, or None and why not (a Bento says what it carries instead)."""
         try:
-            return str(self.client.get_model_version_by_alias(name, alias).version)
-        except Exception:
-            return None
+            return str(self.client.get_model_version_by_alias(name, alias).version), ""
+        except Exception as exc:
+            from_bento = hasattr(self.client, "load_pyfunc")
+            return None, (first_line(exc) if from_bento else f"no version of {name} has the alias {alias!r}")
 
     def _refresh_one(self, endpoint: str, name: str, alias: str, target: dict[str, Loaded]) -> None:
-        version = self._version(name, alias)
+        version, why = self._version(name, alias)
         loaded = target.get(endpoint)
         if version is None:
             if alias == self.alias and loaded is None:
-                self.errors[endpoint] = f"no version of {name} has the alias {alias!r}"
+                self.errors[endpoint] = why
             if alias != self.alias:
                 target.pop(endpoint, None)  # the challenger was promoted or removed: stop shadowing
             return

@@ -467,7 +467,7 @@ class Personalization:
                 log.warning("no champion in the BentoML model store (`personalize bento build` imports them)")
             if CONFIG.shadow:
                 log.warning("shadow mode needs the registry's challenger: off for models served from a Bento")
-            self.runtime = Runtime(CONFIG, bento_models, start_reloader=False)
+            self.runtime = Runtime(_bento_config(bento_models), bento_models, start_reloader=False)
         RUNTIME["runtime"] = self.runtime
         # BentoML looks the endpoint's method up on every request (``getattr(instance, name).local``), and its API
         # methods are non-data descriptors that build a new wrapper, with an ``inspect.signature``, on each lookup:
@@ -585,6 +585,20 @@ def _bento_models():
     if CONFIG.model_source == "auto":
         return models if models is not None and models.models else None
     return models if models is not None and models.models else BentoRegistry.latest()
+
+
+def _bento_config(models: Any) -> ServeConfig:
+    """The serving config of a Bento's models: the endpoints and alias it was built with (its labels), unless the
+    environment names the endpoints' models itself (``PERSONALIZE_MODELS``)."""
+    from serving.bento import bento_serving
+
+    endpoints, alias = bento_serving(Personalization.bento)
+    update: dict[str, Any] = {}
+    if endpoints and not os.environ.get("PERSONALIZE_MODELS"):
+        update.update(models={**CONFIG.models, **endpoints}, required=tuple(endpoints))
+    if alias or models.alias:
+        update["alias"] = alias or models.alias
+    return CONFIG.model_copy(update=update) if update else CONFIG
 
 
 Personalization.add_asgi_middleware(RequestMetrics)

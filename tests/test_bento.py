@@ -194,6 +194,21 @@ def test_the_bento_registry_answers_for_the_models_it_carries_only() -> None:
                 lambda: registry.get_model_version_by_alias("propensity", "champion")):
         with pytest.raises(LookupError):
             ask()
+    # a Bento answers for the alias it was built with, whatever label an earlier import left on a reused model
+    churn.info.labels["alias"] = "challenger"  # imported by a challenger Bento, promoted since
+    assert BentoRegistry([churn], alias="champion").get_model_version_by_alias("churn", "champion").version == "7"
+
+
+def test_a_bento_says_how_it_serves_in_its_labels() -> None:
+    from types import SimpleNamespace
+
+    from serving.bento import ALIAS_LABEL, ENDPOINTS_LABEL, bento_serving
+
+    bento = SimpleNamespace(info=SimpleNamespace(labels={"churn_telco": "2", ALIAS_LABEL: "challenger",
+                                                         ENDPOINTS_LABEL: "churn=churn_telco"}))
+    assert bento_serving(bento) == ({"churn": "churn_telco"}, "challenger")
+    old = SimpleNamespace(info=SimpleNamespace(labels={"churn": "3"}))  # built before the labels were written
+    assert bento_serving(old) == ({}, None) and bento_serving(None) == ({}, None)
 
 
 # --- several workers -------------------------------------------------------------------------------------------------
@@ -312,8 +327,10 @@ def test_a_bento_carries_the_champion_and_serves_it_without_the_registry(home: P
         run_id=champion.run_id, artifact_path=HELDOUT_ARTIFACT, dst_path=str(tmp_path / "heldout")))["label"].mean()
 
     # When a Bento is built from it
-    out = subprocess.run([str(BIN / "personalize"), "bento", "build", "--models", "churn"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    # (its churn model also answering /propensity: an endpoint given a model by name, which `bentoml serve` reads
+    # from the Bento's labels, with no environment set)
+    out = subprocess.run([str(BIN / "personalize"), "bento", "build", "--models", "churn", "--model",
+                          "propensity=churn"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     tag = re.search(r"built (personalization:\w+)", out.stdout).group(1)
     assert f"bentoml containerize {tag}" in out.stdout
@@ -324,7 +341,8 @@ def test_a_bento_carries_the_champion_and_serves_it_without_the_registry(home: P
     with tarfile.open(tmp_path / "bento.tar") as archive:
         archive.extractall(tmp_path / "bento", filter="data")
     info = yaml.safe_load((tmp_path / "bento" / "bento.yaml").read_text())
-    assert f"{info['name']}:{info['version']}" == tag and info["labels"] == {"churn": str(champion.version)}
+    assert f"{info['name']}:{info['version']}" == tag and info["labels"] == {
+        "churn": str(champion.version), "personalize.alias": "champion", "personalize.endpoints": "propensity=churn"}
     (model_tag,) = [m["tag"] for m in info["models"]]
     assert model_tag.startswith(f"personalize-churn:v{champion.version}-")
     name, version = model_tag.split(":")
@@ -358,7 +376,8 @@ def test_a_bento_carries_the_champion_and_serves_it_without_the_registry(home: P
         by_id, by_record, cold = r.json()["results"]
         assert by_id["probability"] == by_record["probability"] == pytest.approx(expected, abs=1e-6)
         assert cold["cold_start"] and cold["probability"] == pytest.approx(base_rate, abs=1e-6)
-        assert srv.client.post("/propensity", json={"customer_id": cid}).status_code == 503  # not carried
+        assert srv.client.post("/propensity", json={"customer_id": cid}).json()["model"]["name"] == "churn"
+        assert srv.client.post("/next_purchase", json={"customer_id": cid}).status_code == 503  # not carried
     finally:
         srv.stop()
         for src, dst in moved:

@@ -88,6 +88,9 @@ def test_a_broken_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     (["segments", "cluster", "data/x"], "a file, where a data set name goes"),
     (["serve", "--model", "churn"], "'churn': give ENDPOINT=MODEL"),  # before any server starts
     (["bento", "build", "--no-build", "--model", "nosuch=churn_telco"], "'nosuch=churn_telco': give ENDPOINT=MODEL"),
+    (["bento", "build", "--no-build", "--models", ","], "--models ',': name at least one registered model"),
+    (["bento", "build", "--no-build", "--models", "churn_telco"],  # carried, served by no endpoint: all 503s
+     "no endpoint would serve churn_telco: give --model ENDPOINT=NAME (e.g. --model churn=churn_telco)"),
 ])
 def test_user_mistakes_are_one_line_errors(args: list[str], message: str) -> None:
     result = runner.invoke(app, args)
