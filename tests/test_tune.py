@@ -158,6 +158,23 @@ def test_a_study_refuses_trials_scored_on_other_rows(tmp_path: Path) -> None:
     assert len(optuna.load_study(study_name="prod", storage=storage).trials) == 4
 
 
+def test_a_study_refuses_other_families_before_any_trial(tmp_path: Path) -> None:
+    """The family is every trial's categorical choice, which Optuna cannot change within a study: another --family
+    was a traceback and a FAIL trial in the study; it is refused first, and a study made before the families were
+    recorded is read from its trials."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    both = {**FAST, "trials": 2, "families": ("lightgbm", "xgboost")}
+    tune(split_of(labeled()), TuneConfig(**both), storage, "both")
+    with pytest.raises(PersonalizeError, match="'both' searches the families lightgbm,xgboost, not lightgbm: give "
+                                               "--family as it did"):
+        tune(split_of(labeled()), TuneConfig(**{**both, "families": ("lightgbm",)}), storage, "both")
+    study = optuna.load_study(study_name="both", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    study.set_user_attr("families", None)  # as before the attribute was written: the trials tell
+    with pytest.raises(PersonalizeError, match="searches the families lightgbm,xgboost"):
+        tune(split_of(labeled()), TuneConfig(**{**both, "families": ("xgboost",)}), storage, "both")
+
+
 def test_an_unreachable_study_storage_is_one_line() -> None:
     for url in ("postgresql+psycopg2://me:s3cret@127.0.0.1:9/optuna", "sqlite:////no/such/dir/optuna.db"):
         with pytest.raises(PersonalizeError, match="Optuna storage .* is unreachable") as caught:

@@ -402,6 +402,9 @@ def open_study(storage: str, study_name: str, sampler_seed: int | None) -> tuple
         return optuna.load_study(**kwargs), False
 
 
+FAMILIES_ATTR = "families"  # the study's user attribute: the model families its trials choose from
+
+
 def split_fingerprint(split: Split, config: TuneConfig) -> str:
     """What a study's scores are comparable on: the split's rows and labels (hashed, in order) and how trials are
     scored (cross-validation folds, or the validation split)."""
@@ -418,13 +421,23 @@ def claim_study(study: optuna.Study, split: Split, config: TuneConfig) -> None:
     trials scored on other rows (`personalize tune`'s 80/20 split under `train --study` of the same name, a
     changed data set) would compete with this run's on scores that do not compare, and leak held-out rows."""
     key, seen = split_fingerprint(split, config), study.user_attrs.get(SPLIT_ATTR)
-    if seen is None:
-        study.set_user_attr(SPLIT_ATTR, key)
-    elif seen != key:
+    if seen is not None and seen != key:
         raise PersonalizeError(
             f"study {study.study_name!r} holds trials scored on other rows or another way (another command's split, "
             "another version of the data, other CV folds): their scores do not compare with this run's; give "
             "another --study name, or none for the default one")
+    # the families are one categorical choice of every trial: Optuna cannot change its values within a study
+    families = ",".join(config.families)
+    searched = study.user_attrs.get(FAMILIES_ATTR) or next(
+        (",".join(t.distributions["family"].choices) for t in study.trials if "family" in t.distributions), None)
+    if searched is not None and searched != families:
+        raise PersonalizeError(f"study {study.study_name!r} searches the families {searched}, not {families}: give "
+                               f"--family as it did ({' '.join(f'--family {f}' for f in searched.split(','))}), or "
+                               "another --study name")
+    if seen is None:
+        study.set_user_attr(SPLIT_ATTR, key)
+    if study.user_attrs.get(FAMILIES_ATTR) is None:
+        study.set_user_attr(FAMILIES_ATTR, families)
 
 
 def enqueue_starts(study: optuna.Study, config: TuneConfig) -> None:
