@@ -77,6 +77,9 @@ def load_reference(client: Any, name: str, version: str) -> Reference:
         raise MonitorError(str(exc)) from None
     if loaded.kind != "classifier":
         raise MonitorError(f"{name} is a {loaded.kind} model; the monitor watches churn and propensity classifiers")
+    if {"category", "category_share"} <= set(loaded.scorer.features):
+        raise MonitorError(f"{name} is a per-category propensity model (one row per customer and category), which is "
+                           "not served or batch-scored; the monitor watches churn and propensity classifiers")
     try:
         heldout, tags = _heldout(client, loaded.run_id)
     except RegistryError as exc:

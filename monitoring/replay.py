@@ -32,7 +32,7 @@ def replay(client: Any, model: str, dataset_dir: Path, log_root: Path, stamps: I
     keeps the customers a churn model is defined for (who have bought before), as its training frame does."""
     from features.definitions import FeatureSpec
     from features.store import FeatureStore
-    from serving.batch import score_matrix
+    from serving.batch import check_batchable, score_matrix
     from serving.predlog import PredictionLog, make_row, pseudonymize, utc
     from serving.scoring import load
 
@@ -49,6 +49,7 @@ def replay(client: Any, model: str, dataset_dir: Path, log_root: Path, stamps: I
             version = str(client.get_model_version_by_alias(model, "champion").version)
             if loaded is None or loaded.version != version:
                 loaded = load(client, model, "champion", threads=2)
+                check_batchable(loaded, model)  # one row per customer: not a cycle or per-category model
             scorer = loaded.scorer
             if moment not in frames:
                 frames = {moment: store.offline([moment], FeatureSpec(categories=store.top_categories(moment,

@@ -128,7 +128,7 @@ def _segment(log_root: Path, loaded: Any, request_id: str, ts: datetime, keys: A
                   batch_rows(request_id, ts, "batch", loaded.ref, keys, features, outputs))
 
 
-def _check_batchable(loaded: Any, name: str) -> None:
+def check_batchable(loaded: Any, name: str) -> None:
     """Batch scoring covers the one-row-per-customer classifiers (churn, propensity, a labeled table's model)."""
     if loaded.kind != "classifier":
         raise PersonalizeError(f"{name} is a {loaded.kind} model; batch scoring covers churn and propensity")
@@ -152,7 +152,7 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     import os
 
     loaded = load(client, name, alias, threads=os.cpu_count() or 1)
-    _check_batchable(loaded, name)
+    check_batchable(loaded, name)
     started = time.perf_counter()
     store = FeatureStore(dataset_dir, connect(engine, spark_master) if engine != "duckdb" else None)
     as_of = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
@@ -400,7 +400,7 @@ def score_table(client: Any, name: str, path: Path, out_dir: Path, alias: str = 
 
     path = Path(path)
     loaded = load(client, name, alias, threads=os.cpu_count() or 1)
-    _check_batchable(loaded, name)
+    check_batchable(loaded, name)
     scorer = loaded.scorer
     fmt, csv = file_format(path), CsvOptions(sep=sep)
     raw, unreadable = read_source(path, fmt, csv)
