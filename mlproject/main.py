@@ -25,10 +25,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROJECT_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROJECT_DIR.parent  # where the entry points run `personalize` (they `cd ..`)
@@ -47,10 +47,10 @@ class Options(BaseModel):
     days: int = Field(default=730, ge=1)
     seed: int = 42
     data_root: Path = Path("../shared/data")
-    task: str = "churn"
+    task: Literal["churn", "propensity", "category-propensity"] = "churn"
     model: str = ""
     trials: int = Field(default=10, ge=1)
-    family: str = ""
+    family: Literal["", "lightgbm", "xgboost"] = ""
     fairness_attribute: str = ""
     replay: int = Field(default=1000, ge=0)
     retrain_trials: int = Field(default=5, ge=1)
@@ -85,6 +85,8 @@ def plan(options: Options, kind: str, builtin: bool) -> list[Step]:
     train = {"task": o.task, "dataset": o.dataset, "trials": str(o.trials), "seed": str(o.seed), **family}
     train.update({k: v for k, v in (("fairness-attribute", o.fairness_attribute), ("name", o.model)) if v})
     no_transactions = "a labeled table has no transactions to replay or to label a window with"
+    # a per-category model is trained and gated, not served: nothing replays, monitors or retrains it
+    unserved = "a per-category propensity model is not served" if o.task == "category-propensity" else ""
     return [
         data,
         Step("features", {"dataset": o.dataset}, skip="a labeled table carries its features" if labeled else ""),
@@ -94,11 +96,12 @@ def plan(options: Options, kind: str, builtin: bool) -> list[Step]:
         Step("evaluate", {"model": model}),
         Step("promote", {"model": model}),
         Step("replay", {"model": model, "dataset": o.dataset, "sample": str(o.replay), "seed": str(o.seed)},
-             skip=no_transactions if labeled else "" if o.replay else "replay=0: monitor the log as it is",
+             skip=unserved or (no_transactions if labeled else "" if o.replay else "replay=0: monitor the log as it "
+                                                                                   "is"),
              needs_champion=True),
-        Step("monitor", {"model": model}, skip=no_transactions if labeled else "", needs_champion=True),
+        Step("monitor", {"model": model}, skip=unserved or (no_transactions if labeled else ""), needs_champion=True),
         Step("retrain", {"model": model, "trials": str(o.retrain_trials), "reason": "mlflow run -e main"},
-             needs_champion=True),
+             skip=unserved, needs_champion=True),
     ]
 
 
@@ -160,10 +163,14 @@ def launched_runs(client: Any, step_run_id: str) -> dict[str, str]:
 
     runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{LINK_TAG}` = '{step_run_id}'",
                               output_format="list", order_by=["attributes.start_time ASC"])
-    ids = {r.info.run_id for r in runs}
+    tops = [r for r in runs if not r.data.tags.get("mlflow.parentRunId")]
+    # a resumed study's trials are tagged with this step, their parent (the study's run) with the step that started
+    # it: the parent is what this step ran
+    parents = dict.fromkeys(r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("mlflow.parentRunId"))
+    tops += [client.get_run(p) for p in parents if p not in {r.info.run_id for r in tops}]
     names = {e.experiment_id: e.name for e in client.search_experiments()}
     return {r.info.run_id: f"{names.get(r.info.experiment_id, r.info.experiment_id)}/{r.info.run_name}"
-            for r in runs if r.data.tags.get("mlflow.parentRunId") not in ids}
+            for r in tops}
 
 
 def run_step(client: Any, step: Step, parent_id: str, experiment_id: str, model: str) -> Outcome:
@@ -181,7 +188,10 @@ def run_step(client: Any, step: Step, parent_id: str, experiment_id: str, model:
         run_id = _step_run(client, parent_id, experiment_id, step.entry_point)
         new = _audit_actions(client, model)[len(before):] if step.entry_point in GATED else []
         status = "refused" if "refuse" in new else "failed"
-    out = Outcome(step.entry_point, status, time.perf_counter() - started, run_id)
+    error = client.get_run(run_id).data.tags.get("personalize.error", "") if run_id and status == "failed" else ""
+    if status == "failed" and step.entry_point == "monitor" and error.startswith("no logged predictions"):
+        status = "skipped"  # nothing to monitor (replay=0 on an empty log): not a broken loop
+    out = Outcome(step.entry_point, status, time.perf_counter() - started, run_id, note=error[:300])
     if run_id:
         out.launched = launched_runs(client, run_id)
         client.set_tag(run_id, "personalize.outcome", status)
@@ -285,12 +295,17 @@ def main(
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:  # before any step: a bad value is one line, not a loop that fails after generating data
+        options = Options(dataset=dataset, customers=customers, days=days, seed=seed,
+                          data_root=(REPO_ROOT / data_root).resolve(), task=task, model=model, trials=trials,
+                          family=family, fairness_attribute=fairness_attribute, replay=replay,
+                          retrain_trials=retrain_trials)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise typer.BadParameter(error["msg"], param_hint=f"--{str(error['loc'][0]).replace('_', '-')}") from None
     if shutil.which("personalize") is None:
         raise SystemExit("error: `personalize` is not on PATH: start `mlflow run` from the project's environment "
                          "(source .venv/bin/activate) with --env-manager local")
-    options = Options(dataset=dataset, customers=customers, days=days, seed=seed, data_root=data_root.resolve(),
-                      task=task, model=model, trials=trials, family=family, fairness_attribute=fairness_attribute,
-                      replay=replay, retrain_trials=retrain_trials)
     run_loop(options)
 
 

@@ -134,6 +134,10 @@ def retrain(settings: Any, client: Any, model: str, policy: RetrainPolicy, reaso
     except Exception as exc:
         raise PersonalizeError(f"{model}: no champion to retrain from ({first_line(exc)})") from None
     task, dataset = params.get("task"), params.get("dataset")
+    other = "purchase-cycle" if "cycle_winner" in tags else "forecast" if tags.get("kind") == "forecast" else None
+    if other:
+        raise PersonalizeError(f"{model} is a {other} model: retrain covers the churn and propensity classifiers; "
+                               f"train a new version with `personalize train {other}` and promote it")
     if not task or not dataset:
         raise PersonalizeError(f"{model}: the champion's training run names no task or data set")
     warm: tuple[dict[str, Any], ...] = ()

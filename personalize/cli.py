@@ -97,9 +97,26 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             if kwargs.get("as_json"):
                 print(json.dumps({"error": str(exc)}))
+            _tag_launcher("personalize.error", str(exc))
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _tag_launcher(key: str, value: str) -> None:
+    """A tag on the MLflow Project entry point's run that launched this command, if one did (its summary shows
+    why a step failed); best effort: the error is printed whatever happens here."""
+    import os
+
+    launcher = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}").get("personalize.launcher_run_id")
+    if not launcher:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient().set_tag(launcher, key, value[:5000])
+    except Exception:  # an unreachable store: the error line above is what counts
+        pass
 
 
 def _now() -> "pd.Timestamp":  # noqa: F821  pandas is imported lazily to keep --help fast
@@ -432,7 +449,7 @@ def _trial_progress(total: int | None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("trial {task.completed}/{task.total}"), BarColumn(),
-                        TextColumn("best valid AUC {task.fields[best]}"), TimeElapsedColumn(), console=console)
+                        TextColumn("best trial ROC-AUC {task.fields[best]}"), TimeElapsedColumn(), console=console)
     task = progress.add_task("tune", total=total, best="-")
 
     def on_trial(study, trial) -> None:

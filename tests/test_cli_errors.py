@@ -314,3 +314,10 @@ def test_a_purchase_cycle_horizon_the_data_cannot_hold_says_how_long_the_data_ru
         text = one_line(result.output)
         assert result.exit_code == 2 and message in text and "shop runs 91 days (2024-01-02 to 2024-04-01)" in text, \
             text
+
+
+def test_a_horizon_of_centuries_is_one_line_not_a_calendar_overflow(small_synthetic: str) -> None:
+    result = run("train", "churn", small_synthetic, "--horizon", "100000", "--trials", "1")
+    text = one_line(result.output)
+    assert result.exit_code == 2 and "too few for an out-of-time split with a 100000-day horizon" in text, text
+    assert "Traceback" not in result.output

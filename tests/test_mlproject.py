@@ -18,6 +18,8 @@ from types import ModuleType
 import pytest
 import typer
 import yaml
+from pydantic import ValidationError
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "mlproject"
@@ -104,6 +106,36 @@ def test_every_step_main_plans_is_an_entry_point_whose_command_parses(dataset: s
     assert [s.entry_point for s in steps] == expected
     for step in steps:
         parse(command_line(spec()["entry_points"][step.entry_point], step.parameters))
+
+
+def test_main_refuses_a_bad_task_or_family_first_and_skips_what_a_per_category_model_has_not() -> None:
+    main = script(PROJECT / "main.py")
+    for bad in ({"task": "foo"}, {"family": "catboost"}):
+        with pytest.raises(ValidationError):
+            main.Options(**bad)
+    result = CliRunner().invoke(main.app, ["--task", "foo"])  # before any step runs: one line, exit 2
+    assert result.exit_code == 2 and "--task" in result.output and "Traceback" not in result.output
+    steps = main.plan(main.Options(task="category-propensity", trials=2), "synthetic", False)
+    assert [s.entry_point for s in steps if not s.skip] == ["synth", "features", "train", "evaluate", "promote"]
+    assert {s.entry_point: s.skip for s in steps}["monitor"] == "a per-category propensity model is not served"
+
+
+def test_a_failed_command_tags_the_entry_points_run_with_its_error(isolated_home: Path) -> None:
+    """`main`'s summary shows why a step failed: the command's one-line error is a tag of the step's run."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from personalize.cli import app
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    step = client.create_run(client.create_experiment("steps")).info.run_id
+    result = CliRunner().invoke(app, ["monitor", "churn"], env={
+        "MLFLOW_RUN_CONTEXT": json.dumps({"personalize.launcher_run_id": step})})
+    assert result.exit_code == 2
+    error = client.get_run(step).data.tags["personalize.error"]
+    assert error == "churn has no champion to monitor (train and promote one first)"
 
 
 @pytest.mark.slow

@@ -213,15 +213,17 @@ def prepare_frame(dataset_dir: Path, task: str, config: TrainConfig) -> Prepared
 
     store = FeatureStore(dataset_dir)
     observed_until = store.observed_until()
-    train_cuts, valid_cut, test_cut = oot_cutoffs(observed_until, config.horizon_days, config.train_cutoffs,
-                                                  config.step_days)
     first = store.transactions.timestamp.min().execute()
+    span = (observed_until - pd.Timestamp(first)).days
+    # in days first: a horizon of centuries would run past pandas' calendar before any date compares
+    needed = 2 * config.horizon_days + config.step_days * config.train_cutoffs
+    train_cuts, valid_cut, test_cut = oot_cutoffs(observed_until, config.horizon_days, config.train_cutoffs,
+                                                  config.step_days) if needed < span else ([first], first, first)
     if train_cuts[0] <= pd.Timestamp(first):
-        span = (observed_until - pd.Timestamp(first)).days
         raise PersonalizeError(
             f"{dataset_dir.name}: {span} days of transactions are too few for an out-of-time split with a "
-            f"{config.horizon_days}-day horizon (the earliest training cutoff {train_cuts[0].date()} comes before "
-            f"the first transaction); use a shorter --horizon or fewer training cutoffs")
+            f"{config.horizon_days}-day horizon (it needs more than {needed:,}: two horizons and the training "
+            f"cutoffs' steps); use a shorter --horizon or fewer training cutoffs")
     spec = FeatureSpec(categories=store.top_categories(train_cuts[0], config.top_categories))
     frame = store.training_frame([*train_cuts, valid_cut, test_cut], config.horizon_days, spec, observed_until)
     numeric = [c for c in spec.columns if c in frame.columns]
