@@ -1104,10 +1104,10 @@ def serve(
     import os
     import sys
 
-    from features.segments import load_segments
+    from features.segments import check_columns
     from personalize.errors import ConfigError
     from serving.config import ENDPOINT_KINDS, endpoint_models
-    from serving.api import unknown_rule_names
+    from serving.api import served_segments, store_meta, unknown_rule_names
     from serving.decisions import load_catalog
     from serving.online import default_url
     from training.registry import connect, kind_of
@@ -1115,8 +1115,11 @@ def serve(
     settings: Settings = ctx.obj
     require_free_port(host, port)
     # a bad file is a clear error here, not a server that won't start; so is a rule name that is nowhere
-    rules, segment_config = load_catalog(catalog), load_segments(segments)
     url = store or default_url(settings.home, dataset)
+    meta = store_meta(url, dataset)
+    rules, (segment_config, _) = load_catalog(catalog), served_segments(segments, meta)
+    if meta and meta.get("feature_columns"):  # a segment rule reading no stored feature would never hold
+        check_columns(segment_config, meta["feature_columns"])
     unknown = unknown_rule_names(rules, segment_config, url, dataset)
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""

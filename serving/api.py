@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.segments import assign_one, closest_name, load_segments
+from features.segments import RuleError, SegmentConfig, assign_one, check_columns, closest_name, load_segments
 from serving.config import ServeConfig
 from serving.decision_store import EVENTS, DecisionStore, UnknownDecision
 from serving.decisions import CYCLE_SCORES, SCORES, Catalog, decide, load_catalog
@@ -29,20 +29,39 @@ from serving.scoring import InputError, Loaded, ModelSet, NotServing
 log = logging.getLogger(__name__)
 
 
-def unknown_rule_names(catalog: Catalog, segments: Any, url: str, dataset: str) -> list[str] | None:
-    """The catalog's rule names that no decision's context has (:meth:`Catalog.unknown_names`) against the rule
-    segments and the features of the online store at ``url``; None when those features cannot be read (a store not
-    materialized yet, or unreachable)."""
+def store_meta(url: str, dataset: str) -> dict[str, Any] | None:
+    """What ``materialize`` recorded with the online store at ``url`` (its features, the segments it assigned);
+    None when the store cannot be read (not materialized yet, or unreachable: the server says why)."""
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
         return None
     try:
         store = open_store(url, dataset)
         try:
-            features = store.meta().get("feature_columns")
+            return store.meta()
         finally:
             store.close()
-    except Exception:  # the server says what is wrong with the store; this check only needs its names
+    except Exception:
         return None
+
+
+def served_segments(explicit: Path | None, meta: dict[str, Any] | None) -> tuple[SegmentConfig, bool]:
+    """The rule segments the API assigns, and whether it evaluates them on each customer's stored features (True)
+    or answers the ones ``materialize`` stored with the customer: the server's own file (``--segments``), else the
+    segments ``materialize`` recorded (both evaluated live), else the default file beside the stored segments of a
+    store materialized before the segments were recorded with it."""
+    if explicit is not None:
+        return load_segments(explicit), True
+    recorded = (meta or {}).get("segment_config")
+    if recorded:
+        return SegmentConfig.model_validate(recorded), True
+    return load_segments(None), False
+
+
+def unknown_rule_names(catalog: Catalog, segments: Any, url: str, dataset: str) -> list[str] | None:
+    """The catalog's rule names that no decision's context has (:meth:`Catalog.unknown_names`) against the rule
+    segments and the features of the online store at ``url``; None when those features cannot be read (a store not
+    materialized yet, or unreachable)."""
+    features = (store_meta(url, dataset) or {}).get("feature_columns")
     if not features:
         return None
     return catalog.unknown_names(set(features) | set(segments.names))
@@ -78,7 +97,12 @@ class Runtime:
         self.log = PredictionLog(config.log_root, flush_s=config.log_flush_s)
         self.salt = load_salt(config.home)
         self.catalog = load_catalog(config.catalog)
-        self.segments = load_segments(config.segments)
+        meta = store_meta(config.online_url, config.dataset)
+        self.segments, self._live_segments = served_segments(config.segments, meta)
+        try:
+            check_columns(self.segments, (meta or {}).get("feature_columns") or self.segments.columns())
+        except RuleError as exc:  # `personalize serve` refuses to start
+            log.warning("%s: those segments never hold for a stored customer", exc)
         self.decisions = DecisionStore(config.decisions_path)
         # the scores each placement's rules read: a decision computes only those (the purchase cycle costs ~10 ms)
         self._needed = {p.name: frozenset(self.catalog.rule_names(p.name)) & SCORES
@@ -296,11 +320,11 @@ class Runtime:
         if record is None:
             return assign_one(None, self.segments)
         profile = record.get("profile") or {}
-        if record.get("features") or "segments" not in profile:
-            # the server's own segment rules on the customer's stored features (a few microseconds), not the ones
-            # `materialize` ran: `serve --segments` applies to every customer, whatever the store was built with
+        if (self._live_segments and record.get("features")) or "segments" not in profile:
+            # the served segment rules on the customer's stored features (a few microseconds): `serve --segments`
+            # applies to every customer, whatever the store was materialized with (served_segments)
             out = assign_one(record.get("features") or {}, self.segments)
-        else:  # a profile without features (a store written by hand, say): as materialized
+        else:  # as materialized
             names = list(profile["segments"])
             out = {"segments": names, "segment": profile.get("segment") or self.segments.fallback,
                    "cold_start": False}
@@ -465,8 +489,10 @@ class Runtime:
             rows, unavailable = [], {}
         else:
             scores, models, rows, unavailable = self._scores(record, key, rid, needed, given=features is not None)
-        ctx = {**(context or {}), **(record or {}).get("features", {}), **scores, "segment": segments["segment"],
-               "cluster": segments.get("cluster"), "cold_start": cold,
+        # a cold start's scores are the models' base rates, reported but not read by the rules: no history, no
+        # offer (a rule on churn or propensity does not hold for a customer the models know nothing of)
+        ctx = {**(context or {}), **(record or {}).get("features", {}), **({} if cold else scores),
+               "segment": segments["segment"], "cluster": segments.get("cluster"), "cold_start": cold,
                **{name: name in segments["segments"] for name in self.segments.names}}
         with self._lock:  # numpy's Generator is not thread-safe
             decision = decide(self.catalog, placement, customer_id, ctx, True, self.decisions.bandit_stats,

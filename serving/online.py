@@ -366,7 +366,8 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
     meta = {"dataset": dataset_dir.name, "as_of": str(as_of), "feature_version": spec.version,
             "feature_columns": spec.columns, "categories": list(spec.categories),
             "data_fingerprint": store.fingerprint(), "customers": len(records),
-            "segments": segments.names, "clusters": clusters is not None}
+            "segments": segments.names, "segment_config": segments.model_dump(mode="json"),
+            "clusters": clusters is not None}
     online = open_store(url, dataset_dir.name)
     try:
         written = online.write(records, meta)

@@ -349,6 +349,38 @@ def test_the_servers_own_segments_file_applies_to_stored_customers(shop: Setting
         rt.close()
 
 
+def test_a_store_materialized_with_other_segments_is_served_with_them_and_a_bad_file_is_refused(
+        shop: Settings, tmp_path: Path) -> None:
+    """`materialize --segments mine.yaml`, then a server without --segments: it assigns mine.yaml's segments (the
+    store records them), as before the API evaluated segments itself. `serve --segments` with a rule reading no stored
+    feature refuses to start."""
+    from typer.testing import CliRunner
+
+    from personalize.cli import app
+    from serving.api import Runtime
+    from serving.config import ServeConfig
+    from serving.online import materialize
+
+    mine = tmp_path / "segments.yaml"
+    mine.write_text("segments:\n  - {name: everyone, rule: recency_days >= 0}\nfallback: regular\n")
+    url = f"sqlite:///{tmp_path / 'online.sqlite'}"
+    materialize(shop.dataset_dir("synthetic"), url, segments=load_segments(mine))
+    config = ServeConfig(home=shop.home, tracking_uri=shop.tracking_uri, decisions=tmp_path / "decisions.sqlite",
+                         prediction_log=tmp_path / "predlog", online_store=url)
+    rt = Runtime(config, start_reloader=False, freeze_heap=False)
+    try:
+        cid = next(iter(_profiles(shop)))
+        assert rt.segment(cid)["segments"] == ["everyone"] and rt.segments.fallback == "regular"
+    finally:
+        rt.close()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("segments:\n  - {name: lapsed, rule: recency_dayz > 180}\n")
+    result = CliRunner().invoke(app, ["serve", "--segments", str(typo), "--port", "38999"],
+                                env={"PERSONALIZE_HOME": str(shop.home), "MLFLOW_TRACKING_URI": shop.tracking_uri})
+    assert result.exit_code == 2 and "recency_dayz" in result.output and "recency_days" in result.output, \
+        result.output
+
+
 def test_a_rule_reading_a_name_no_decision_has_is_found_before_serving(shop: Settings, tmp_path: Path) -> None:
     import yaml
 

@@ -245,6 +245,17 @@ def test_a_cold_start_never_decides_to_act_even_above_the_threshold(home: Path, 
         assert (unknown["decision"], unknown["action"]) == (False, "none")
     finally:
         runtime.close()
+    # nor does a decision: the base rate is reported, but a rule on churn does not hold for a cold start
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("placements:\n  - name: p\n    policy: rules\n    default: plain\n    variants:\n"
+                       "      - {id: offer, eligible: churn >= 0}\n      - {id: plain, eligible: churn < 0}\n")
+    runtime = Runtime(config.model_copy(update={"catalog": catalog}), start_reloader=False, freeze_heap=False)
+    try:
+        assert runtime.personalize("p", customer_id=_known_ids(home, 1)[0], consent=True)["variant"] == "offer"
+        cold = runtime.personalize("p", customer_id="no-such-customer", consent=True)
+        assert cold["cold_start"] and cold["variant"] == "plain" and 0 < cold["scores"]["churn"] < 1, cold
+    finally:
+        runtime.close()
 
 
 def test_an_integer_id_is_the_same_id_as_its_string(server: Server) -> None:
