@@ -176,6 +176,15 @@ class Catalog(BaseModel):
                 seen[e.placement] = e.name
         if len({e.name for e in self.experiments}) != len(self.experiments):
             raise ValueError("an experiment is declared twice")
+        for p in self.placements:  # a variant the rules never choose, and no bandit arm serves, is a silent dead end
+            bandit = p.policy == "bandit" or any(a.policy == "bandit" for e in self.experiments
+                                                 if e.placement == p.name for a in e.arms)
+            fixed = {a.variant for e in self.experiments if e.placement == p.name for a in e.arms}
+            dead = [v.id for v in p.variants if not v.eligible and v.id != p.default and v.id not in fixed]
+            if dead and not bandit:
+                raise ValueError(f"placement {p.name!r}: variant {dead[0]!r} has no rule, and the rules policy "
+                                 "chooses the first variant whose rule holds, else the default: give it a rule "
+                                 "(eligible: 'True' for everyone), or make it the default")
         return self
 
     def placement(self, name: str) -> Placement:
@@ -250,14 +259,11 @@ def eligible(placement: Placement, context: dict[str, Any]) -> list[Variant]:
 
 
 def by_rules(placement: Placement, candidates: list[Variant]) -> tuple[str, str]:
-    """The first eligible variant in catalog order (one without a rule is eligible for everyone); else the
-    default."""
+    """The first eligible variant with a rule, in catalog order; else the default (a catalog refuses any other
+    variant without a rule on a rules placement: the rules would never choose it)."""
     for v in candidates:
         if v.eligible:
             return v.id, f"rule: {v.eligible}"
-        if v.id != placement.default:
-            return v.id, "the first eligible variant in the catalog's order (it has no rule: everyone)"
-        break
     return placement.default, "no rule matched: the placement's default"
 
 

@@ -158,18 +158,21 @@ def test_rules_pick_the_first_eligible_variant(ctx: dict, variant: str) -> None:
     assert out["variant"] == variant and out["policy"] == "rules"
 
 
-def test_a_variant_without_a_rule_is_eligible_for_everyone_and_none_eligible_is_the_default() -> None:
-    """`rules`: the first eligible variant in the file's order, a rule-less one included (it was skipped unless it
-    was the default). `bandit`, or a cold start on any placement, with nothing eligible: the default (it was a
-    500: Thompson sampling over no variant)."""
-    catalog = Catalog.model_validate({"placements": [
-        {"name": "page", "policy": "rules", "default": "similar", "variants": [
-            {"id": "free_shipping"}, {"id": "bundle", "eligible": "basket_value > 100"}, {"id": "similar"}]},
-        {"name": "strict", "policy": "bandit", "default": "x1", "variants": [
+def test_a_rule_less_variant_the_rules_never_choose_is_refused_and_none_eligible_is_the_default() -> None:
+    """`rules` chooses the first variant whose rule holds, else the default: another variant without a rule would
+    never be chosen, so the catalog refuses it (a bandit or a fixed arm could serve it). `bandit`, or a cold start on
+    any placement, with nothing eligible: the default (it was a 500: Thompson sampling over no variant)."""
+    page = {"name": "page", "policy": "rules", "default": "similar", "variants": [
+        {"id": "free_shipping"}, {"id": "bundle", "eligible": "basket_value > 100"}, {"id": "similar"}]}
+    with pytest.raises(ValueError, match="variant 'free_shipping' has no rule"):
+        Catalog.model_validate({"placements": [page], "context": ["basket_value"]})
+    page["variants"][0]["eligible"] = "True"  # for everyone, as the message says
+    catalog = Catalog.model_validate({"placements": [page, {
+        "name": "strict", "policy": "bandit", "default": "x1", "variants": [
             {"id": "x1", "eligible": "churn >= 0.99"}, {"id": "x2", "eligible": "churn >= 0.999"}]}],
         "context": ["basket_value"]})
     out = decide(catalog, "page", "c1", {"basket_value": 150}, True, lambda *_: {}, np.random.default_rng(0))
-    assert out["variant"] == "free_shipping" and "it has no rule" in out["reason"]
+    assert out["variant"] == "free_shipping" and out["reason"] == "rule: True"
     for ctx in ({"churn": 0.2}, {"cold_start": True}):
         out = decide(catalog, "strict", "c1", ctx, True, lambda *_: {}, np.random.default_rng(0))
         assert (out["variant"], out["policy"]) == ("x1", "default") and "no variant is eligible" in out["reason"]
