@@ -229,12 +229,15 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
             raise DataFileError(spec.path, "the id column cannot be the label column", column=spec.id_column)
         ids = frame[spec.id_column].astype(str).str.strip()
         named = ~is_blank(frame[spec.id_column])
+        if not named.any():
+            raise DataFileError(spec.path, "the id column is entirely missing", column=spec.id_column)
         repeated = named & ids.duplicated(keep="first")
-        if repeated.sum() >= 0.5 * named.sum():  # an id names one row: this names groups (a plan, a label)
-            raise DataFileError(spec.path, f"not an id: {int(repeated.sum()):,} of {int(named.sum()):,} rows repeat "
-                                           "an earlier row's value; give the column that names each customer, or "
-                                           "no --id", column=spec.id_column)
         same = frame.astype(str).duplicated(keep="first")  # the whole row again: an exported duplicate
+        other = repeated & ~same
+        if other.sum() >= 0.5 * (named & ~same).sum():  # an id names one row: this names groups (a plan, a label)
+            raise DataFileError(spec.path, f"not an id: {int(other.sum()):,} of {int((named & ~same).sum()):,} "
+                                           "distinct rows repeat an earlier row's value; give the column that names "
+                                           "each customer, or no --id", column=spec.id_column)
         reasons.add(~named, "missing_id")
         reasons.add(repeated & same, "duplicate")
         reasons.add(repeated & ~same, "repeated_id")  # the same customer, other values: the first row is kept

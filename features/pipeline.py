@@ -89,6 +89,8 @@ _NUMBER_HINT = ('numbers are read as the mapping\'s csv.decimal says: "," reads 
                 'per column. The quarantine file shows the values')
 _BOOL_HINT = (f"accepted, in any case: {', '.join(sorted(TRUE_TEXT - {'1.0'}))} (true) and "
               f"{', '.join(sorted(FALSE_TEXT - {'', '0.0'}))} or blank (false)")
+_RETURN_HINT = ("a negative quantity or amount is a return: set the mapping's return_prefix (order ids of returns "
+                "start with it) or map an is_return column")
 REASON_HINTS = {
     "unparseable_timestamp": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
     "unparseable_signup_at": "check the mapping's timestamp_format (without it only ISO 8601 is accepted)",
@@ -103,8 +105,8 @@ REASON_HINTS = {
     "future_timestamp": "check the mapping's timestamp_format (day and month swapped?) and the time zone",
     "repeated_id": "rows of an id seen before, with other values: the first is kept; check that the id column "
                    "names one customer per row",
-    "negative_amount_not_return": "a negative quantity or amount is a return: set the mapping's return_prefix "
-                                  "(order ids of returns start with it) or map an is_return column",
+    "negative_amount_not_return": _RETURN_HINT,
+    "negative_quantity_not_return": _RETURN_HINT,
 }
 
 
@@ -187,15 +189,16 @@ def kept_unless_done(settings: Settings, dataset: str) -> Iterator[None]:
     import shutil
 
     stored = settings.dataset_dir(dataset)
-    backup = settings.home / ".previous" / dataset
+    backup = settings.previous_dir(dataset)
     shutil.rmtree(backup, ignore_errors=True)
-    if stored.exists():
+    existed = stored.exists()
+    if existed:
         shutil.copytree(stored, backup)
     try:
         yield
     except BaseException:
-        if backup.exists():
-            shutil.rmtree(stored, ignore_errors=True)
+        shutil.rmtree(stored, ignore_errors=True)  # a data set the failed train created goes with it
+        if existed:
             backup.replace(stored)
             log.info("%s: the data set as stored before is back in place", dataset)
         raise

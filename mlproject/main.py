@@ -30,9 +30,10 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from personalize.settings import ERROR_TAG, LAUNCHER_TAG
+
 PROJECT_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROJECT_DIR.parent  # where the entry points run `personalize` (they `cd ..`)
-LINK_TAG = "personalize.launcher_run_id"
 GATED = ("promote", "retrain")  # exit code 1: the gate refused
 log = logging.getLogger("personalize.mlproject")
 
@@ -67,6 +68,7 @@ class Step:
     parameters: dict[str, str] = field(default_factory=dict)
     skip: str = ""  # why the step does not apply; then it is not run
     needs_champion: bool = False
+    empty_ok: bool = False  # monitor with replay=0: nothing logged in the window is a skip, not a failure
 
 
 def plan(options: Options, kind: str, builtin: bool) -> list[Step]:
@@ -99,7 +101,8 @@ def plan(options: Options, kind: str, builtin: bool) -> list[Step]:
              skip=unserved or (no_transactions if labeled else "" if o.replay else "replay=0: monitor the log as it "
                                                                                    "is"),
              needs_champion=True),
-        Step("monitor", {"model": model}, skip=unserved or (no_transactions if labeled else ""), needs_champion=True),
+        Step("monitor", {"model": model}, skip=unserved or (no_transactions if labeled else ""), needs_champion=True,
+             empty_ok=not o.replay),
         Step("retrain", {"model": model, "trials": str(o.retrain_trials), "reason": "mlflow run -e main"},
              skip=unserved, needs_champion=True),
     ]
@@ -161,7 +164,7 @@ def launched_runs(client: Any, step_run_id: str) -> dict[str, str]:
     """The top-level runs a step's command started (their nested trial runs are theirs): id -> experiment/run name."""
     import mlflow
 
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{LINK_TAG}` = '{step_run_id}'",
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{LAUNCHER_TAG}` = '{step_run_id}'",
                               output_format="list", order_by=["attributes.start_time ASC"])
     tops = [r for r in runs if not r.data.tags.get("mlflow.parentRunId")]
     # a resumed study's trials are tagged with this step, their parent (the study's run) with the step that started
@@ -188,8 +191,8 @@ def run_step(client: Any, step: Step, parent_id: str, experiment_id: str, model:
         run_id = _step_run(client, parent_id, experiment_id, step.entry_point)
         new = _audit_actions(client, model)[len(before):] if step.entry_point in GATED else []
         status = "refused" if "refuse" in new else "failed"
-    error = client.get_run(run_id).data.tags.get("personalize.error", "") if run_id and status == "failed" else ""
-    if status == "failed" and step.entry_point == "monitor" and error.startswith("no logged predictions"):
+    error = client.get_run(run_id).data.tags.get(ERROR_TAG, "") if run_id and status == "failed" else ""
+    if status == "failed" and step.empty_ok and error.startswith("no logged predictions"):
         status = "skipped"  # nothing to monitor (replay=0 on an empty log): not a broken loop
     out = Outcome(step.entry_point, status, time.perf_counter() - started, run_id, note=error[:300])
     if run_id:

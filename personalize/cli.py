@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from personalize.errors import PersonalizeError, first_line, option_error
-from personalize.settings import Settings, looks_like_file, redact
+from personalize.settings import ERROR_TAG, LAUNCHER_TAG, Settings, looks_like_file, redact
 
 app = typer.Typer(
     name="personalize",
@@ -73,7 +73,7 @@ def _configure(
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
     if launcher:
         context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
-        os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "personalize.launcher_run_id": launcher})
+        os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, LAUNCHER_TAG: launcher})
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a tracking server's "View run" lines
     for noisy in ("cmdstanpy", "prophet", "urllib3", "alembic", "numexpr", "mlflow.store.db.utils",
                   "mlflow.utils.uv_utils", "mlflow.tracking.fluent", "arviz", "pymc", "pymc_marketing",
@@ -97,7 +97,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             if kwargs.get("as_json"):
                 print(json.dumps({"error": str(exc)}))
-            _tag_launcher("personalize.error", str(exc))
+            _tag_launcher(ERROR_TAG, str(exc))
             raise typer.Exit(2) from None
 
     return wrapper
@@ -108,7 +108,7 @@ def _tag_launcher(key: str, value: str) -> None:
     why a step failed); best effort: the error is printed whatever happens here."""
     import os
 
-    launcher = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}").get("personalize.launcher_run_id")
+    launcher = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}").get(LAUNCHER_TAG)
     if not launcher:
         return
     try:
@@ -435,10 +435,11 @@ def _dataset_from_table(settings: Settings, dataset: str, label: str | None, pos
     name = dataset_name or slug(path.name.split(".")[0])
     table = load_labeled(spec)
     before = stored_source(settings, name)
-    if before is not None and before != str(path.resolve()):
-        console.print(f"[yellow]data set {name!r} held {before}[/]: this file replaces it, and a model trained on it "
-                      f"scores this table from now on (--dataset-name NAME keeps both)", highlight=False,
-                      soft_wrap=True)
+    if settings.dataset_dir(name).exists() and before != str(path.resolve()):
+        held = f"held {before}" if before else "was ingested before"
+        console.print(f"[yellow]data set {name!r} {held}[/]: this file replaces it, and models trained on the "
+                      "earlier table will read this one's rows when scored without --table (--dataset-name NAME "
+                      "keeps both)", highlight=False, soft_wrap=True)
     report = ingest_labeled(settings, name, table)
     console.print(ingest_table([report]))
     print_columns(report)
@@ -502,8 +503,17 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
         raise PersonalizeError(f"--dataset-name {dataset_name!r}: use lower-case letters, digits and _ (e.g. "
                                f"{slug(dataset_name)!r})")
     given = Path(dataset)
-    stored_as = (dataset_name or slug(given.name.split(".")[0])) if given.is_file() and \
-        given.suffix.lower() not in (".yaml", ".yml") else None
+    yaml_config = given.suffix.lower() in (".yaml", ".yml") and given.is_file()
+    if dataset_name is not None and not (given.is_file() and not yaml_config):
+        raise PersonalizeError("--dataset-name names the data set a CSV/Parquet table file is stored as; "
+                               + ("a YAML config names it with `dataset:`" if yaml_config else
+                                  f"{dataset!r} is not a table file"))
+    if yaml_config:
+        from features.pipeline import load_ingest_config
+
+        stored_as: str | None = load_ingest_config(given).dataset
+    else:
+        stored_as = (dataset_name or slug(given.name.split(".")[0])) if given.is_file() else None
     # a table file replaces the data set of its name only if the model trains: a failure puts the old one back
     with kept_unless_done(settings, stored_as) if stored_as else contextlib.nullcontext():
         dataset = _dataset_from_table(settings, dataset, label, positive, id_column, time_column, drop, sep,
@@ -973,6 +983,7 @@ def score(
         reasons = ", ".join(f"{k} {v:,}" for k, v in t.reasons.items())
         bad = f"; quarantined {t.quarantined:,} ({reasons}) -> {t.quarantine_path}" if t.quarantined else ""
         if t.rows == 0 and t.rows_in > 0:  # a batch job must notice: an empty scores file is no success
+            t.path.unlink(missing_ok=True)  # nor left for the next step of a pipeline to read
             raise PersonalizeError(f"no row of {table} was scored: all {t.rows_in:,} quarantined ({reasons}) -> "
                                    f"{t.quarantine_path}")
         console.print(f"scored [bold]{t.rows:,}[/] of {t.rows_in:,} rows with {t.model} v{t.version} in "
@@ -1001,6 +1012,14 @@ def score(
                   f"{report.as_of}): features {report.features_s:.1f}s, scoring {report.score_s:.2f}s "
                   f"({report.rows_per_s:,.0f} rows/s) -> {report.path}", highlight=False, soft_wrap=True)
     _print_logged(report.logged, report.request_id, settings)
+
+
+def _version_task(client: Any, version: Any) -> str | None:
+    """The task a classifier version was trained for (churn, propensity, category_propensity), from its run."""
+    try:
+        return client.get_run(version.run_id).data.params.get("task")
+    except Exception:  # a run deleted from the tracking store
+        return None
 
 
 def _version_kind(client: Any, version: Any) -> str:
@@ -1131,7 +1150,12 @@ def serve(
         if kind != wanted:
             raise ConfigError(f"--model {endpoint}={name}: {name} is a {kind}, and /{endpoint} answers with a {wanted}")
         try:
-            client.get_model_version_by_alias(name, "champion")
+            version = client.get_model_version_by_alias(name, "champion")
+            if _version_task(client, version) == "category_propensity":
+                raise ConfigError(f"--model {endpoint}={name}: {name} is a per-category propensity model (one row "
+                                  "per customer and category), which the API does not serve")
+        except ConfigError:
+            raise
         except Exception:
             console.print(f"[yellow]{name} has no champion[/]: /{endpoint} (and /readyz) answer 503 until one is "
                           "promoted", highlight=False)
@@ -1191,6 +1215,14 @@ def bento_build(
         console.print(f"[yellow]{name} is carried but no endpoint serves it[/] (--model ENDPOINT={name} would)",
                       highlight=False)
     client = connect(settings.tracking_uri)
+    for endpoint, name in served.items():
+        try:
+            version = client.get_model_version_by_alias(name, alias)
+        except Exception:  # the build says it has no such version
+            continue
+        if _version_task(client, version) == "category_propensity":
+            raise PersonalizeError(f"--model {endpoint}={name}: {name} is a per-category propensity model (one row "
+                                   "per customer and category), which the API does not serve")
     report = build_bento(client, names, out or settings.home / "bento", alias, required=models is not None,
                          requirements=requirements, run_build=build, endpoints=served)
     table = Table(title=f"models carried ({alias})")

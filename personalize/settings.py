@@ -15,6 +15,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 DEFAULT_HOME = ".personalize"
+# tags linking MLflow Project entry points and the runs their commands start (personalize/cli.py, mlproject/main.py):
+# every run a command starts under `mlflow run` names the entry point's run; a command's one-line error goes on it
+LAUNCHER_TAG = "personalize.launcher_run_id"
+ERROR_TAG = "personalize.error"
 
 
 class Settings(BaseModel):
@@ -36,6 +40,10 @@ class Settings(BaseModel):
         )
 
     # --- data ---------------------------------------------------------------------------------------------------
+    def previous_dir(self, dataset: str) -> Path:
+        """A data set's stored files as they were, while a `train` replaces them (put back if it fails)."""
+        return self.home / ".previous" / dataset
+
     def dataset_dir(self, dataset: str) -> Path:
         """Validated raw tables of one data set (customers/transactions/events or a labeled table). A file path is
         refused here, once for every command that takes a data set name (it would otherwise read as a data set

@@ -131,11 +131,12 @@ def _segment(log_root: Path, loaded: Any, request_id: str, ts: datetime, keys: A
 def check_batchable(loaded: Any, name: str) -> None:
     """Batch scoring covers the one-row-per-customer classifiers (churn, propensity, a labeled table's model)."""
     if loaded.kind != "classifier":
-        raise PersonalizeError(f"{name} is a {loaded.kind} model; batch scoring covers churn and propensity")
+        raise PersonalizeError(f"{name} is a {loaded.kind} model; this covers the churn and propensity classifiers "
+                               "(`personalize score purchase_cycle` writes the purchase cycle's answers)")
     if {"category", "category_share"} <= set(loaded.scorer.features):
         raise PersonalizeError(f"{name} is a per-category propensity model (one row per customer and category); "
-                               "batch scoring and the API cover churn and propensity (its per-category test "
-                               "ROC-AUC is in its model card)")
+                               "batch scoring, replay, monitoring and the API cover churn and propensity (its "
+                               "per-category test ROC-AUC is in its model card)")
 
 
 def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_of: pd.Timestamp | None = None,

@@ -117,6 +117,8 @@ def load(client: Any, name: str, alias: str, threads: int = 1, version: str | No
         kind, scorer = "cycle", Cycle(inner, heldout)
     elif isinstance(inner, PurchaseForecastModel):
         kind, scorer = "forecast", Forecast(inner)
+        if scorer.measure is None and not own_store:  # a bundle logged before it recorded its measure: the run did
+            scorer.measure = client.get_run(mv.run_id).data.params.get("measure")
     else:
         raise NotServing(f"{name} version {mv.version} is a {type(inner).__name__}, which this service cannot serve")
     return Loaded(name, str(mv.version), alias, kind, scorer, mv.run_id)

@@ -283,9 +283,6 @@ class QuietBadRequests(logging.Filter):
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietBadRequests())
-# BentoML's server logging shows its own INFO lines but only WARNING from other loggers: the server's own (models
-# loaded and reloaded, a bad request the model turned away) are INFO lines an operator reads beside BentoML's
-logging.getLogger("serving").setLevel(logging.INFO)
 
 
 async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -456,6 +453,10 @@ class Personalization:
     def __init__(self) -> None:
         from serving.api import Runtime
 
+        # BentoML's server logging shows its own INFO lines but only WARNING from other loggers: the server's own
+        # (models loaded and reloaded, a bad request the model turned away) are INFO lines an operator reads too
+        if logging.getLogger("serving").level == logging.NOTSET:
+            logging.getLogger("serving").setLevel(logging.INFO)
         bento_models = _bento_models()
         if bento_models is None:
             RUNTIME["source"] = {"source": "registry"}
@@ -594,7 +595,7 @@ def _bento_config(models: Any) -> ServeConfig:
 
     endpoints, alias = bento_serving(Personalization.bento)
     update: dict[str, Any] = {}
-    if endpoints and not os.environ.get("PERSONALIZE_MODELS"):
+    if endpoints and not CONFIG.required:  # PERSONALIZE_MODELS, when set, names the endpoints' models itself
         update.update(models={**CONFIG.models, **endpoints}, required=tuple(endpoints))
     if alias or models.alias:
         update["alias"] = alias or models.alias

@@ -233,9 +233,18 @@ def test_a_labeled_table_infers_types_and_quarantines_bad_rows(tmp_path: Path) -
     assert table.frame[LABEL].tolist() == [1, 0, 0]
     # b again with other values (the first row kept), d again as it was, c without a label
     assert table.result.reasons == {"repeated_id": 1, "duplicate": 1, "missing_label": 1}
-    for column, problem in (("left", "the id column cannot be the label column"), ("plan", "not an id: 3 of 6 rows")):
+    for column, problem in (("left", "the id column cannot be the label column"),
+                            ("active", "not an id: 3 of 5 distinct rows repeat")):
         with pytest.raises(DataFileError, match=problem):
             load_labeled(LabeledTableSpec(path=csv, id_column=column, label_column="left", positive="Yes"))
+    twice = tmp_path / "twice.csv"  # a file exported twice: its repeats are duplicates, its id still an id
+    twice.write_text(csv.read_text() + "".join(csv.read_text().splitlines(keepends=True)[1:]))
+    assert load_labeled(LabeledTableSpec(path=twice, id_column="id", label_column="left",
+                                         positive="Yes")).result.reasons["duplicate"] == 6
+    blank = tmp_path / "blank.csv"
+    blank.write_text("id,spend,left\n,1,yes\n,2,no\n")
+    with pytest.raises(DataFileError, match="the id column is entirely missing"):
+        load_labeled(LabeledTableSpec(path=blank, id_column="id", label_column="left", positive="yes"))
 
 
 def test_a_labeled_table_sets_aside_columns_that_cannot_be_features(tmp_path: Path) -> None:

@@ -451,6 +451,10 @@ def test_a_table_file_that_fails_to_train_leaves_the_data_set_of_its_name_alone(
     assert len(pd.read_parquet(settings().dataset_dir("cust_a") / "table.parquet")) == len(pd.read_parquet(stored))
     bad = runner.invoke(app, ["train", "churn", str(first), *args, "--dataset-name", "Cust A"])
     assert bad.exit_code == 2 and "--dataset-name 'Cust A'" in bad.output
+    fresh = runner.invoke(app, ["train", "churn", str(second), *args, "--dataset-name", "fresh"])
+    assert fresh.exit_code == 2 and not settings().dataset_dir("fresh").exists()  # a failed train stores nothing
+    named = runner.invoke(app, ["train", "churn", "cust", *args, "--dataset-name", "other"])
+    assert named.exit_code == 2 and "is not a table file" in " ".join(named.output.split())
 
 
 def test_an_out_of_time_split_never_splits_a_moment_and_refuses_too_few_moments(tmp_path: Path) -> None:

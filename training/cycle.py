@@ -97,7 +97,7 @@ class CycleConfig(BaseModel):
     """What :func:`select_cycle_model` compares and how."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    horizon_days: int = Field(default=90, ge=1)
+    horizon_days: int = Field(default=90, ge=1, le=3650)  # ten years: beyond, dates leave pandas' calendar
     time_unit_days: float = Field(default=1.0, gt=0.0)  # unit of recency and T: 1 = days, 7 = weeks
     candidates: tuple[CandidateName, ...] = ("bgnbd", "aft", "hybrid")
     min_customers: int = Field(default=50, ge=2)

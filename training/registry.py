@@ -508,9 +508,16 @@ def evaluate_gate(client, name: str, config: GateConfig = GateConfig()) -> GateR
 def _same_params(client, name: str, run_id: str, champion: str, names: str) -> None:
     """Refuse a comparison of two versions whose runs differ in a parameter that changes what the model predicts
     (a forecaster's ``measure``: daily orders against daily spend)."""
-    ours = client.get_run(run_id).data.params
-    theirs = client.get_run(client.get_model_version(name, champion).run_id).data.params
-    for param in filter(None, (p.strip() for p in names.split(","))):
+    params = [p.strip() for p in names.split(",") if p.strip()]
+    if not params:
+        return
+    try:
+        ours = client.get_run(run_id).data.params
+        theirs = client.get_run(client.get_model_version(name, champion).run_id).data.params
+    except Exception as exc:  # a deleted run: no like-for-like comparison
+        raise RegistryError(f"the runs of the challenger and champion (version {champion}) cannot be compared: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    for param in params:
         if ours.get(param) != theirs.get(param):
             raise RegistryError(f"the champion (version {champion}) was trained with {param} "
                                 f"{theirs.get(param, 'unset')!r} and the challenger with {ours.get(param, 'unset')!r}:"

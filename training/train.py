@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
     calibration: Literal["sigmoid", "isotonic"] = "sigmoid"
     valid_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)  # labeled tables
     test_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)
-    horizon_days: int = Field(default=90, ge=1)  # training frames from transactions
+    horizon_days: int = Field(default=90, ge=1, le=3650)  # training frames from transactions; ten years at most
     train_cutoffs: int = Field(default=2, ge=1)
     step_days: int = Field(default=30, ge=1)
     top_categories: int = Field(default=8, ge=0)
