@@ -79,7 +79,7 @@ def load_reference(client: Any, name: str, version: str) -> Reference:
         raise MonitorError(f"{name} is a {loaded.kind} model; the monitor watches churn and propensity classifiers")
     if {"category", "category_share"} <= set(loaded.scorer.features):
         raise MonitorError(f"{name} is a per-category propensity model (one row per customer and category), which is "
-                           "not served or batch-scored; the monitor watches churn and propensity classifiers")
+                           "not served or batch-scored; monitor and replay cover the churn and propensity classifiers")
     try:
         heldout, tags = _heldout(client, loaded.run_id)
     except RegistryError as exc:

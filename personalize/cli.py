@@ -936,8 +936,9 @@ def score(
     log: Annotated[bool | None, typer.Option("--log/--no-log", help="Write every score to the prediction log too, as "
                                              "the API does, so `monitor` sees batch scoring (default: yes, but not "
                                              "for a labeled table's stored training rows).")] = None,
-    horizon: Annotated[int | None, typer.Option(min=1, max=3650, help="purchase_cycle only: the horizon in days "
-                                                "(default: the one it was trained for).")] = None,
+    horizon: Annotated[int | None, typer.Option(min=1, max=730, help="purchase_cycle only: the horizon in days, "
+                                                "at most 730 as /next_purchase (default: the one it was trained "
+                                                "for).")] = None,
 ) -> None:
     """Score every customer of a data set (or every row of a table file) with a model's champion and write the
     scores to Parquet (and to the prediction log); purchase_cycle writes every customer's next-purchase answers."""
@@ -1707,8 +1708,9 @@ def experiment_report(
     catalog: CatalogOption = None,
     control: Annotated[str, typer.Option(help="The arm the others are compared with.")] = "holdout",
     alpha: Annotated[float, typer.Option(min=0.0001, max=0.5, help="Significance level.")] = 0.05,
-    plot_to: Annotated[Path | None, typer.Option("--plot", help="Also write the plot here (PNG; a folder: "
-                                                                 "NAME.png in it).")] = None,
+    plot_to: Annotated[Path | None, typer.Option("--plot", help="Also write the plot here (a .png file; a folder, "
+                                                                 "or a path without a suffix: NAME.png in it).")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     log: Annotated[bool, typer.Option("--log/--no-log", help="Log the report to MLflow as a new run (--no-log: only "
                                       "print it, e.g. to look while the test runs).")] = True,
@@ -1729,7 +1731,7 @@ def experiment_report(
     store = DecisionStore(settings.decisions_path)
     report = analyze(store.experiment_frame(name), experiment, control=control, alpha=alpha)
     if plot_to is not None:  # first: a path it cannot write is an error before anything is logged
-        if plot_to.is_dir():
+        if plot_to.is_dir() or not plot_to.suffix:  # a folder, there or not yet
             plot_to = plot_to / f"{name}.png"
         try:
             plot(report, plot_to)

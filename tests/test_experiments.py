@@ -374,6 +374,9 @@ def test_the_report_command_logs_a_run_unless_told_not_to(isolated_home: Path) -
     plotted = runner.invoke(app, ["experiment", "report", "email_rules", "--no-log", "--json", "--plot", str(folder)])
     assert plotted.exit_code == 0 and json.loads(plotted.output)["experiment"] == "email_rules", plotted.output
     assert (folder / "email_rules.png").read_bytes()[:4] == b"\x89PNG"
+    fresh = settings.home / "new-plots"  # a folder that is not there yet, given without a suffix
+    assert runner.invoke(app, ["experiment", "report", "email_rules", "--no-log", "--plot", str(fresh)]).exit_code == 0
+    assert (fresh / "email_rules.png").is_file()
     (folder / "taken").write_text("a file where a folder goes")
     refused = runner.invoke(app, ["experiment", "report", "email_rules", "--plot", str(folder / "taken" / "x.png")])
     assert refused.exit_code == 2 and "--plot" in refused.output and "Traceback" not in refused.output, refused.output

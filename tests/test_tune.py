@@ -170,6 +170,9 @@ def test_a_study_refuses_other_families_before_any_trial(tmp_path: Path) -> None
         tune(split_of(labeled()), TuneConfig(**{**both, "families": ("lightgbm",)}), storage, "both")
     study = optuna.load_study(study_name="both", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    reordered = TuneConfig(**{**both, "trials": 1, "families": ("xgboost", "lightgbm")})  # the same families
+    tune(split_of(labeled()), reordered, storage, "both")
+    study = optuna.load_study(study_name="both", storage=storage)
     study.set_user_attr("families", None)  # as before the attribute was written: the trials tell
     with pytest.raises(PersonalizeError, match="searches the families lightgbm,xgboost"):
         tune(split_of(labeled()), TuneConfig(**{**both, "families": ("xgboost",)}), storage, "both")

@@ -146,8 +146,9 @@ def prepare_labeled(dataset_dir: Path, task: str, config: TrainConfig) -> Prepar
                                                         1 - config.test_fraction))
         if not 0 < a < b < n:
             raise PersonalizeError(f"{dataset_dir.name}: {time_column} has {frame[time_column].nunique():,} distinct "
-                                   "time(s), too few to split train, validation and test out of time without "
-                                   "splitting a moment between them; train without --time (a stratified split)")
+                                   "time(s), too few, or too many rows on one of them, to split train, validation "
+                                   "and test out of time without splitting a moment between them; train without "
+                                   "--time (a stratified split)")
         train, valid, test = frame.iloc[:a], frame.iloc[a:b], frame.iloc[b:]
         split = (f"out of time on {time_column}: train before {valid[time_column].min()}, validation from it, "
                  f"test from {test[time_column].min()}")

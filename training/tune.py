@@ -40,7 +40,7 @@ import pandas as pd
 import sqlalchemy.exc
 import xgboost as xgb
 from optuna_integration import LightGBMPruningCallback, XGBoostPruningCallback
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -68,6 +68,13 @@ class TuneConfig(BaseModel):
     # Which trial wins: "one_se", the simplest within one standard error of the best score (:func:`ranked_trials`);
     # "best", the highest score.
     selection: Literal["one_se", "best"] = "one_se"
+
+    @field_validator("families")
+    @classmethod
+    def _one_order(cls, families: tuple[Family, ...]) -> tuple[Family, ...]:
+        """Each family once, in one order: a study's family choice is fixed, so `--family xgboost --family lightgbm`
+        must join the study `--family lightgbm --family xgboost` started."""
+        return tuple(sorted(set(families)))
 
     @model_validator(mode="after")
     def _some_budget(self) -> TuneConfig:
