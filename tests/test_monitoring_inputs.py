@@ -142,6 +142,12 @@ def test_passes_add_snapshots_the_evidently_ui_reads_without_parsing_the_ones_be
     assert {t.title: len(t.panels) for t in board.tabs} == {"Drift": 2, "Performance": 1}  # each panel drawn once
     assert sorted(p.title for p in board.panels) == [
         "Prediction drift (score)", "ROC-AUC on labeled predictions", "Share of drifted features"]
+    # a project made before the fix (a panel listed twice in its tab) is repaired by the next pass
+    board.tabs[0].panels.append(board.tabs[0].panels[0])
+    ui.save_dashboard(listed.id, board)
+    _pass(settings, reference, persist_reports=True)
+    repaired = Workspace(str(settings.evidently_workspace)).get_project(listed.id).dashboard.model()
+    assert {t.title: len(t.panels) for t in repaired.tabs} == {"Drift": 2, "Performance": 1}
 
 
 @pytest.mark.parametrize(("value", "clipped"), [
