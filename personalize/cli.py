@@ -373,7 +373,7 @@ def tune(
     pruned = sum(t.state.name == "PRUNED" for t in result.study.trials)
     holdout = "-" if result.holdout_auc is None else f"{result.holdout_auc:.4f}"
     table.add_row(result.family, f"{result.valid_auc:.4f}", holdout, f"{result.baseline_auc:.4f}", str(result.rounds),
-                  f"{len(result.study.trials)} ({pruned})")
+                  f"{_trials_run(result.study)} ({pruned})")
     console.print(table)
     if note := _one_se_note(result):
         console.print(f"trial {result.trial} chosen ({note}); --selection best takes the highest", highlight=False)
@@ -467,6 +467,11 @@ TrainDataset = Annotated[str, typer.Argument(
     help="An ingested data set, or a CSV/Parquet labeled table (with --label/--positive), or a YAML ingest config.")]
 
 
+def _trials_run(study: Any) -> int:
+    """The study's trials that ran (complete or pruned): not those queued and never run, nor failed ones."""
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+
 def _one_se_note(tuned: Any) -> str | None:
     """Why a simpler trial than the best-scoring one was chosen (the one_se rule); None when the best was."""
     if tuned.top_auc is not None and tuned.top_auc > tuned.valid_auc:
@@ -532,7 +537,7 @@ def _train_classifier(ctx: typer.Context, task: str, dataset: str, trials: int |
     d = t.test_decision
     console.print(
         f"split: {t.prepared.split}\nmodel: {t.tuned.family}, {t.model.rounds} rounds, trial-{t.tuned.trial} "
-        f"(of {len(t.tuned.study.trials)}), validation AUC {t.tuned.valid_auc:.4f} "
+        f"(of {_trials_run(t.tuned.study)}), validation AUC {t.tuned.valid_auc:.4f} "
         f"({_one_se_note(t.tuned) or 'the best'}), "
         f"trained on {t.trained_on}; "
         f"calibration {calibration} on {t.calibrated_on}: test ECE {t.test_raw_metrics['ece']:.4f} -> "
