@@ -68,6 +68,7 @@ def _horizon(params: dict[str, str]) -> int | None:
 def load_reference(client: Any, name: str, version: str) -> Reference:
     """The reference of ``name`` version ``version``; a clear :class:`MonitorError` when it has none."""
     from serving.batch import score_matrix
+    from serving.batch import per_category
     from serving.scoring import NotServing, load
     from training.registry import RegistryError, _heldout
 
@@ -77,7 +78,7 @@ def load_reference(client: Any, name: str, version: str) -> Reference:
         raise MonitorError(str(exc)) from None
     if loaded.kind != "classifier":
         raise MonitorError(f"{name} is a {loaded.kind} model; the monitor watches churn and propensity classifiers")
-    if {"category", "category_share"} <= set(loaded.scorer.features):
+    if per_category(loaded):
         raise MonitorError(f"{name} is a per-category propensity model (one row per customer and category), which is "
                            "not served or batch-scored; monitor and replay cover the churn and propensity classifiers")
     try:

@@ -1020,12 +1020,21 @@ def score(
     _print_logged(report.logged, report.request_id, settings)
 
 
-def _version_task(client: Any, version: Any) -> str | None:
-    """The task a classifier version was trained for (churn, propensity, category_propensity), from its run."""
+def _refuse_per_category(client: Any, endpoint: str, name: str, alias: str) -> bool:
+    """Refuse ``name@alias`` on ``endpoint`` when it is a per-category propensity model (its run's task), which the
+    API does not serve; False when ``name`` has no such version."""
     try:
-        return client.get_run(version.run_id).data.params.get("task")
-    except Exception:  # a run deleted from the tracking store
-        return None
+        version = client.get_model_version_by_alias(name, alias)
+    except Exception:
+        return False
+    try:
+        task = client.get_run(version.run_id).data.params.get("task")
+    except Exception:  # a run deleted from the tracking store: loading the model will tell
+        return True
+    if task == "category_propensity":
+        raise PersonalizeError(f"--model {endpoint}={name}: {name} is a per-category propensity model (one row per "
+                               "customer and category), which the API does not serve")
+    return True
 
 
 def _version_kind(client: Any, version: Any) -> str:
@@ -1155,14 +1164,7 @@ def serve(
         kind, wanted = kind_of(client, name), "classifier" if ENDPOINT_KINDS[endpoint] == "classifier" else "regressor"
         if kind != wanted:
             raise ConfigError(f"--model {endpoint}={name}: {name} is a {kind}, and /{endpoint} answers with a {wanted}")
-        try:
-            version = client.get_model_version_by_alias(name, "champion")
-            if _version_task(client, version) == "category_propensity":
-                raise ConfigError(f"--model {endpoint}={name}: {name} is a per-category propensity model (one row "
-                                  "per customer and category), which the API does not serve")
-        except ConfigError:
-            raise
-        except Exception:
+        if not _refuse_per_category(client, endpoint, name, "champion"):
             console.print(f"[yellow]{name} has no champion[/]: /{endpoint} (and /readyz) answer 503 until one is "
                           "promoted", highlight=False)
     env = serve_environment(settings, dataset, workers, shadow, api_key, reload_s, store, models)
@@ -1222,13 +1224,7 @@ def bento_build(
                       highlight=False)
     client = connect(settings.tracking_uri)
     for endpoint, name in served.items():
-        try:
-            version = client.get_model_version_by_alias(name, alias)
-        except Exception:  # the build says it has no such version
-            continue
-        if _version_task(client, version) == "category_propensity":
-            raise PersonalizeError(f"--model {endpoint}={name}: {name} is a per-category propensity model (one row "
-                                   "per customer and category), which the API does not serve")
+        _refuse_per_category(client, endpoint, name, alias)  # a version missing is the build's to say
     report = build_bento(client, names, out or settings.home / "bento", alias, required=models is not None,
                          requirements=requirements, run_build=build, endpoints=served)
     table = Table(title=f"models carried ({alias})")

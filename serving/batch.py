@@ -128,12 +128,17 @@ def _segment(log_root: Path, loaded: Any, request_id: str, ts: datetime, keys: A
                   batch_rows(request_id, ts, "batch", loaded.ref, keys, features, outputs))
 
 
+def per_category(loaded: Any) -> bool:
+    """A per-category propensity model: one row per customer and category, which nothing serves or monitors."""
+    return loaded.kind == "classifier" and {"category", "category_share"} <= set(loaded.scorer.features)
+
+
 def check_batchable(loaded: Any, name: str) -> None:
     """Batch scoring covers the one-row-per-customer classifiers (churn, propensity, a labeled table's model)."""
     if loaded.kind != "classifier":
         raise PersonalizeError(f"{name} is a {loaded.kind} model; this covers the churn and propensity classifiers "
                                "(`personalize score purchase_cycle` writes the purchase cycle's answers)")
-    if {"category", "category_share"} <= set(loaded.scorer.features):
+    if per_category(loaded):
         raise PersonalizeError(f"{name} is a per-category propensity model (one row per customer and category); "
                                "batch scoring, replay, monitoring and the API cover churn and propensity (its "
                                "per-category test ROC-AUC is in its model card)")
