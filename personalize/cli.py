@@ -1154,7 +1154,7 @@ def serve(
     rules, (segment_config, _) = load_catalog(catalog), served_segments(segments, meta)
     if meta and meta.get("feature_columns"):  # a segment rule reading no stored feature would never hold
         check_columns(segment_config, meta["feature_columns"])
-    unknown = unknown_rule_names(rules, segment_config, url, dataset)
+    unknown = unknown_rule_names(rules, segment_config, url, dataset, meta)
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise ConfigError(f"the catalog's {unknown[0]}{more}")

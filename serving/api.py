@@ -57,11 +57,12 @@ def served_segments(explicit: Path | None, meta: dict[str, Any] | None) -> tuple
     return load_segments(None), False
 
 
-def unknown_rule_names(catalog: Catalog, segments: Any, url: str, dataset: str) -> list[str] | None:
+def unknown_rule_names(catalog: Catalog, segments: Any, url: str, dataset: str,
+                       meta: dict[str, Any] | None = None) -> list[str] | None:
     """The catalog's rule names that no decision's context has (:meth:`Catalog.unknown_names`) against the rule
-    segments and the features of the online store at ``url``; None when those features cannot be read (a store not
-    materialized yet, or unreachable)."""
-    features = (store_meta(url, dataset) or {}).get("feature_columns")
+    segments and the features of the online store at ``url`` (its ``meta``, when read already); None when those
+    features cannot be read (a store not materialized yet, or unreachable)."""
+    features = ((meta if meta is not None else store_meta(url, dataset)) or {}).get("feature_columns")
     if not features:
         return None
     return catalog.unknown_names(set(features) | set(segments.names))
@@ -107,7 +108,7 @@ class Runtime:
         # the scores each placement's rules read: a decision computes only those (the purchase cycle costs ~10 ms)
         self._needed = {p.name: frozenset(self.catalog.rule_names(p.name)) & SCORES
                         for p in self.catalog.placements}
-        for problem in unknown_rule_names(self.catalog, self.segments, config.online_url, config.dataset) or ():
+        for problem in unknown_rule_names(self.catalog, self.segments, config.online_url, config.dataset, meta) or ():
             log.warning("the catalog's %s", problem)  # `personalize serve` refuses to start
         self._rng = np.random.default_rng()
         self._lock = threading.Lock()

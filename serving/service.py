@@ -468,7 +468,7 @@ class Personalization:
                 log.warning("no champion in the BentoML model store (`personalize bento build` imports them)")
             if CONFIG.shadow:
                 log.warning("shadow mode needs the registry's challenger: off for models served from a Bento")
-            self.runtime = Runtime(_bento_config(bento_models), bento_models, start_reloader=False)
+            self.runtime = Runtime(_bento_config(), bento_models, start_reloader=False)
         RUNTIME["runtime"] = self.runtime
         # BentoML looks the endpoint's method up on every request (``getattr(instance, name).local``), and its API
         # methods are non-data descriptors that build a new wrapper, with an ``inspect.signature``, on each lookup:
@@ -588,7 +588,7 @@ def _bento_models():
     return models if models is not None and models.models else BentoRegistry.latest()
 
 
-def _bento_config(models: Any) -> ServeConfig:
+def _bento_config() -> ServeConfig:
     """The serving config of a Bento's models: the endpoints and alias it was built with (its labels), unless the
     environment names the endpoints' models itself (``PERSONALIZE_MODELS``)."""
     from serving.bento import bento_serving
@@ -597,8 +597,8 @@ def _bento_config(models: Any) -> ServeConfig:
     update: dict[str, Any] = {}
     if endpoints and not CONFIG.required:  # PERSONALIZE_MODELS, when set, names the endpoints' models itself
         update.update(models={**CONFIG.models, **endpoints}, required=tuple(endpoints))
-    if alias or models.alias:
-        update["alias"] = alias or models.alias
+    if alias:
+        update["alias"] = alias
     return CONFIG.model_copy(update=update) if update else CONFIG
 
 
