@@ -240,7 +240,7 @@ def load_labeled(spec: LabeledTableSpec, schema: pa.DataFrameSchema | None = Non
                                            "each customer, or no --id", column=spec.id_column)
         reasons.add(~named, "missing_id")
         reasons.add(repeated & same, "duplicate")
-        reasons.add(repeated & ~same, "repeated_id")  # the same customer, other values: the first row is kept
+        reasons.add(other, "repeated_id")  # the same customer, other values: the first row is kept
         skip.add(spec.id_column)
     decimal_comma = spec.file_format == "csv" and spec.csv.decimal_comma is not False
     typed, numeric, categorical, boolean = infer_types(frame, skip | {spec.time_column} - {None}, decimal_comma)

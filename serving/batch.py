@@ -174,11 +174,7 @@ def score_dataset(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_o
     threshold = loaded.scorer.threshold
     out = pd.DataFrame({"customer_id": frame["customer_id"].astype(str), "as_of": as_of, "probability": p,
                         "decision": p >= threshold, "model": name, "version": loaded.version})
-    _clear(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    out.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    _write_scores(out, path)
     log.info("scored %d customers with %s v%s in %.2fs (%.0f rows/s)", len(out), name, loaded.version, score_s,
              len(out) / max(score_s, 1e-9))
     logged, request_id = (log_scores(log_root, salt, loaded, out["customer_id"], frame, p)
@@ -207,9 +203,9 @@ def score_cycle(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_of:
     restricted to the horizon), P(purchase), P(alive), expected spend, ``model``, ``version``. A customer with no
     purchase before ``as_of`` has no summary: counted, not scored."""
     from features.store import FeatureStore
-    from serving.online import default_as_of
+    from serving.online import default_as_of, purchase_summary
     from serving.scoring import load
-    from training.cycle import CycleError, customer_summary
+    from training.cycle import CycleError
 
     loaded = load(client, name, alias)
     if loaded.kind != "cycle":
@@ -217,11 +213,9 @@ def score_cycle(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_of:
     h = int(horizon_days or loaded.scorer.horizon_days)
     store = FeatureStore(dataset_dir)
     as_of = pd.Timestamp(as_of) if as_of is not None else default_as_of(store)
-    transactions = store.transactions.select("customer_id", "timestamp", "amount", "is_return").to_pandas()
-    transactions = transactions[~transactions["is_return"].fillna(False).astype(bool)]
     started = time.perf_counter()
     try:
-        summary = customer_summary(transactions[transactions["timestamp"] < as_of], as_of.floor("D"))
+        summary = purchase_summary(store, as_of)
     except CycleError as exc:
         raise PersonalizeError(f"no purchase-cycle summary as of {as_of}: {exc}") from None
     scorer = loaded.scorer
@@ -233,11 +227,7 @@ def score_cycle(client: Any, name: str, dataset_dir: Path, out_dir: Path, as_of:
     out["model"], out["version"] = name, loaded.version
     customers = store.customers.select("customer_id").to_pandas()["customer_id"].astype(str)
     path = out_dir / name / f"v{loaded.version}" / "scores.parquet"
-    _clear(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    out.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    _write_scores(out, path)
     return CycleScoreReport(name, loaded.version, len(out), int((~customers.isin(out["customer_id"])).sum()),
                             as_of.floor("D"), h, path, score_s)
 
@@ -324,6 +314,15 @@ def _log_spark(scored: Any, loaded: Any, log_root: Path, salt: bytes | None) -> 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written, request_id
+
+
+def _write_scores(out: pd.DataFrame, path: Path) -> None:
+    """``out`` at ``path``, replacing an earlier output whole (written aside, then moved into place)."""
+    _clear(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    out.to_parquet(tmp, index=False)
+    tmp.replace(path)
 
 
 def _clear(path: Path) -> None:

@@ -298,6 +298,17 @@ def champion_clusters(tracking_uri: str | None, features: pd.DataFrame,
     return pd.Series(list(model.predict(features)), index=features.index), f"{name} v{version}"
 
 
+def purchase_summary(store: Any, as_of: pd.Timestamp) -> pd.DataFrame:
+    """Every customer's purchase-cycle summary from the purchases (returns left out) before ``as_of``: what the
+    online store holds and the purchase-cycle model reads. Raises :class:`training.cycle.CycleError` when there
+    is none to make."""
+    from training.cycle import customer_summary
+
+    transactions = store.transactions.select("customer_id", "timestamp", "amount", "is_return").to_pandas()
+    transactions = transactions[~transactions["is_return"].fillna(False).astype(bool)]
+    return customer_summary(transactions[transactions["timestamp"] < as_of], as_of.floor("D"))
+
+
 def champion_cycle_scores(tracking_uri: str | None, cycle: pd.DataFrame | None) -> dict[str, dict[str, Any]]:
     """Every customer's next-purchase scores by the purchase-cycle champion, in one vectorized call: what a decision
     reads (``days_to_next``, ``p_next``) without scoring one customer at request time (a BG/NBD model takes most of
@@ -336,7 +347,7 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
     from features.segments import check_columns, load_segments
     from features.store import FeatureStore
     from personalize.errors import PersonalizeError
-    from training.cycle import CycleError, customer_summary
+    from training.cycle import CycleError
 
     started = time.perf_counter()
     segments = segments if segments is not None else load_segments()
@@ -350,10 +361,8 @@ def materialize(dataset_dir: Path, url: str, as_of: pd.Timestamp | None = None,
     if features.empty:
         raise PersonalizeError(f"no customer of {dataset_dir.name} has a row before {as_of}: nothing to materialize "
                                f"(the data runs to {store.observed_until()}; the online store is left as it is)")
-    transactions = store.transactions.select("customer_id", "timestamp", "amount", "is_return").to_pandas()
-    transactions = transactions[~transactions["is_return"].fillna(False).astype(bool)]
     try:
-        cycle = customer_summary(transactions[transactions["timestamp"] < as_of], as_of.floor("D"))
+        cycle = purchase_summary(store, as_of)
     except CycleError:
         cycle = None
     customers = store.customers.select("customer_id", "consent").to_pandas()
